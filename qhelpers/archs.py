@@ -48,6 +48,7 @@ COMPONENT_GROUPS: dict[str, tuple[str, ...]] = {
     "mlp": ("mlp_in", "mlp_gate", "mlp_out"),
     "linear": ("attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_gate", "mlp_out"),
     "embeddings": ("embed_tokens", "embed_positions"),
+    "outside_layers": ("embed_tokens", "embed_positions", "embed_norm", "final_norm", "lm_head"),
 }
 
 LINEAR_COMPONENTS: tuple[str, ...] = COMPONENT_GROUPS["linear"]

@@ -1,0 +1,274 @@
+"""Per-text negative log-likelihood, token and byte counts, batched and windowed.
+
+The unit of measurement is a text: its summed NLL (nats) over scored tokens, the number
+of scored tokens and its UTF-8 byte count. Perplexity and bits per byte per language are
+aggregates of those (see :mod:`qhelpers.stats`). Texts longer than the context go through
+a sliding window; batches are formed from length-sorted windows under a token budget.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError, MeasurementError
+
+MAX_DEFAULT_CONTEXT = 1024
+LOGIT_BUDGET = 1 << 25  # logits elements materialised at once (128 MB in fp32)
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """How texts are tokenized, windowed and batched.
+
+    Args:
+        max_length: tokens per forward window (None: the model's context, at most 1024).
+        stride: new tokens scored per window when a text is longer than ``max_length``
+            (None: ``max_length // 2``); each scored token sees up to ``max_length - 1``
+            tokens of context.
+        truncate: cut texts at ``max_length`` instead of sliding (the seeds' behaviour).
+        prepend_bos: put the BOS (or EOS) token in front so the first real token is
+            scored too. None: only when the tokenizer does not add one itself.
+        batch_tokens: token budget of one padded batch (None: 2048 on CPU, 16384 on CUDA).
+        max_batch: upper bound on texts per batch.
+    """
+
+    max_length: int | None = None
+    stride: int | None = None
+    truncate: bool = False
+    prepend_bos: bool | None = None
+    batch_tokens: int | None = None
+    max_batch: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2 tokens, got {self.max_length}")
+        if self.stride is not None and self.stride < 1:
+            raise ConfigError(f"stride must be >= 1, got {self.stride}")
+        if self.stride is not None and self.max_length is not None and self.stride > self.max_length - 1:
+            raise ConfigError(
+                f"stride {self.stride} leaves tokens unscored: it must be at most max_length - 1 = {self.max_length - 1}"
+            )
+        if self.batch_tokens is not None and self.batch_tokens < 2:
+            raise ConfigError(f"batch_tokens must be >= 2, got {self.batch_tokens}")
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
+
+    @classmethod
+    def seed(cls) -> "MeasureConfig":
+        """The seeds' protocol: tokenizer output as is, truncated at 256 tokens, one text per forward."""
+        return cls(max_length=256, truncate=True, prepend_bos=False, max_batch=1)
+
+
+@dataclass(frozen=True)
+class _Window:
+    row: int  # index of the text
+    ids: tuple[int, ...]
+    first_target: int  # position (in ids) of the first scored target token
+
+
+def encode_text(tokenizer: Any, text: str, prepend_bos: bool | None = None) -> list[int]:
+    """Token ids of ``text`` as qhelpers scores them (optionally with a leading BOS)."""
+    if not isinstance(text, str) or not text.strip():
+        raise MeasurementError(f"cannot score an empty or whitespace-only text ({text!r}); remove it from the corpus")
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    adds_bos = bool(ids) and bos is not None and ids[0] == bos
+    if prepend_bos is None:
+        prepend_bos = not adds_bos and bos is not None
+    if prepend_bos and not adds_bos:
+        if bos is None:
+            raise MeasurementError("prepend_bos=True but the tokenizer has neither a BOS nor an EOS token")
+        ids = [bos] + ids
+    if len(ids) < 2:
+        raise MeasurementError(
+            f"text {text!r} has fewer than 2 tokens, so no token can be scored; "
+            "use a longer text or prepend_bos=True"
+        )
+    return ids
+
+
+def _windows(row: int, ids: list[int], max_length: int, stride: int, truncate: bool) -> list[_Window]:
+    """Split a long token sequence into overlapping windows; each token is scored once."""
+    n = len(ids)
+    if n <= max_length or truncate:
+        return [_Window(row, tuple(ids[:max_length]), 1)]
+    out: list[_Window] = []
+    prev_end = 0
+    for begin in range(0, n, stride):
+        end = min(begin + max_length, n)
+        out.append(_Window(row, tuple(ids[begin:end]), max(prev_end, 1) - begin))
+        prev_end = end
+        if end == n:
+            break
+    return out
+
+
+def context_length(model: nn.Module) -> int:
+    """The model's maximum sequence length (capped at 1024 for measurement)."""
+    config = model.config
+    for attr in ("n_positions", "max_position_embeddings", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, MAX_DEFAULT_CONTEXT)
+    return MAX_DEFAULT_CONTEXT
+
+
+def _output_head(model: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        return head, lambda logits: torch.tanh(logits / cap) * cap
+    return head, lambda logits: logits
+
+
+class Scorer:
+    """Scores many texts on one model; tokenization and batching are done once.
+
+    Use :meth:`score` after each configuration change (the engine's hooks act during
+    the forward passes).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any | None = None,
+        texts: Sequence[str] = (),
+        config: MeasureConfig = MeasureConfig(),
+        keys: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.model: nn.Module = getattr(model, "model", model)
+        self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        if not texts:
+            raise MeasurementError("no texts to score; pass a non-empty list (or a corpus with texts)")
+        self.texts = list(texts)
+        self.keys = list(keys) if keys is not None else [{"text_index": i} for i in range(len(self.texts))]
+        if len(self.keys) != len(self.texts):
+            raise ConfigError(f"{len(self.keys)} keys for {len(self.texts)} texts")
+        self.device = next(self.model.parameters()).device
+        max_length = config.max_length or context_length(self.model)
+        stride = config.stride or max(1, max_length // 2)
+        stride = min(stride, max_length - 1)
+        batch_tokens = config.batch_tokens or (16384 if self.device.type == "cuda" else 2048)
+        self.config = replace(config, max_length=max_length, stride=stride, batch_tokens=batch_tokens)
+        self.n_bytes = np.array([len(t.encode("utf-8")) for t in self.texts], dtype=np.int64)
+        windows: list[_Window] = []
+        for row, text in enumerate(self.texts):
+            try:
+                ids = encode_text(self.tokenizer, text, config.prepend_bos)
+            except MeasurementError as err:
+                raise MeasurementError(f"{self.keys[row]}: {err}") from None
+            windows.extend(_windows(row, ids, max_length, stride, config.truncate))
+        self.n_tokens = np.zeros(len(self.texts), dtype=np.int64)
+        for w in windows:
+            self.n_tokens[w.row] += len(w.ids) - w.first_target
+        self.batches = self._batch(windows)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _batch(self, windows: list[_Window]) -> list[list[_Window]]:
+        ordered = sorted(windows, key=lambda w: (-len(w.ids), w.row))
+        batches: list[list[_Window]] = []
+        current: list[_Window] = []
+        for window in ordered:
+            width = len(current[0].ids) if current else len(window.ids)
+            if current and (width * (len(current) + 1) > self.config.batch_tokens or len(current) >= self.config.max_batch):
+                batches.append(current)
+                current = []
+            current.append(window)
+        if current:
+            batches.append(current)
+        return batches
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens fed through the model per :meth:`score` (padding excluded)."""
+        return sum(len(w.ids) for batch in self.batches for w in batch)
+
+    @torch.no_grad()
+    def score_nll(self, progress: bool = False) -> np.ndarray:
+        """Summed NLL (nats) of each text, in input order."""
+        nll = np.zeros(len(self.texts), dtype=np.float64)
+        batches: Iterable = self.batches
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="batches", leave=False)
+        for batch in batches:
+            for window, value in zip(batch, self._forward(batch)):
+                nll[window.row] += value
+        return nll
+
+    def _forward(self, batch: list[_Window]) -> list[float]:
+        width = max(len(w.ids) for w in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, w in enumerate(batch):
+            ids[i, : len(w.ids)] = torch.tensor(w.ids)
+            mask[i, : len(w.ids)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self.model.base_model(
+            input_ids=ids, attention_mask=mask if len(batch) > 1 else None, use_cache=False
+        )[0]
+        rows = torch.cat([torch.full((len(w.ids) - w.first_target,), i) for i, w in enumerate(batch)]).to(self.device)
+        positions = torch.cat([torch.arange(w.first_target - 1, len(w.ids) - 1) for w in batch]).to(self.device)
+        targets = ids[rows, positions + 1]
+        head, finish = _output_head(self.model)
+        vocab = head.weight.shape[0]
+        if hidden.shape[0] * hidden.shape[1] * vocab <= LOGIT_BUDGET:
+            # the same head matmul as the model's own forward, so logits match it bit for bit
+            logits = finish(head(hidden)).float()
+            token_nll = F.cross_entropy(logits[rows, positions], targets, reduction="none")
+        else:
+            selected = hidden[rows, positions]
+            chunk = max(1, LOGIT_BUDGET // vocab)
+            token_nll = torch.cat(
+                [
+                    F.cross_entropy(finish(head(selected[s : s + chunk])).float(), targets[s : s + chunk], reduction="none")
+                    for s in range(0, len(targets), chunk)
+                ]
+            )
+        sums = torch.zeros(len(batch), dtype=torch.float64, device=self.device)
+        sums.index_add_(0, rows, token_nll.double())
+        return sums.tolist()
+
+    def score(self, progress: bool = False, **columns: Any) -> pd.DataFrame:
+        """One row per text: its keys, ``nll``, ``n_tokens``, ``n_bytes`` (+ constant ``columns``)."""
+        nll = self.score_nll(progress=progress)
+        if not np.all(np.isfinite(nll)):
+            bad = [self.keys[i] for i in np.flatnonzero(~np.isfinite(nll))[:3]]
+            raise MeasurementError(
+                f"non-finite NLL for {bad}: the model produced inf/NaN logits "
+                "(check the weights for NaN/inf, or use fp32 instead of fp16)"
+            )
+        frame = pd.DataFrame(self.keys)
+        frame["nll"] = nll
+        frame["n_tokens"] = self.n_tokens
+        frame["n_bytes"] = self.n_bytes
+        for key, value in columns.items():
+            frame[key] = value
+        return frame
+
+
+def corpus_scorer(loaded: Any, corpus: Any, config: MeasureConfig = MeasureConfig()) -> Scorer:
+    """A :class:`Scorer` over every (lang, text_id, text) of a corpus."""
+    keys, texts = [], []
+    for lang, text_id, text in corpus.items():
+        keys.append({"lang": lang, "text_id": text_id})
+        texts.append(text)
+    return Scorer(loaded, getattr(loaded, "tokenizer", None), texts, config, keys)
+
+
+def perplexity(nll: float, n_tokens: int) -> float:
+    """exp(mean NLL per token)."""
+    return math.exp(nll / n_tokens)
+
+
+def bits_per_byte(nll: float, n_bytes: int) -> float:
+    """Summed NLL in bits divided by UTF-8 bytes."""
+    return nll / math.log(2) / n_bytes

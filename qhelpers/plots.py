@@ -1,0 +1,268 @@
+"""Figures for quantization-disparity studies (matplotlib; headless-safe).
+
+Every plotting function takes ``ax=None`` (a new figure is made when omitted), returns the
+:class:`~matplotlib.figure.Figure`, and never calls ``plt.show()``. This module does not
+select a backend: matplotlib falls back to Agg without a display, and notebooks keep theirs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_GROUPS",
+    "GROUP_COLORS",
+    "resource_group",
+    "language_bars",
+    "layer_heatmap",
+    "pareto_frontier",
+    "pareto_plot",
+    "save_figure",
+]
+
+#: High-resource languages of the project; every other language counts as low-resource.
+DEFAULT_GROUPS: dict[str, str] = {"en": "HR", "de": "HR", "fr": "HR", "zh": "HR"}
+GROUP_COLORS: dict[str, str] = {"HR": "#1f77b4", "LR": "#d62728"}
+_OTHER_COLORS = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def resource_group(lang: str, lang_groups: Mapping[str, str] | None = None) -> str:
+    """The resource group of ``lang``: from ``lang_groups`` when given (missing -> "LR"),
+    else HR for en, de, fr, zh and LR otherwise."""
+    groups = DEFAULT_GROUPS if lang_groups is None else lang_groups
+    return str(groups.get(lang, "LR"))
+
+
+def _new_ax(ax, figsize=(8, 4.5)):
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize)
+        return fig, ax
+    return ax.figure, ax
+
+
+def _require(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
+    if not isinstance(df, pd.DataFrame):
+        raise ConfigError(f"{what} needs a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ConfigError(f"{what}: table lacks columns {missing} (has {list(df.columns)})")
+
+
+def language_bars(
+    table: pd.DataFrame,
+    value: str = "delta_bpb",
+    groups: str | None = "config",
+    ax=None,
+    lang_groups: Mapping[str, str] | None = None,
+    lang_col: str = "lang",
+    title: str | None = None,
+    ylabel: str | None = None,
+) -> Figure:
+    """One bar per row of ``table`` (e.g. :func:`qhelpers.stats.language_table`), clustered
+    by the ``groups`` column (None: one cluster), a bar per language inside a cluster,
+    coloured by resource group (``lang_groups`` maps lang -> group; default en, de, fr, zh
+    HR, others LR). Error bars span ``<value>_ci_low`` .. ``<value>_ci_high`` when those
+    columns exist (drawn as lines, so a point estimate outside its percentile interval is
+    shown as it is). NaN values leave a gap.
+    """
+    _require(table, [value, lang_col] + ([groups] if groups else []), "language_bars")
+    fig, ax = _new_ax(ax)
+    clusters = list(dict.fromkeys(table[groups])) if groups else [None]
+    group_names = list(dict.fromkeys(resource_group(str(x), lang_groups) for x in table[lang_col]))
+    palette = dict(GROUP_COLORS)
+    extra = iter(_OTHER_COLORS)
+    for g in group_names:
+        if g not in palette:
+            palette[g] = next(extra, "#7f7f7f")
+    has_ci = f"{value}_ci_low" in table.columns and f"{value}_ci_high" in table.columns
+    xs, heights, colors, labels, los, his = [], [], [], [], [], []
+    centers = []
+    x = 0.0
+    for k in clusters:
+        sub = table if k is None else table[table[groups] == k]
+        start = x
+        for _, row in sub.iterrows():
+            lang = str(row[lang_col])
+            xs.append(x)
+            heights.append(float(row[value]) if pd.notna(row[value]) else np.nan)
+            colors.append(palette[resource_group(lang, lang_groups)])
+            labels.append(lang)
+            if has_ci:
+                los.append(float(row[f"{value}_ci_low"]) if pd.notna(row[f"{value}_ci_low"]) else np.nan)
+                his.append(float(row[f"{value}_ci_high"]) if pd.notna(row[f"{value}_ci_high"]) else np.nan)
+            x += 1.0
+        centers.append((start + x - 1.0) / 2.0)
+        x += 1.0  # gap between clusters
+    ax.bar(xs, np.nan_to_num(heights, nan=0.0), width=0.8, color=colors, edgecolor="black", linewidth=0.5)
+    # NaN bars: draw them with zero height but mark them.
+    for xi, h in zip(xs, heights):
+        if not math.isfinite(h):
+            ax.annotate("n/a", (xi, 0), ha="center", va="bottom", fontsize=7)
+    if has_ci:
+        ok = [i for i in range(len(xs)) if math.isfinite(los[i]) and math.isfinite(his[i])]
+        if ok:
+            ax.vlines([xs[i] for i in ok], [los[i] for i in ok], [his[i] for i in ok], color="black", linewidth=1.2)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, fontsize=8)
+    if groups:
+        for c, k in zip(centers, clusters):
+            ax.annotate(
+                str(k), xy=(c, 0), xycoords=("data", "axes fraction"), xytext=(0, -22),
+                textcoords="offset points", ha="center", va="top", fontsize=9,
+            )
+    level = float(table.attrs.get("level", 0.95))
+    ax.set_ylabel(ylabel or (value + (f" ({level:.0%} CI)" if has_ci else "")))
+    if title:
+        ax.set_title(title)
+    ax.legend(handles=[Patch(color=palette[g], label=g) for g in group_names], loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def layer_heatmap(
+    matrix: pd.DataFrame,
+    ax=None,
+    cmap: str | None = None,
+    annotate: bool = True,
+    center: float | None = None,
+    fmt: str = ".2f",
+    title: str | None = None,
+    cbar_label: str | None = None,
+) -> Figure:
+    """Heatmap of a (layers x languages) DataFrame. ``center`` makes the colour scale
+    symmetric around it (diverging map "RdBu_r" by default; "viridis" otherwise). NaN cells
+    are left blank (annotated "nan")."""
+    if not isinstance(matrix, pd.DataFrame) or matrix.empty:
+        raise ConfigError("layer_heatmap needs a non-empty DataFrame (rows layers, columns languages)")
+    data = matrix.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    fig, ax = _new_ax(ax, figsize=(1.0 + 0.8 * data.shape[1], 1.0 + 0.35 * data.shape[0]))
+    finite = data[np.isfinite(data)]
+    if center is not None:
+        half = float(np.max(np.abs(finite - center))) if finite.size else 1.0
+        half = half if half > 0 else 1.0
+        norm = Normalize(center - half, center + half)
+        cmap = cmap or "RdBu_r"
+    else:
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        norm = Normalize(lo, hi if hi > lo else lo + 1.0)
+        cmap = cmap or "viridis"
+    im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, norm=norm, aspect="auto")
+    ax.set_xticks(range(data.shape[1]))
+    ax.set_xticklabels([str(c) for c in matrix.columns])
+    ax.set_yticks(range(data.shape[0]))
+    ax.set_yticklabels([str(r) for r in matrix.index])
+    ax.set_xlabel(str(matrix.columns.name or "language"))
+    ax.set_ylabel(str(matrix.index.name or "layer"))
+    cbar = fig.colorbar(im, ax=ax)
+    if cbar_label:
+        cbar.set_label(cbar_label)
+    if annotate:
+        cm = im.get_cmap()
+        for i in range(data.shape[0]):
+            for j in range(data.shape[1]):
+                v = data[i, j]
+                if math.isfinite(v):
+                    r, g, b, _ = cm(norm(v))
+                    color = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+                    ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7, color=color)
+                else:
+                    ax.text(j, i, "nan", ha="center", va="center", fontsize=7, color="gray")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def pareto_frontier(points: pd.DataFrame, x: str = "x", y: str = "y") -> pd.DataFrame:
+    """The non-dominated rows of ``points``, minimising both ``x`` (e.g. memory overhead) and
+    ``y`` (e.g. disparity), sorted by ``x`` then ``y``, original index kept.
+
+    A row is dominated when another row is <= in both and < in at least one. Exact
+    duplicates do not dominate each other (both are kept). Rows with a NaN in ``x`` or
+    ``y`` cannot be compared and are never on the frontier.
+    """
+    _require(points, [x, y], "pareto_frontier")
+    xv = pd.to_numeric(points[x], errors="coerce").to_numpy(dtype=np.float64)
+    yv = pd.to_numeric(points[y], errors="coerce").to_numpy(dtype=np.float64)
+    ok = np.isfinite(xv) & np.isfinite(yv)
+    X, Y = xv[ok][:, None], yv[ok][:, None]
+    dominated = ((X.T <= X) & (Y.T <= Y) & ((X.T < X) | (Y.T < Y))).any(axis=1)
+    keep = np.flatnonzero(ok)[~dominated]
+    out = points.iloc[keep]
+    return out.sort_values([x, y], kind="mergesort")
+
+
+def pareto_plot(
+    points: pd.DataFrame,
+    ax=None,
+    x: str = "x",
+    y: str = "y",
+    label: str | None = "label",
+    xlabel: str = "overhead",
+    ylabel: str = "disparity",
+    title: str | None = None,
+) -> Figure:
+    """Scatter of all points (grey), the Pareto frontier (red, joined by a step line) and
+    the point labels from column ``label`` when present."""
+    _require(points, [x, y], "pareto_plot")
+    fig, ax = _new_ax(ax, figsize=(6.5, 4.5))
+    front = pareto_frontier(points, x, y)
+    rest = points.drop(index=front.index)
+    ax.scatter(rest[x], rest[y], color="#999999", s=30, label="dominated", zorder=2)
+    ax.scatter(front[x], front[y], color="#d62728", s=45, label="Pareto frontier", zorder=3)
+    if len(front) > 1:
+        ax.step(front[x], front[y], where="post", color="#d62728", linewidth=1.2, zorder=1)
+    if label and label in points.columns:
+        for _, row in points.iterrows():
+            if pd.notna(row[x]) and pd.notna(row[y]):
+                ax.annotate(str(row[label]), (row[x], row[y]), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, out_dir: str | os.PathLike, name: str, dpi: int = 120) -> str:
+    """Save ``fig`` as ``out_dir/<name>.png`` (dpi 120) atomically and return the path
+    relative to ``out_dir`` (what :func:`qhelpers.results.write_results` takes in
+    ``figures``). ``name`` may contain sub-folders but must stay inside ``out_dir``."""
+    if not isinstance(fig, Figure):
+        raise ConfigError(f"save_figure needs a matplotlib Figure, got {type(fig).__name__}")
+    rel = Path(str(name))
+    if rel.suffix.lower() != ".png":
+        rel = rel.with_name(rel.name + ".png")
+    if rel.is_absolute() or ".." in rel.parts or not rel.stem:
+        raise ConfigError(f"figure name {name!r} must be a relative path inside out_dir, e.g. 'disparity_bars'")
+    out = Path(out_dir) / rel
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return rel.as_posix()

@@ -1,0 +1,253 @@
+"""Tests of qhelpers.corpora and its packaged data (known answers, not re-derivations)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from qhelpers.corpora import (
+    LANGUAGES,
+    Corpus,
+    available_corpora,
+    corpus_metadata,
+    get_language,
+    gpt2_tokenizer_dir,
+    load_corpus,
+)
+from qhelpers.errors import CorpusError
+
+SEVEN = ("en", "de", "fr", "zh", "ar", "he", "sw")
+
+# Known UDHR Article 1 in three official versions (typed from the UN text, not the data).
+ARTICLE_1 = {
+    "en": "All human beings are born free and equal in dignity and rights. They are endowed "
+          "with reason and conscience and should act towards one another in a spirit of "
+          "brotherhood.",
+    "de": "Alle Menschen sind frei und gleich an Würde und Rechten geboren.",
+    "fr": "Tous les êtres humains naissent libres et égaux en dignité et en droits.",
+}
+
+
+# ---------------------------------------------------------------------------- languages
+def test_languages_resource_and_group():
+    assert set(LANGUAGES) == set(SEVEN)
+    assert {c for c, l in LANGUAGES.items() if l.resource == "high"} == {"en", "de", "fr", "zh"}
+    assert get_language("ar").resource == "medium"
+    assert get_language("he").resource == get_language("sw").resource == "low"
+    assert [LANGUAGES[c].group for c in SEVEN] == ["HR"] * 4 + ["LR"] * 3
+    assert get_language("sw").family == "Bantu/Niger-Congo"
+    assert get_language("he").script == "Hebrew"
+
+
+def test_unknown_language_lists_known_codes():
+    with pytest.raises(CorpusError, match=r"Unknown language code 'xx'.*en, de, fr, zh, ar, he, sw"):
+        get_language("xx")
+
+
+# ---------------------------------------------------------------------------- UDHR
+def test_udhr_counts_equal_and_ids_aligned():
+    c = load_corpus("udhr")
+    assert c.langs == SEVEN and c.parallel
+    counts = {lang: c.n_texts(lang) for lang in c.langs}
+    # Articles 1-30 have 50 paragraphs in every language. (The 58-60 in research.md counts
+    # every <p> of the file, preamble included; the preamble is 8-10 paragraphs and does not
+    # align, so it is left out.)
+    assert set(counts.values()) == {50}, counts
+    assert len({c.ids[lang] for lang in c.langs}) == 1
+    ids = c.ids["en"]
+    assert ids[0] == "a01.p01" and ids[-1] == "a30.p01"
+    assert all(re.fullmatch(r"a(0[1-9]|[12]\d|30)\.p0[1-9]", i) for i in ids)
+    assert {i[:3] for i in ids} == {f"a{n:02d}" for n in range(1, 31)}
+    # Article 23 has 4 paragraphs, article 1 has one.
+    assert [i for i in ids if i.startswith("a23.")] == [f"a23.p0{k}" for k in range(1, 5)]
+
+
+def test_udhr_known_text():
+    c = load_corpus("udhr")
+    assert c.texts["en"][0] == ARTICLE_1["en"]
+    for lang in ("de", "fr"):
+        assert c.texts[lang][0].startswith(ARTICLE_1[lang])
+    assert c.texts["en"][-1].startswith("Nothing in this Declaration may be interpreted")
+    assert c.texts["en"][c.ids["en"].index("a03.p01")] == (
+        "Everyone has the right to life, liberty and the security of person.")
+    assert c.texts["he"][0].startswith("כל בני אדם נולדו בני חורין")
+    assert c.texts["zh"][0].startswith("人人生而自由")
+    assert c.texts["sw"][0].startswith("Watu wote wamezaliwa huru")
+    assert c.texts["ar"][0].startswith("يولد جميع الناس أحرارًا")
+
+
+def test_udhr_whitespace_normalised_and_metadata():
+    c = load_corpus("udhr")
+    for _, _, text in c.items():
+        assert text == " ".join(text.split()) and text
+    meta = corpus_metadata("udhr")
+    assert meta["version"] == "6.0.0" and meta["licence"].startswith("MIT")
+    assert meta["languages"]["de"]["source_file"] == "package/declaration/deu_1996.html"
+    assert meta["preamble"]["included"] is False
+    assert "texts" not in meta
+
+
+def test_to_frame_bytes_and_chars():
+    df = load_corpus("udhr", langs=["en", "zh"], n_texts=1).to_frame()
+    assert list(df.columns) == ["lang", "text_id", "text", "n_bytes", "n_chars"]
+    assert list(df["lang"]) == ["en", "zh"] and list(df["text_id"]) == ["a01.p01"] * 2
+    en, zh = df.iloc[0], df.iloc[1]
+    assert en.n_bytes == en.n_chars == len(ARTICLE_1["en"])
+    assert zh.n_bytes > 2 * zh.n_chars  # CJK: 3 UTF-8 bytes per Han character
+
+
+# ---------------------------------------------------------------------------- seeds
+def test_available_corpora():
+    assert available_corpora() == ["udhr", "seed-exp003", "seed-exp005", "seed-exp032"]
+
+
+def test_seed_texts_verbatim():
+    s5 = load_corpus("seed-exp005")
+    assert s5.langs == ("en", "de", "he", "sw")
+    assert all(s5.n_texts(lang) == 3 for lang in s5.langs)
+    assert s5.ids["he"] == ("s0", "s1", "s2")
+    assert s5.texts["en"][0] == ("The Earth is the third planet from the Sun and the only "
+                                 "astronomical object known to harbor life.")
+    assert s5.texts["sw"][2] == ("Mabadiliko ya hali ya hewa yanarejelea mabadiliko ya muda "
+                                 "mrefu ya halijoto.")
+    assert s5.texts["he"][1] == "מתמטיקה היא תחום ידע הכולל מספרים, נוסחאות ומבנים."
+
+    s3 = load_corpus("seed-exp003")
+    assert s3.langs == ("en", "fr", "zh", "ar", "he", "sw")
+    assert s3.texts["zh"] == ("数学研究揭示了宇宙的基本结构，并为理解复杂现象提供了工具。",)
+    assert s3.texts["fr"][0].startswith("L'étude des mathématiques révèle")
+
+    s32 = load_corpus("seed-exp032")
+    assert dict(s32.texts) == {
+        "en": ("The quick brown fox jumps over the lazy dog.",),
+        "he": ("השועל החום המהיר קופץ מעל הכלב העצלן.",),
+        "ar": ("الثعلب البني السريع يقفز فوق الكلب الكسول.",),
+    }
+
+
+# ---------------------------------------------------------------------------- selection
+def test_select_first_and_order():
+    c = load_corpus("udhr", langs=["sw", "en"], n_texts=2)
+    assert c.langs == ("sw", "en")
+    assert c.ids["sw"] == c.ids["en"] == ("a01.p01", "a02.p01")
+    assert list(c.items())[0][:2] == ("sw", "a01.p01")
+    assert len(list(c.items())) == 4
+
+
+def test_random_selection_deterministic_and_aligned():
+    a = load_corpus("udhr", n_texts=10, sample="random", seed=7)
+    b = load_corpus("udhr", n_texts=10, sample="random", seed=7)
+    assert a == b and list(a.items()) == list(b.items())
+    assert len({a.ids[lang] for lang in a.langs}) == 1  # same ids in every language
+    ids = a.ids["en"]
+    assert len(set(ids)) == 10 and list(ids) == sorted(ids)  # kept in corpus order
+    assert ids != tuple(load_corpus("udhr").ids["en"][:10])
+    assert load_corpus("udhr", n_texts=10, sample="random", seed=8).ids["en"] != ids
+    # a language subset draws the same ids
+    assert load_corpus("udhr", langs=["he"], n_texts=10, sample="random", seed=7).ids["he"] == ids
+    # texts still belong to their ids
+    full = load_corpus("udhr")
+    for lang, i, t in a.items():
+        assert full.texts[lang][full.ids[lang].index(i)] == t
+
+
+def test_random_selection_non_parallel_is_per_language():
+    c = Corpus.from_texts("mine", {"en": [f"e{i}" for i in range(20)],
+                                   "de": [f"d{i}" for i in range(20)]})
+    x = c.select(n_texts=5, sample="random", seed=3)
+    assert x == c.select(n_texts=5, sample="random", seed=3)
+    assert x.ids["en"] == c.select(langs=["en"], n_texts=5, sample="random", seed=3).ids["en"]
+
+
+def test_n_texts_above_available_takes_all():
+    c = load_corpus("seed-exp005", n_texts=100)
+    assert c.n_texts("en") == 3
+    assert load_corpus("seed-exp005", n_texts=100, sample="random").ids["de"] == ("s0", "s1", "s2")
+
+
+def test_cached_and_immutable():
+    assert load_corpus("udhr") is load_corpus("udhr")
+    c = load_corpus("seed-exp032")
+    with pytest.raises(TypeError):
+        c.texts["en"] = ("x",)  # type: ignore[index]
+
+
+# ---------------------------------------------------------------------------- from_texts
+def test_from_texts():
+    c = Corpus.from_texts("mine", {"en": ["One.", "Two."], "he": "שלום."})
+    assert c.ids == {"en": ("t0", "t1"), "he": ("t0",)}
+    assert c.texts["he"] == ("שלום.",) and not c.parallel
+    p = Corpus.from_texts("p", {"en": ["a", "b"], "de": ["x", "y"]}, parallel=True)
+    assert p.select(n_texts=1, sample="random", seed=1).ids["en"] == \
+        p.select(n_texts=1, sample="random", seed=1).ids["de"]
+
+
+# ---------------------------------------------------------------------------- errors
+def test_unknown_corpus_lists_available():
+    with pytest.raises(CorpusError, match=r"Unknown corpus 'wiki'.*udhr, seed-exp003, seed-exp005, seed-exp032"):
+        load_corpus("wiki")
+
+
+def test_missing_language_names_available_and_suggests_udhr():
+    with pytest.raises(CorpusError, match=r"no texts in 'de'; it has en, fr, zh, ar, he, sw.*load_corpus\('udhr'\)"):
+        load_corpus("seed-exp003", langs=["en", "de"])
+    with pytest.raises(CorpusError, match=r"no texts in 'ja'"):
+        load_corpus("udhr", langs=["ja"])
+    with pytest.raises(CorpusError, match=r"no texts in 'fr'"):
+        load_corpus("seed-exp032").n_texts("fr")
+
+
+@pytest.mark.parametrize("n", [0, -3])
+def test_n_texts_below_one(n):
+    with pytest.raises(CorpusError, match=r"selects no text.*n_texts >= 1"):
+        load_corpus("udhr", n_texts=n)
+
+
+def test_bad_n_texts_type_and_sample():
+    with pytest.raises(CorpusError, match=r"whole number"):
+        load_corpus("udhr", n_texts=2.5)  # type: ignore[arg-type]
+    with pytest.raises(CorpusError, match=r"sample='shuffle'.*'first' or 'random'"):
+        load_corpus("udhr", n_texts=2, sample="shuffle")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", ["", "   \n\t"])
+def test_empty_text_names_language_and_id(bad):
+    with pytest.raises(CorpusError, match=r"text 't1' in language 'sw' is empty or whitespace only\. Remove it"):
+        Corpus.from_texts("mine", {"en": ["a", "b"], "sw": ["c", bad]})
+
+
+def test_language_without_texts():
+    with pytest.raises(CorpusError, match=r"language 'he' has no texts"):
+        Corpus.from_texts("mine", {"en": ["a"], "he": []})
+    with pytest.raises(CorpusError, match=r"has no languages"):
+        Corpus.from_texts("mine", {})
+
+
+def test_duplicate_ids():
+    with pytest.raises(CorpusError, match=r"language 'en' repeats ids \['x'\].*unique"):
+        Corpus("c", {"en": ["a", "b"]}, {"en": ["x", "x"]})
+
+
+def test_misaligned_parallel():
+    with pytest.raises(CorpusError, match=r"parallel but languages 'en' \(2 texts\) and 'he' \(1 texts\).*only in 'en': \['t1'\]"):
+        Corpus.from_texts("p", {"en": ["a", "b"], "he": ["c"]}, parallel=True)
+    with pytest.raises(CorpusError, match=r"different order"):
+        Corpus("p", {"en": ["a", "b"], "de": ["c", "d"]},
+               {"en": ["i1", "i2"], "de": ["i2", "i1"]}, parallel=True)
+
+
+def test_ids_texts_mismatch_and_non_string():
+    with pytest.raises(CorpusError, match=r"2 texts but 1 ids"):
+        Corpus("c", {"en": ["a", "b"]}, {"en": ["i1"]})
+    with pytest.raises(CorpusError, match=r"has type int, not str"):
+        Corpus.from_texts("c", {"en": ["a", 3]})  # type: ignore[list-item]
+
+
+# ---------------------------------------------------------------------------- tokenizer
+def test_gpt2_tokenizer_known_ids():
+    transformers = pytest.importorskip("transformers")
+    d = gpt2_tokenizer_dir()
+    assert (d / "vocab.json").is_file() and (d / "merges.txt").is_file() and (d / "LICENSE").is_file()
+    tok = transformers.GPT2TokenizerFast.from_pretrained(str(d))
+    assert tok("Hello world")["input_ids"] == [15496, 995]
+    assert len(tok) == 50257

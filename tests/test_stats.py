@@ -1,0 +1,429 @@
+"""Tests of qhelpers.stats: known answers computed by hand, planted effects, coverage."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from qhelpers import stats
+from qhelpers.errors import ConfigError, MeasurementError
+from qhelpers.stats import Estimate
+
+LN2 = math.log(2.0)
+
+
+def rows_for(config, lang, nll, tok, byt, ids=None):
+    ids = ids if ids is not None else [f"t{i}" for i in range(len(nll))]
+    return [
+        {"config": config, "lang": lang, "text_id": i, "nll": float(a), "n_tokens": int(b), "n_bytes": int(c)}
+        for i, a, b, c in zip(ids, nll, tok, byt)
+    ]
+
+
+def planted(degradations: dict[str, float], n_texts=12, seed=0, configs=("q",), per_config=None):
+    """Each text of language L gets q nll = fp nll + tok * log1p(d_L): every resample has
+    degradation exactly d_L. ``per_config`` maps config -> {lang: d}."""
+    rng = np.random.default_rng(seed)
+    per_config = per_config or {c: degradations for c in configs}
+    rows = []
+    for lang in degradations:
+        tok = rng.integers(10, 60, n_texts)
+        byt = (tok * rng.uniform(2.0, 4.0, n_texts)).astype(int)
+        fp = tok * rng.uniform(1.5, 3.5, n_texts)
+        rows += rows_for("fp", lang, fp, tok, byt)
+        for c, ds in per_config.items():
+            rows += rows_for(c, lang, fp + tok * math.log1p(ds[lang]), tok, byt)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_indices_and_counts_agree():
+    idx = stats.bootstrap_indices(7, 50, np.random.default_rng(3))
+    assert idx.shape == (50, 7) and idx.min() >= 0 and idx.max() <= 6
+    counts = stats.bootstrap_counts(7, 50, np.random.default_rng(3))
+    assert counts.shape == (50, 7)
+    assert np.all(counts.sum(axis=1) == 7)
+    expected = np.stack([np.bincount(r, minlength=7) for r in idx])
+    np.testing.assert_array_equal(counts, expected)
+    with pytest.raises(ConfigError):
+        stats.bootstrap_indices(0, 10, np.random.default_rng(0))
+
+
+# --------------------------------------------------------------------------- language_table
+
+
+def hand_table():
+    rows = []
+    # en: texts (nll, tok, bytes)
+    rows += rows_for("fp", "en", [10, 12, 8], [5, 4, 6], [20, 15, 25])
+    rows += rows_for("q", "en", [11, 15, 9], [5, 4, 6], [20, 15, 25])
+    # he: byte-heavy texts, stronger damage
+    rows += rows_for("fp", "he", [20, 30, 25], [10, 12, 9], [40, 50, 35])
+    rows += rows_for("q", "he", [26, 33, 31], [10, 12, 9], [40, 50, 35])
+    return pd.DataFrame(rows)
+
+
+def test_language_table_matches_hand_computation():
+    tab = stats.language_table(hand_table(), baseline="fp", n_boot=500)
+    assert list(tab["lang"]) == ["en", "he"] and list(tab["config"]) == ["q", "q"]
+    en = tab.set_index("lang").loc["en"]
+    ppl_fp, ppl_q = math.exp(30 / 15), math.exp(35 / 15)
+    assert en["n_texts"] == 3 and en["n_tokens"] == 15 and en["n_bytes"] == 60
+    assert en["ppl_fp"] == pytest.approx(ppl_fp, rel=1e-12)
+    assert en["ppl_q"] == pytest.approx(ppl_q, rel=1e-12)
+    assert en["bpb_fp"] == pytest.approx(30 / LN2 / 60, rel=1e-12)
+    assert en["bpb_q"] == pytest.approx(35 / LN2 / 60, rel=1e-12)
+    assert en["degradation"] == pytest.approx((ppl_q - ppl_fp) / ppl_fp, rel=1e-12)
+    assert en["ppl_ratio"] == pytest.approx(ppl_q / ppl_fp, rel=1e-12)
+    assert en["delta_nll"] == pytest.approx(35 / 15 - 30 / 15, rel=1e-12)
+    assert en["delta_bpb"] == pytest.approx(5 / LN2 / 60, rel=1e-12)
+    he = tab.set_index("lang").loc["he"]
+    ppl_fp, ppl_q = math.exp(75 / 31), math.exp(90 / 31)
+    assert he["degradation"] == pytest.approx((ppl_q - ppl_fp) / ppl_fp, rel=1e-12)
+    assert he["bpb_q"] == pytest.approx(90 / LN2 / 125, rel=1e-12)
+    for k in ("ppl_ratio", "degradation", "delta_nll", "delta_bpb"):
+        assert (tab[f"{k}_ci_low"] <= tab[f"{k}_ci_high"]).all()
+    assert not tab["collapsed"].any() and (tab["note"] == "").all()
+
+    base = stats.baseline_table(hand_table(), n_boot=200).set_index("lang")
+    assert base.loc["en", "ppl"] == pytest.approx(math.exp(2.0))
+    assert base.loc["he", "bpb"] == pytest.approx(75 / LN2 / 125)
+    assert base.loc["he", "bytes_per_token"] == pytest.approx(125 / 31)
+
+
+def test_constant_per_token_shift_gives_degenerate_interval():
+    df = planted({"en": 0.1, "he": 0.4}, n_texts=20)
+    tab = stats.language_table(df, n_boot=300).set_index("lang")
+    for lang, d in (("en", 0.1), ("he", 0.4)):
+        assert tab.loc[lang, "degradation"] == pytest.approx(d, rel=1e-9)
+        assert tab.loc[lang, "degradation_ci_low"] == pytest.approx(d, rel=1e-9)
+        assert tab.loc[lang, "degradation_ci_high"] == pytest.approx(d, rel=1e-9)
+        assert tab.loc[lang, "delta_nll"] == pytest.approx(math.log1p(d), rel=1e-9)
+
+
+def test_paired_bootstrap_coverage_and_width():
+    """200 independent replications (one 'language' each, 60 texts, distinct text ids).
+    Between-text spread is large and the within-pair noise small, so only a PAIRED
+    bootstrap gives the right width: an unpaired one would cover ~100 % and be ~25x wider."""
+    rng = np.random.default_rng(12345)
+    n_rep, n_txt, tok, mu, sd = 200, 60, 50, 0.05, 1.0
+    rows = []
+    for r in range(n_rep):
+        lang = f"L{r:03d}"
+        ids = [f"{lang}_{i}" for i in range(n_txt)]
+        fp = tok * rng.normal(3.0, 0.5, n_txt)
+        q = fp + rng.normal(mu * tok, sd, n_txt)
+        rows += rows_for("fp", lang, fp, [tok] * n_txt, [4 * tok] * n_txt, ids)
+        rows += rows_for("q", lang, q, [tok] * n_txt, [4 * tok] * n_txt, ids)
+    df = pd.DataFrame(rows)
+    t0 = time.perf_counter()
+    tab = stats.language_table(df, n_boot=1000, seed=7)
+    assert time.perf_counter() - t0 < 8
+    assert tab.attrs["parallel"] is False
+    covered = (tab["delta_nll_ci_low"] <= mu) & (mu <= tab["delta_nll_ci_high"])
+    rate = covered.mean()
+    assert 0.88 <= rate <= 0.99, rate
+    width = (tab["delta_nll_ci_high"] - tab["delta_nll_ci_low"]).mean()
+    paired_width = 2 * 1.96 * sd / tok / math.sqrt(n_txt)
+    assert width == pytest.approx(paired_width, rel=0.2)
+
+
+def test_parallel_corpus_shares_resamples_across_languages():
+    rng = np.random.default_rng(0)
+    tok = rng.integers(10, 40, 15)
+    fp = tok * rng.uniform(2, 3, 15)
+    q = fp + tok * rng.normal(0.1, 0.05, 15)
+    rows = []
+    for lang in ("en", "he"):
+        rows += rows_for("fp", lang, fp, tok, 3 * tok)
+        rows += rows_for("q", lang, q, tok, 3 * tok)
+    df = pd.DataFrame(rows)
+    tab = stats.language_table(df, n_boot=400)
+    assert tab.attrs["parallel"] is True
+    a, b = tab.iloc[0], tab.iloc[1]
+    assert a["delta_nll_ci_low"] == b["delta_nll_ci_low"] and a["delta_nll_ci_high"] == b["delta_nll_ci_high"]
+    # Same data under different text ids: each language resampled on its own.
+    df2 = df.copy()
+    df2.loc[df2["lang"] == "he", "text_id"] = "he_" + df2.loc[df2["lang"] == "he", "text_id"]
+    tab2 = stats.language_table(df2, n_boot=400)
+    assert tab2.attrs["parallel"] is False
+    assert tab2.iloc[0]["delta_nll_ci_low"] != tab2.iloc[1]["delta_nll_ci_low"]
+    # Deterministic for a fixed seed, different for another.
+    pd.testing.assert_frame_equal(tab, stats.language_table(df, n_boot=400))
+    assert not stats.language_table(df, n_boot=400, seed=1).equals(tab)
+
+
+def test_language_table_is_fast_enough():
+    rng = np.random.default_rng(1)
+    rows = []
+    langs = ["en", "de", "fr", "zh", "ar", "he", "sw"]
+    configs = ["fp"] + [f"c{i}" for i in range(15)]
+    for lang in langs:
+        tok = rng.integers(20, 80, 60)
+        fp = tok * rng.uniform(2, 4, 60)
+        for k, c in enumerate(configs):
+            rows += rows_for(c, lang, fp + k * 0.01 * tok + rng.normal(0, 1, 60) * (k > 0), tok, 4 * tok)
+    df = pd.DataFrame(rows)
+    t0 = time.perf_counter()
+    tab = stats.language_table(df)
+    elapsed = time.perf_counter() - t0
+    assert len(tab) == 15 * 7
+    assert elapsed < 2.0, elapsed
+
+
+def test_language_table_flags_non_finite_and_collapse():
+    df = planted({"en": 0.1, "he": 0.2}, n_texts=5)
+    df.loc[(df["config"] == "q") & (df["lang"] == "he") & (df["text_id"] == "t2"), "nll"] = np.inf
+    tab = stats.language_table(df, n_boot=100).set_index("lang")
+    assert tab.loc["he", "note"].startswith("non-finite") and "t2" in tab.loc["he", "note"]
+    assert math.isnan(tab.loc["he", "degradation"]) and math.isnan(tab.loc["he", "ppl_q"])
+    assert tab.loc["en", "note"] == "" and tab.loc["en", "degradation"] == pytest.approx(0.1)
+
+    df = planted({"en": 0.1, "he": 0.2}, n_texts=5)
+    sel = (df["config"] == "q") & (df["lang"] == "he")
+    df.loc[sel, "nll"] = df.loc[sel, "n_bytes"] * 9 * LN2  # 9 bits per byte
+    tab = stats.language_table(df, n_boot=100).set_index("lang")
+    assert bool(tab.loc["he", "collapsed"]) and tab.loc["he", "note"].startswith("collapsed")
+    assert not bool(tab.loc["en", "collapsed"])
+
+
+def test_input_validation_errors():
+    df = hand_table()
+    with pytest.raises(ConfigError, match="baseline"):
+        stats.language_table(df, baseline="fp16")
+    with pytest.raises(MeasurementError, match="lacks columns"):
+        stats.language_table(df.drop(columns=["n_bytes"]))
+    with pytest.raises(MeasurementError, match="duplicated"):
+        stats.language_table(pd.concat([df, df.iloc[:1]]))
+    with pytest.raises(MeasurementError, match="same texts"):
+        stats.language_table(df.drop(index=df.index[(df["config"] == "q") & (df["text_id"] == "t0") & (df["lang"] == "en")]))
+    bad = df.copy()
+    bad.loc[0, "nll"] = -3.0
+    with pytest.raises(MeasurementError, match="negate"):
+        stats.language_table(bad)
+    with pytest.raises(ConfigError, match="both"):
+        stats.disparity(df, "q", lr_langs=["he", "en"], hr_langs=["en"])
+    with pytest.raises(ConfigError, match="not in the scores"):
+        stats.disparity(df, "q", lr_langs=["sw"], hr_langs=["en"])
+    with pytest.raises(ConfigError, match="metric"):
+        stats.disparity(df, "q", metric="ppl")
+    with pytest.raises(ConfigError, match="disparity_vs_reference"):
+        stats.disparity(df, "q", reference="en")
+
+
+# --------------------------------------------------------------------------- disparity
+
+
+DS = {"en": 0.10, "de": 0.20, "he": 0.30, "sw": 0.45}
+
+
+def test_disparity_planted_ratio():
+    df = planted(DS)
+    est = stats.disparity(df, "q", n_boot=300)  # default groups restricted to present langs
+    assert est.defined and est.reason is None
+    assert est.value == pytest.approx(0.375 / 0.15, rel=1e-9)
+    assert est.ci_low == pytest.approx(2.5, rel=1e-9) and est.ci_high == pytest.approx(2.5, rel=1e-9)
+    assert est.n == 12 and est.level == 0.95
+    diff = stats.disparity_difference(df, "q", n_boot=300)
+    assert diff.value == pytest.approx(0.225, rel=1e-9)
+    ref = stats.disparity_vs_reference(df, "q", reference="en", n_boot=300)
+    assert set(ref) == {"de", "he", "sw"}
+    assert ref["sw"].value == pytest.approx(4.5, rel=1e-9) and ref["de"].value == pytest.approx(2.0, rel=1e-9)
+
+
+def test_disparity_pairs_languages_on_a_parallel_corpus():
+    rng = np.random.default_rng(4)
+    n = 25
+    tok = np.full(n, 30)
+    fp = tok * rng.uniform(2, 3, n)
+    d_hr = rng.normal(0.1, 0.08, n) * tok
+    rows = rows_for("fp", "en", fp, tok, 4 * tok) + rows_for("q", "en", fp + d_hr, tok, 4 * tok)
+    rows += rows_for("fp", "he", fp, tok, 4 * tok) + rows_for("q", "he", fp + 2 * d_hr, tok, 4 * tok)
+    df = pd.DataFrame(rows)
+    est = stats.disparity(df, "q", lr_langs=["he"], hr_langs=["en"], metric="delta_nll", n_boot=500)
+    assert est.value == pytest.approx(2.0, rel=1e-9)
+    assert est.ci_low == pytest.approx(2.0, rel=1e-9) and est.ci_high == pytest.approx(2.0, rel=1e-9)
+    df2 = df.copy()
+    df2.loc[df2["lang"] == "he", "text_id"] = "x" + df2.loc[df2["lang"] == "he", "text_id"]
+    est2 = stats.disparity(df2, "q", lr_langs=["he"], hr_langs=["en"], metric="delta_nll", n_boot=500)
+    assert est2.value == pytest.approx(2.0, rel=1e-9)
+    assert est2.ci_high - est2.ci_low > 0.1  # unpaired across languages: genuinely wider
+
+
+def test_disparity_undefined_when_hr_does_not_degrade():
+    df = planted({"en": -0.10, "de": 0.05, "he": 0.30, "sw": 0.45})
+    est = stats.disparity(df, "q", n_boot=200)
+    assert not est.defined and est.reason.startswith("denominator <= 0")
+    assert math.isnan(est.value) and math.isnan(est.ci_low) and math.isnan(est.ci_high)
+    assert stats.verdict(est, 1.0) == stats.INCONCLUSIVE
+    diff = stats.disparity_difference(df, "q", n_boot=200)
+    assert diff.defined and diff.value == pytest.approx(0.375 - (-0.025), rel=1e-9)
+    ref = stats.disparity_vs_reference(df, "q", reference="en", n_boot=200)
+    assert all(not e.defined and e.reason.startswith("denominator <= 0") for e in ref.values())
+
+
+def test_disparity_unbounded_when_hr_interval_contains_zero():
+    n = 20
+    tok = np.full(n, 40)
+    fp = tok * np.linspace(2.0, 3.0, n)
+    hr_delta = np.array([0.3, -0.28] * 10) + 0.005  # mean 0.015 per token, huge spread
+    rows = rows_for("fp", "en", fp, tok, 4 * tok) + rows_for("q", "en", fp + tok * hr_delta, tok, 4 * tok)
+    rows += rows_for("fp", "he", fp, tok, 4 * tok) + rows_for("q", "he", fp + tok * 0.2, tok, 4 * tok)
+    df = pd.DataFrame(rows)
+    est = stats.disparity(df, "q", lr_langs=["he"], hr_langs=["en"], metric="delta_nll", n_boot=1000)
+    assert not est.defined and est.reason.startswith("unbounded CI")
+    assert est.value == pytest.approx(0.2 / 0.015, rel=1e-9)  # point estimate kept
+    assert math.isnan(est.ci_low) and math.isnan(est.ci_high)
+    assert stats.verdict(est, 1.0) == stats.INCONCLUSIVE
+    assert stats.disparity_difference(df, "q", lr_langs=["he"], hr_langs=["en"], metric="delta_nll").defined
+
+
+def test_disparity_undefined_on_non_finite_and_collapse():
+    df = planted(DS)
+    df.loc[(df["config"] == "fp") & (df["lang"] == "de") & (df["text_id"] == "t3"), "nll"] = np.nan
+    for fn in (stats.disparity, stats.disparity_difference):
+        est = fn(df, "q", n_boot=100)
+        assert not est.defined and est.reason.startswith("non-finite") and "fp/de" in est.reason
+        assert math.isnan(est.value)
+
+    df = planted(DS)
+    sel = (df["config"] == "q") & (df["lang"] == "sw")
+    df.loc[sel, "nll"] = df.loc[sel, "n_bytes"] * 8.5 * LN2
+    est = stats.disparity(df, "q", n_boot=100)
+    assert not est.defined and est.reason.startswith("collapsed") and "q/sw" in est.reason
+    assert math.isnan(est.value)
+    assert stats.disparity(df, "q", n_boot=100, allow_collapsed=True).defined
+
+    # PPL far above a uniform guess over a 1000-token vocabulary but below 8 bits per byte.
+    df = planted(DS)
+    sel = (df["config"] == "q") & (df["lang"] == "en")
+    df.loc[sel, "nll"] = df.loc[sel, "n_tokens"] * math.log(5000.0)
+    df.loc[(df["lang"] == "en"), "n_bytes"] = df.loc[(df["lang"] == "en"), "n_tokens"] * 6
+    assert stats.disparity(df, "q", n_boot=100).defined
+    est = stats.disparity(df, "q", n_boot=100, vocab_size=1000)
+    assert not est.defined and "vocab_size" in est.reason
+
+
+def test_reduction_planted_and_verdict():
+    per = {
+        "all_int4": {"en": 0.10, "de": 0.20, "he": 0.30, "sw": 0.45},  # ratio 2.5, diff 0.225
+        "gateway": {"en": 0.10, "de": 0.20, "he": 0.20, "sw": 0.25},  # ratio 1.5, diff 0.075
+    }
+    df = planted(per["all_int4"], per_config=per)
+    red = stats.reduction(df, "all_int4", "gateway", n_boot=300)
+    assert red.defined and red.value == pytest.approx(40.0, rel=1e-9)
+    assert red.ci_low == pytest.approx(40.0, rel=1e-9)
+    assert stats.verdict(red, 30.0, ">") == stats.SUPPORTED
+    red_d = stats.reduction(df, "all_int4", "gateway", measure="difference", n_boot=300)
+    assert red_d.value == pytest.approx(100 * (0.225 - 0.075) / 0.225, rel=1e-9)
+    with pytest.raises(ConfigError):
+        stats.reduction(df, "gateway", "gateway")
+
+    per_bad = {"all_int4": {"en": -0.1, "de": 0.05, "he": 0.3, "sw": 0.4}, "gateway": per["gateway"]}
+    df = planted(per_bad["all_int4"], per_config=per_bad)
+    red = stats.reduction(df, "all_int4", "gateway", n_boot=200)
+    assert not red.defined and red.reason.startswith("denominator <= 0") and "all_int4" in red.reason
+    assert stats.verdict(red, 30.0) == stats.INCONCLUSIVE
+
+
+def test_reduction_ci_reflects_noise():
+    rng = np.random.default_rng(11)
+    n = 40
+    rows = []
+    for lang, (a, b) in {"en": (0.10, 0.10), "de": (0.12, 0.12), "he": (0.30, 0.15), "sw": (0.28, 0.16)}.items():
+        tok = np.full(n, 30)
+        fp = tok * rng.uniform(2, 3, n)
+        rows += rows_for("fp", lang, fp, tok, 4 * tok)
+        rows += rows_for("before", lang, fp + tok * (a + rng.normal(0, 0.03, n)), tok, 4 * tok)
+        rows += rows_for("after", lang, fp + tok * (b + rng.normal(0, 0.03, n)), tok, 4 * tok)
+    df = pd.DataFrame(rows)
+    red = stats.reduction(df, "before", "after", metric="delta_nll", n_boot=1000)
+    assert red.defined and red.ci_low < red.value < red.ci_high
+    truth = 100 * ((0.29 / 0.11) - (0.155 / 0.11)) / (0.29 / 0.11)
+    assert red.ci_low < truth < red.ci_high
+
+
+# --------------------------------------------------------------------------- correlation
+
+
+def test_correlation_matches_scipy():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=30)
+    y = 0.25 * x + rng.normal(size=30)
+    for method, fn in (("pearson", sps.pearsonr), ("spearman", sps.spearmanr)):
+        res = stats.correlation(x, y, method=method, n_boot=1000, n_perm=10000, seed=1)
+        ref = fn(x, y)
+        assert res["defined"] and res["n"] == 30 and res["method"] == method
+        assert res["r"] == pytest.approx(float(ref.statistic), abs=1e-12)
+        assert res["p_parametric"] == pytest.approx(float(ref.pvalue), rel=1e-9)
+        assert 0.005 < ref.pvalue < 0.2  # a moderate effect, so the p-values are comparable
+        assert res["p_perm"] == pytest.approx(float(ref.pvalue), abs=0.015)
+        assert not res["perm_exact"]
+        assert res["ci_low"] < res["r"] < res["ci_high"]
+
+
+def test_correlation_perfect_and_exact_small_n():
+    x = np.arange(12.0)
+    res = stats.correlation(x, 3 * x + 1, n_perm=5000)
+    assert res["r"] == pytest.approx(1.0) and res["p_perm"] == pytest.approx(1 / 5001)
+    # n = 5: 120 permutations enumerated; only identity and reversal reach |r| = 1.
+    res = stats.correlation([1, 2, 3, 4, 5], [2, 4, 6, 8, 10], n_perm=10000)
+    assert res["perm_exact"] and res["p_perm"] == pytest.approx(2 / 120)
+    res = stats.correlation([1, 2, 3, 4, 5], [5, 4, 3, 2, 1], method="spearman")
+    assert res["r"] == pytest.approx(-1.0) and res["p_perm"] == pytest.approx(2 / 120)
+
+
+def test_correlation_undefined_cases():
+    r = stats.correlation([1.0, 2.0], [3.0, 4.0])
+    assert not r["defined"] and r["reason"].startswith("too few") and math.isnan(r["r"])
+    r = stats.correlation([1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 3.0, 4.0])
+    assert not r["defined"] and r["reason"].startswith("constant")
+    r = stats.correlation([1.0, np.nan, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0])
+    assert not r["defined"] and r["reason"].startswith("non-finite")
+    assert stats.verdict(r, 0.7, abs_value=True) == stats.INCONCLUSIVE
+    with pytest.raises(ConfigError):
+        stats.correlation([1, 2, 3], [1, 2])
+
+
+# --------------------------------------------------------------------------- verdict / Estimate
+
+
+def test_verdict_outcomes_and_boundaries():
+    E = lambda v, lo, hi: Estimate(v, lo, hi, 10)  # noqa: E731
+    assert stats.verdict(E(35, 31, 40), 30, ">") == stats.SUPPORTED
+    assert stats.verdict(E(25, 20, 29), 30, ">") == stats.NOT_SUPPORTED
+    assert stats.verdict(E(31, 29, 33), 30, ">") == stats.INCONCLUSIVE
+    assert stats.verdict(E(32, 30, 33), 30, ">") == stats.INCONCLUSIVE  # lower bound ON the threshold
+    assert stats.verdict(E(29, 28, 30), 30, ">") == stats.NOT_SUPPORTED  # upper bound on it: not beyond
+    assert stats.verdict(E(30, 30, 30), 30, ">") == stats.NOT_SUPPORTED
+    assert stats.verdict(E(25, 20, 29), 30, "<") == stats.SUPPORTED
+    assert stats.verdict(E(35, 30, 40), 30, "<") == stats.NOT_SUPPORTED
+    assert stats.verdict(E(30, 29, 31), 30, "<") == stats.INCONCLUSIVE
+    assert stats.verdict(Estimate.undefined("collapsed: x", 10), 30) == stats.INCONCLUSIVE
+    assert stats.verdict(Estimate.undefined("unbounded CI: x", 10, value=99.0), 30) == stats.INCONCLUSIVE
+    # |r| criteria
+    assert stats.verdict(E(-0.9, -0.95, -0.8), 0.7, abs_value=True) == stats.SUPPORTED
+    assert stats.verdict(E(-0.9, -0.95, -0.8), 0.7) == stats.NOT_SUPPORTED
+    assert stats.verdict(E(0.1, -0.9, 0.9), 0.7, abs_value=True) == stats.INCONCLUSIVE
+    assert stats.verdict(E(0.1, -0.5, 0.6), 0.7, abs_value=True) == stats.NOT_SUPPORTED
+    assert stats.verdict({"r": 0.9, "ci_low": 0.75, "ci_high": 0.97, "defined": True}, 0.7, abs_value=True) == stats.SUPPORTED
+    with pytest.raises(ConfigError):
+        stats.verdict(E(1, 0, 2), 1, direction=">=")
+
+
+def test_estimate_invariants():
+    with pytest.raises(ConfigError):
+        Estimate(math.nan, 0.0, 1.0, 5)
+    with pytest.raises(ConfigError):
+        Estimate(1.0, math.inf, 2.0, 5)
+    with pytest.raises(ConfigError):
+        Estimate(math.nan, math.nan, math.nan, 5, defined=False)
+    e = Estimate.undefined("denominator <= 0: x", 5)
+    assert math.isnan(e.value) and not e.defined
+    assert set(e.to_dict()) == {"value", "ci_low", "ci_high", "n", "level", "defined", "reason"}
