@@ -29,6 +29,8 @@ __all__ = [
     "layer_heatmap",
     "pareto_frontier",
     "pareto_plot",
+    "estimate_bars",
+    "hr_lr_scatter",
     "save_figure",
 ]
 
@@ -234,6 +236,77 @@ def pareto_plot(
     if title:
         ax.set_title(title)
     ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def estimate_bars(
+    table: pd.DataFrame,
+    value: str,
+    label: str = "config",
+    ax=None,
+    reference: float | None = None,
+    highlight: Sequence[str] = (),
+    title: str | None = None,
+    xlabel: str | None = None,
+) -> Figure:
+    """Horizontal bars of one estimate per row (e.g. disparity per configuration) with
+    ``<value>_ci_low``/``<value>_ci_high`` error bars when present; undefined (NaN) rows are
+    drawn as an empty slot marked "undefined". ``reference`` draws a vertical line."""
+    _require(table, [label, value], "estimate_bars")
+    fig, ax = _new_ax(ax, figsize=(7, 0.45 * len(table) + 1.2))
+    y = np.arange(len(table))
+    values = pd.to_numeric(table[value], errors="coerce").to_numpy(dtype=float)
+    colors = ["#d62728" if str(n) in set(highlight) else "#1f77b4" for n in table[label]]
+    ax.barh(y, np.nan_to_num(values), color=colors)
+    lo_col, hi_col = f"{value}_ci_low", f"{value}_ci_high"
+    if lo_col in table.columns and hi_col in table.columns:
+        lo = pd.to_numeric(table[lo_col], errors="coerce").to_numpy(dtype=float)
+        hi = pd.to_numeric(table[hi_col], errors="coerce").to_numpy(dtype=float)
+        ok = np.isfinite(values) & np.isfinite(lo) & np.isfinite(hi)
+        ax.errorbar(values[ok], y[ok], xerr=[values[ok] - lo[ok], hi[ok] - values[ok]], fmt="none", ecolor="black", capsize=3)
+    for i in np.flatnonzero(~np.isfinite(values)):
+        ax.text(0, y[i], " undefined", va="center", fontsize=8, color="#555555")
+    if reference is not None:
+        ax.axvline(reference, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(y, [str(v) for v in table[label]])
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel or value)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def hr_lr_scatter(
+    table: pd.DataFrame,
+    hr: str = "hr",
+    lr: str = "lr",
+    label: str = "config",
+    ax=None,
+    title: str | None = None,
+    xlabel: str = "high-resource change",
+    ylabel: str = "low-resource change",
+) -> Figure:
+    """One point per configuration: mean high-resource vs mean low-resource change, with the
+    diagonal of equal change (points above it hurt low-resource languages more)."""
+    _require(table, [hr, lr, label], "hr_lr_scatter")
+    fig, ax = _new_ax(ax, figsize=(6, 5))
+    x = pd.to_numeric(table[hr], errors="coerce").to_numpy(dtype=float)
+    y = pd.to_numeric(table[lr], errors="coerce").to_numpy(dtype=float)
+    ax.scatter(x, y, color="#1f77b4", s=40, zorder=3)
+    for xi, yi, name in zip(x, y, table[label]):
+        if np.isfinite(xi) and np.isfinite(yi):
+            ax.annotate(str(name), (xi, yi), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    finite = np.concatenate([x[np.isfinite(x)], y[np.isfinite(y)]])
+    if finite.size:
+        lo, hi = min(0.0, finite.min()), finite.max()
+        ax.plot([lo, hi], [lo, hi], "k--", alpha=0.4, label="equal change")
+        ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     return fig
 

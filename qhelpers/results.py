@@ -134,6 +134,22 @@ class Hypothesis:
         f = lambda v: math.nan if v is None else float(v)  # noqa: E731
         return cls(str(id), str(statement), criterion, f(value), f(lo), f(hi), verdict, int(n or 0), all_notes)
 
+    def sentence(self) -> str:
+        """The verdict in one plain sentence, for a notebook's conclusion."""
+        if math.isfinite(self.value):
+            shown = f"observed {self.value:.4g}"
+            if math.isfinite(self.ci_low) and math.isfinite(self.ci_high):
+                shown += f" (95% CI {self.ci_low:.4g} to {self.ci_high:.4g})"
+        else:
+            shown = "the estimate is undefined"
+        meaning = {
+            "SUPPORTED": "the data support it",
+            "NOT_SUPPORTED": "the data contradict it",
+            "INCONCLUSIVE": "the data cannot decide it",
+        }[self.verdict]
+        text = f"{self.id} ({self.statement}): {self.verdict}: {meaning}; {shown}, n = {self.n}."
+        return text + (f" Notes: {self.notes}." if self.notes else "")
+
     def to_dict(self) -> dict[str, Any]:
         """The results.json form: exactly :data:`HYPOTHESIS_KEYS`, NaN kept (to_jsonable maps it to null)."""
         return {k: getattr(self, k) for k in HYPOTHESIS_KEYS}
@@ -421,6 +437,20 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Pat
 
 
 # --------------------------------------------------------------------------- results.json
+
+
+def seed_everything(seed: int) -> None:
+    """Fix Python's, NumPy's and torch's random generators (CPU and CUDA)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
 
 
 def write_results(

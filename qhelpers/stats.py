@@ -86,6 +86,7 @@ __all__ = [
     "disparity_difference",
     "disparity_vs_reference",
     "reduction",
+    "disparity_contrast",
     "correlation",
     "verdict",
     "SUPPORTED",
@@ -793,6 +794,61 @@ def disparity_vs_reference(
     return out
 
 
+def _config_disparity(eng, c, lr, hr, metric, measure, n, level, tol) -> tuple[Estimate, float, np.ndarray]:
+    """Disparity of one config: (estimate, point value, bootstrap replicates)."""
+    lp, lb = eng.group_mean(c, lr, metric)
+    hp, hb = eng.group_mean(c, hr, metric)
+    if measure == "difference":
+        return _diff_estimate(lp - hp, lb - hb, n, level), lp - hp, lb - hb
+    est = _ratio_estimate(lp, lb, hp, hb, n, level, tol, f"mean HR {metric} under {c!r}", "measure='difference'")
+    with np.errstate(all="ignore"):
+        return est, est.value, lb / hb
+
+
+def disparity_contrast(
+    scores: pd.DataFrame,
+    weights: Mapping[str, float],
+    baseline: str = "fp",
+    lr_langs: Iterable[str] | None = None,
+    hr_langs: Iterable[str] | None = None,
+    metric: str = "degradation",
+    measure: str = "ratio",
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    collapse_bpb: float = 8.0,
+    vocab_size: int | None = None,
+    collapse_ppl: float | None = None,
+    allow_collapsed: bool = False,
+    tol: float = 1e-9,
+) -> Estimate:
+    """A linear combination ``sum_c w_c * D(c)`` of disparities, with a paired bootstrap CI.
+
+    Seed 000's synergy test is ``{"first": 1, "last": 1, "all": -1, "gateway": -1}``: the
+    additive expectation ``D(first) + D(last) - D(all)`` minus the observed ``D(gateway)``;
+    a positive value means protecting both layers beats the sum of their separate effects.
+    Undefined (with the reason passed on) when any disparity involved is undefined.
+    """
+    _check_metric(metric)
+    if measure not in ("ratio", "difference"):
+        raise ConfigError(f"measure must be 'ratio' or 'difference', got {measure!r}")
+    if not weights:
+        raise ConfigError("disparity_contrast needs at least one {config: weight}")
+    configs = [str(c) for c in weights]
+    eng, lr, hr = _group_setup(scores, configs, baseline, lr_langs, hr_langs, n_boot, seed, level)
+    n = eng.n_min(lr + hr)
+    why = _guard(eng, configs, lr + hr, allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
+    if why:
+        return Estimate.undefined(why, n, level)
+    point, reps = 0.0, 0.0
+    for c, w in weights.items():
+        est, p, b = _config_disparity(eng, str(c), lr, hr, metric, measure, n, level, tol)
+        if not est.defined:
+            return Estimate.undefined(f"{est.reason.split(':', 1)[0]}: disparity of {c!r} is undefined ({est.reason})", n, level)
+        point, reps = point + w * p, reps + w * b
+    return _diff_estimate(point, reps, n, level)
+
+
 def reduction(
     scores: pd.DataFrame,
     before: str,
@@ -835,17 +891,8 @@ def reduction(
     if why:
         return Estimate.undefined(why, n, level)
 
-    def disp(c: str) -> tuple[Estimate, float, np.ndarray]:
-        lp, lb = eng.group_mean(c, lr, metric)
-        hp, hb = eng.group_mean(c, hr, metric)
-        if measure == "difference":
-            return _diff_estimate(lp - hp, lb - hb, n, level), lp - hp, lb - hb
-        est = _ratio_estimate(lp, lb, hp, hb, n, level, tol, f"mean HR {metric} under {c!r}", "measure='difference'")
-        with np.errstate(all="ignore"):
-            return est, est.value, lb / hb
-
-    eb, pb, bb = disp(before)
-    ea, pa, ba = disp(after)
+    eb, pb, bb = _config_disparity(eng, before, lr, hr, metric, measure, n, level, tol)
+    ea, pa, ba = _config_disparity(eng, after, lr, hr, metric, measure, n, level, tol)
     for name, e in ((before, eb), (after, ea)):
         if not e.defined and not math.isfinite(e.value):
             return Estimate.undefined(f"{e.reason.split(':', 1)[0]}: disparity of {name!r} is undefined ({e.reason})", n, level)

@@ -124,3 +124,24 @@ def test_save_figure(tmp_path):
     assert os.listdir(tmp_path / "sub") == ["heat.png"]
     with pytest.raises(ConfigError):
         plots.save_figure(fig, tmp_path, "../escape")
+
+
+def test_estimate_bars_draws_one_bar_per_row_and_marks_undefined():
+    from qhelpers.plots import estimate_bars
+
+    table = pd.DataFrame(
+        {"config": ["a", "b", "c"], "d": [1.0, float("nan"), 2.0], "d_ci_low": [0.5, float("nan"), 1.5], "d_ci_high": [1.5, float("nan"), 2.5]}
+    )
+    fig = estimate_bars(table, "d", reference=1.0, highlight=["c"])
+    ax = fig.axes[0]
+    assert len(ax.patches) == 3
+    assert [t.get_text() for t in ax.texts] == [" undefined"]
+    assert ax.patches[2].get_facecolor()[:3] != ax.patches[0].get_facecolor()[:3]
+
+
+def test_hr_lr_scatter_labels_points():
+    from qhelpers.plots import hr_lr_scatter
+
+    table = pd.DataFrame({"config": ["x", "y"], "hr": [0.1, 0.2], "lr": [0.3, float("nan")]})
+    fig = hr_lr_scatter(table)
+    assert [t.get_text() for t in fig.axes[0].texts] == ["x"]

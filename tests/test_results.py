@@ -210,3 +210,26 @@ def test_git_info_reads_refs_without_git(tmp_path):
     assert results.git_info(repo)["commit"] == "b" * 40
     (repo / ".git" / "HEAD").write_text("c" * 40 + "\n")  # detached
     assert results.git_info(repo)["commit"] == "c" * 40 and results.git_info(repo)["branch"] is None
+
+
+def test_hypothesis_sentence_states_the_verdict_plainly():
+    from qhelpers.results import Hypothesis
+    from qhelpers.stats import Estimate
+
+    h = Hypothesis.evaluate("H5", "gateway protection cuts disparity by >30%", Estimate(12.0, -3.0, 20.0, 8), 30.0, ">")
+    assert h.verdict == "NOT_SUPPORTED"
+    assert h.sentence().startswith("H5 (gateway protection cuts disparity by >30%): NOT_SUPPORTED: the data contradict it; observed 12")
+    assert "n = 8" in h.sentence()
+
+
+def test_seed_everything_makes_torch_and_numpy_repeatable():
+    import numpy as np
+    import torch
+
+    from qhelpers.results import seed_everything
+
+    seed_everything(7)
+    a = (torch.rand(3), np.random.rand(3))
+    seed_everything(7)
+    b = (torch.rand(3), np.random.rand(3))
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])

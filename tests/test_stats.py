@@ -427,3 +427,30 @@ def test_estimate_invariants():
     e = Estimate.undefined("denominator <= 0: x", 5)
     assert math.isnan(e.value) and not e.defined
     assert set(e.to_dict()) == {"value", "ci_low", "ci_high", "n", "level", "defined", "reason"}
+
+
+def test_disparity_contrast_synergy_by_hand():
+    from qhelpers.stats import disparity_contrast
+
+    shifts = {  # nats per token added to the baseline's 1.0, per config and language
+        "all": {"en": 0.10, "he": 0.30},
+        "first": {"en": 0.05, "he": 0.10},
+        "last": {"en": 0.08, "he": 0.20},
+        "gateway": {"en": 0.04, "he": 0.04},
+    }
+    rows = []
+    for lang in ("en", "he"):
+        for i in range(3):
+            rows.append(dict(config="fp", lang=lang, text_id=f"t{i}", nll=10.0, n_tokens=10, n_bytes=20))
+            for config, by_lang in shifts.items():
+                rows.append(dict(config=config, lang=lang, text_id=f"t{i}", nll=10.0 * (1 + by_lang[lang]), n_tokens=10, n_bytes=20))
+    scores = pd.DataFrame(rows)
+    d = {c: math.expm1(v["he"]) / math.expm1(v["en"]) for c, v in shifts.items()}
+    expected = d["first"] + d["last"] - d["all"] - d["gateway"]
+    est = disparity_contrast(scores, {"first": 1, "last": 1, "all": -1, "gateway": -1}, lr_langs=["he"], hr_langs=["en"], n_boot=200)
+    assert est.defined
+    assert est.value == pytest.approx(expected, rel=1e-12)
+    assert est.ci_low == pytest.approx(expected, rel=1e-9) and est.ci_high == pytest.approx(expected, rel=1e-9)
+    diff = disparity_contrast(scores, {"all": 1, "gateway": -1}, measure="difference", lr_langs=["he"], hr_langs=["en"], n_boot=200)
+    expected_diff = (math.expm1(0.30) - math.expm1(0.10)) - (math.expm1(0.04) - math.expm1(0.04))
+    assert diff.value == pytest.approx(expected_diff, rel=1e-12)
