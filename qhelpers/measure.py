@@ -73,6 +73,17 @@ class _Window:
     first_target: int  # position (in ids) of the first scored target token
 
 
+def progress_bar(iterable: Iterable, **kwargs: Any) -> Iterable:
+    """tqdm progress bar: a widget in notebooks that have ipywidgets, plain text elsewhere."""
+    try:
+        import ipywidgets  # noqa: F401
+
+        from tqdm.auto import tqdm
+    except ImportError:
+        from tqdm.std import tqdm
+    return tqdm(iterable, **kwargs)
+
+
 def encode_text(tokenizer: Any, text: str, prepend_bos: bool | None = None) -> list[int]:
     """Token ids of ``text`` as qhelpers scores them (optionally with a leading BOS)."""
     if not isinstance(text, str) or not text.strip():
@@ -196,9 +207,7 @@ class Scorer:
         nll = np.zeros(len(self.texts), dtype=np.float64)
         batches: Iterable = self.batches
         if progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, desc="batches", leave=False)
+            batches = progress_bar(batches, desc="batches", leave=False)
         for batch in batches:
             for window, value in zip(batch, self._forward(batch)):
                 nll[window.row] += value

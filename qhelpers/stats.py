@@ -87,6 +87,7 @@ __all__ = [
     "disparity_vs_reference",
     "reduction",
     "disparity_contrast",
+    "group_means",
     "correlation",
     "verdict",
     "SUPPORTED",
@@ -668,6 +669,26 @@ def _guard(eng, configs, langs, allow_collapsed, collapse_bpb, vocab_size, colla
     if not allow_collapsed:
         return eng.collapse_reason(configs, langs, collapse_bpb, vocab_size, collapse_ppl)
     return None
+
+
+def group_means(
+    table: pd.DataFrame,
+    value: str = "degradation",
+    lr_langs: Iterable[str] | None = None,
+    hr_langs: Iterable[str] | None = None,
+) -> pd.DataFrame:
+    """Per config, the mean of ``value`` over HR and over LR languages of a
+    :func:`language_table` (the two coordinates of seed 000's HR-vs-LR plot)."""
+    for col in ("config", "lang", value):
+        if col not in table.columns:
+            raise ConfigError(f"group_means: the table lacks column {col!r}; pass a language_table")
+    present = list(dict.fromkeys(table["lang"]))
+    lr, hr = _resolve_groups(present, lr_langs, hr_langs)
+    rows = []
+    for config, part in table.groupby("config", sort=False):
+        by_lang = part.set_index("lang")[value]
+        rows.append({"config": config, "hr": float(by_lang[hr].mean()), "lr": float(by_lang[lr].mean())})
+    return pd.DataFrame(rows)
 
 
 def disparity(

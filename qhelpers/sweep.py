@@ -14,7 +14,7 @@ import pandas as pd
 
 from .engine import QuantEngine, Variant
 from .errors import ConfigError
-from .measure import MeasureConfig, Scorer, corpus_scorer
+from .measure import MeasureConfig, Scorer, corpus_scorer, progress_bar
 
 BASELINE = "fp"
 
@@ -52,17 +52,32 @@ class SweepResult:
 
         return disparity(self.scores, config, baseline=self.baseline, **kwargs)
 
-    def disparity_table(self, **kwargs: Any) -> pd.DataFrame:
-        """One row per non-baseline variant: disparity estimate and protected fraction."""
+    def disparity_table(self, measure: str = "ratio", **kwargs: Any) -> pd.DataFrame:
+        """One row per non-baseline variant: its disparity (``measure="ratio"``: mean LR change /
+        mean HR change, the seeds'; ``"difference"``: mean LR minus mean HR) with CI, the
+        protected fraction, and the reason when undefined."""
+        from .stats import disparity, disparity_difference
+
+        if measure not in ("ratio", "difference"):
+            raise ConfigError(f"measure must be 'ratio' or 'difference', got {measure!r}")
+        compute = disparity if measure == "ratio" else disparity_difference
         rows = []
         for name in self.configs:
             if name == self.baseline:
                 continue
-            estimate = self.disparity(name, **kwargs)
-            row = {"config": name, **{f"disparity_{k}" if k != "reason" else "reason": v for k, v in estimate.to_dict().items()}}
-            rows.append(row)
-        frame = pd.DataFrame(rows)
-        return frame.merge(self.overhead, on="config", how="left")
+            estimate = compute(self.scores, name, baseline=self.baseline, **kwargs)
+            rows.append(
+                {
+                    "config": name,
+                    "disparity": estimate.value,
+                    "disparity_ci_low": estimate.ci_low,
+                    "disparity_ci_high": estimate.ci_high,
+                    "n": estimate.n,
+                    "defined": estimate.defined,
+                    "reason": estimate.reason or "",
+                }
+            )
+        return pd.DataFrame(rows).merge(self.overhead[["config", "protected_fraction"]], on="config", how="left")
 
 
 def as_variants(variants: Sequence[Variant] | Mapping[str, Any]) -> dict[str, Variant]:
@@ -112,9 +127,7 @@ def run_sweep(
     frames, overhead, seconds = [], [], {}
     items = list(ordered.items())
     if progress:
-        from tqdm.auto import tqdm
-
-        items = tqdm(items, desc="variants")
+        items = progress_bar(items, desc="variants", total=len(items))
     for name, variant in items:
         start = time.perf_counter()
         with engine.applied(variant):

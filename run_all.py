@@ -1,0 +1,19 @@
+#!/usr/bin/env python3
+"""Run the experiment notebooks headless with papermill and summarise their verdicts.
+
+    python run_all.py --list
+    python run_all.py [--profile ci|quick|full] [--only NAME ...] [--model SPEC] [-p NAME VALUE ...]
+                      [--device cpu|cuda] [--out DIR | --resume DIR] [--workers N]
+                      [--cell-timeout SECONDS] [--write-goldens DIR] [--kernel NAME]
+
+Everything lives in :mod:`qhelpers.runner` (``python run_all.py --help`` for details).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from qhelpers.runner import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

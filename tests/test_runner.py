@@ -1,0 +1,505 @@
+"""Tests of the notebook runner (qhelpers/runner.py, run_all.py) on tiny fixture notebooks.
+
+tests/fixtures/notebooks/: a_ok (writes results.json with one hypothesis and a figure, plain
+json), b_fail (raises ValueError), c_sleep (sleeps SLEEP seconds, writes two hypotheses).
+Nothing here needs the qhelpers science modules, a model or a GPU; every run uses the
+``python3`` Jupyter kernel.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qhelpers import runner as R
+
+REPO = Path(__file__).resolve().parent.parent
+FIX = REPO / "tests" / "fixtures" / "notebooks"
+PROFILES = FIX / "profiles.yaml"
+RUN_ALL = REPO / "run_all.py"
+BASE = ["--notebooks-dir", str(FIX), "--profiles", str(PROFILES)]
+HTML_STATEMENT = "<script>alert('x')</script> & a|b"
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _kernel_available() -> bool:
+    try:
+        R.check_kernel("python3")
+        return True
+    except R.RunnerError:
+        return False
+
+
+needs_kernel = pytest.mark.skipif(
+    not _kernel_available(),
+    reason="no 'python3' Jupyter kernel: python -m ipykernel install --user --name python3",
+)
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, str(RUN_ALL), *BASE, *args]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.update(extra)
+    return env
+
+
+def _run_json(out: Path, stem: str) -> dict:
+    return json.loads((out / stem / "run.json").read_text(encoding="utf-8"))
+
+
+def _wait_for(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _status(out: Path, stem: str) -> str | None:
+    p = out / stem / "run.json"
+    return json.loads(p.read_text(encoding="utf-8")).get("status") if p.is_file() else None
+
+
+# --------------------------------------------------------------------------- parameters cell
+
+
+PARAMS_SRC = '''
+%matplotlib inline
+import os
+MODEL = "gpt2"  # the embedded default
+N: int = 4
+A, B = 1, [2, 3]
+DEVICE = "cuda" if os.environ.get("QH_GPU") else "cpu"
+if True:
+    LANGS = ["en", "sw"]
+def helper():
+    HIDDEN = 1
+X = 1
+X += 1
+cfg = {}
+cfg["k"] = 3
+OUTPUT_DIR = None
+'''
+
+
+def test_parse_parameters_names_and_defaults():
+    params = R.parse_parameters_source(PARAMS_SRC)
+    assert list(params) == ["MODEL", "N", "A", "B", "DEVICE", "LANGS", "X", "cfg", "OUTPUT_DIR"]
+    assert params["MODEL"].default == "gpt2" and params["MODEL"].literal
+    assert params["N"].default == 4 and params["N"].annotation == "int"
+    assert params["A"].default == 1 and params["B"].default == [2, 3]
+    assert params["LANGS"].default == ["en", "sw"]
+    assert not params["DEVICE"].literal and "if" in params["DEVICE"].source
+    assert not params["X"].literal  # augmented after assignment: no single literal default
+    assert params["OUTPUT_DIR"].default is None and params["OUTPUT_DIR"].literal
+    assert "HIDDEN" not in params and "os" not in params
+
+
+def test_parse_parameters_syntax_error_names_the_cell():
+    with pytest.raises(R.RunnerError, match="cannot parse the parameters cell"):
+        R.parse_parameters_source("MODEL = (")
+
+
+def test_notebook_parameters_and_purpose_of_fixtures():
+    a = R.notebook_parameters(FIX / "a_ok.ipynb")
+    assert {"MODEL", "LANGS", "N_TEXTS", "N_BOOT", "SEED", "DEVICE", "STATEMENT", "OUTPUT_DIR"} <= set(a)
+    assert a["LANGS"].default == ["en", "sw"]
+    assert R.notebook_parameters(FIX / "c_sleep.ipynb")["SLEEP"].default == 3.0
+    # metadata qhelpers.purpose wins; else the first markdown heading
+    assert R.notebook_purpose(FIX / "a_ok.ipynb").startswith("Fixture: succeeds")
+    assert R.notebook_purpose(FIX / "b_fail.ipynb") == "Fixture that raises"
+    assert R.notebook_purpose(FIX / "c_sleep.ipynb") == "Fixture that sleeps"
+
+
+def test_list_prints_each_notebook_with_its_purpose(capsys):
+    assert R.main([*BASE, "--list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["a_ok", "b_fail", "c_sleep"]
+    assert "Fixture that raises" in lines[1]
+
+
+# --------------------------------------------------------------------------- values & profiles
+
+
+@pytest.mark.parametrize("text, value", [
+    ("4", 4), ("0.5", 0.5), ("1e-3", 0.001), ("-2E5", -200000.0), ("[en, sw]", ["en", "sw"]),
+    ("null", None), ("true", True), ("tiny:gpt2", "tiny:gpt2"), ("'4'", "4"),
+    ("{a: 1, b: [x]}", {"a": 1, "b": ["x"]}), ("2024-01-02", "2024-01-02"),
+    ("__import__('os').system('false')", "__import__('os').system('false')"),
+])
+def test_parse_value_is_yaml_never_eval(text, value):
+    assert R.parse_value(text) == value
+
+
+def test_parse_value_bad_yaml():
+    with pytest.raises(R.RunnerError, match="cannot parse value"):
+        R.parse_value("[unclosed")
+
+
+def _plan(profile="ci", overrides=(), stems=("a_ok", "b_fail", "c_sleep")):
+    nbs = [FIX / f"{s}.ipynb" for s in stems]
+    defined = {p.stem: R.notebook_parameters(p) for p in nbs}
+    profiles = R.load_profiles(PROFILES)
+    plans, notes = R.plan_parameters(nbs, defined, profiles, profile, overrides, PROFILES)
+    return {p.stem: p.parameters for p in plans}, notes
+
+
+def test_profile_all_applies_only_where_defined_and_notebook_entries_win():
+    params, notes = _plan("ci")
+    # _all: N_TEXTS 1, N_BOOT 10; a_ok: MODEL tiny:fixture; entry for an absent notebook ignored
+    assert params["a_ok"] == {"N_TEXTS": 1, "N_BOOT": 10, "MODEL": "tiny:fixture"}
+    assert params["b_fail"] == {}  # defines neither N_TEXTS nor N_BOOT
+    assert params["c_sleep"] == {"N_TEXTS": 1}
+    assert notes == []
+    assert _plan("full")[0]["a_ok"] == {"N_TEXTS": None}
+    assert _plan("quick")[0] == {"a_ok": {}, "b_fail": {}, "c_sleep": {}}
+
+
+def test_profile_errors(tmp_path):
+    with pytest.raises(R.RunnerError, match=r"sets NOT_A_PARAM for b_fail.*defines: MESSAGE, MODEL, OUTPUT_DIR"):
+        _plan("bad")
+    with pytest.raises(R.RunnerError, match="unknown profile 'nope'.*available profiles: bad, ci, full, quick"):
+        _plan("nope")
+    p = tmp_path / "p.yaml"
+    p.write_text("ci:\n  _all: {OUTPUT_DIR: x}\n")
+    with pytest.raises(R.RunnerError, match="runner always sets"):
+        R.load_profiles(p)
+    p.write_text("ci: [1, 2]\n")
+    with pytest.raises(R.RunnerError, match="must be a mapping"):
+        R.load_profiles(p)
+    p.write_text("quick:\nci:\n  a_ok:\n")
+    assert R.load_profiles(p) == {"quick": {}, "ci": {"a_ok": {}}}
+    assert R.load_profiles(tmp_path / "missing.yaml") == {}
+    # quick needs no file: the notebooks' own defaults
+    assert R.profile_parameters({}, "quick", "a_ok", {"MODEL"}) == {}
+
+
+def test_repo_profiles_file_has_the_three_profiles():
+    profiles = R.load_profiles(REPO / "notebooks" / "profiles.yaml")
+    assert set(profiles) >= {"ci", "quick", "full"}
+    assert profiles["quick"] == {}
+    assert profiles["ci"]["_all"]["N_TEXTS"] == 4 and profiles["ci"]["_all"]["N_BOOT"] == 200
+    assert profiles["ci"]["exp003_kurtosis"]["MODEL"] == "tiny:bloom"
+    assert profiles["full"]["_all"] == {"N_TEXTS": None, "N_BOOT": 2000}
+    defined = {"MODEL", "N_TEXTS", "N_BOOT"}
+    assert R.profile_parameters(profiles, "ci", "exp003_kurtosis", defined)["MODEL"] == "tiny:bloom"
+    assert R.profile_parameters(profiles, "ci", "exp005_layer_ablation", defined)["MODEL"] == "tiny:gpt2"
+
+
+def test_cli_overrides_precedence_and_partial_names():
+    params, notes = _plan("ci", [("MODEL", "m1"), ("MODEL", "m2"), ("SLEEP", 0.5), ("N_BOOT", 7)])
+    assert params["a_ok"]["MODEL"] == "m2" and params["b_fail"]["MODEL"] == "m2"
+    assert "MODEL" not in params["c_sleep"]
+    assert params["c_sleep"] == {"N_TEXTS": 1, "SLEEP": 0.5}
+    assert params["a_ok"]["N_BOOT"] == 7
+    joined = "\n".join(notes)
+    assert "SLEEP is applied only to c_sleep; not defined in a_ok, b_fail" in joined
+    assert "N_BOOT is applied only to a_ok" in joined
+
+
+def test_unknown_parameter_exits_2_listing_parameters(capsys, tmp_path):
+    rc = R.main([*BASE, "--out", str(tmp_path / "o"), "-p", "NOT_DEFINED", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "unknown parameter 'NOT_DEFINED'" in err
+    assert "a_ok: MODEL, LANGS, N_TEXTS" in err and "c_sleep: SLEEP, N_TEXTS, OUTPUT_DIR" in err
+    assert not (tmp_path / "o").exists()
+    # a name only one selected notebook lacks is an error when that notebook is all that runs
+    assert R.main([*BASE, "--only", "b_fail", "-p", "SLEEP", "1"]) == 2
+    assert "b_fail: MODEL, MESSAGE, OUTPUT_DIR" in capsys.readouterr().err
+    assert R.main([*BASE, "--device", "cuda", "--only", "c_sleep"]) == 2  # DEVICE not defined there
+    capsys.readouterr()
+    assert R.main([*BASE, "-p", "OUTPUT_DIR", "x"]) == 2
+    assert "set by the runner" in capsys.readouterr().err
+
+
+def test_unknown_only_exits_2_listing_notebooks(capsys):
+    assert R.main([*BASE, "--only", "a_ok", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown notebook(s) nope" in err
+    assert all(f"  {s}" in err for s in ("a_ok", "b_fail", "c_sleep"))
+
+
+def test_missing_kernel_message(capsys, tmp_path):
+    rc = R.main([*BASE, "--kernel", "no_such_kernel_qh", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "kernel 'no_such_kernel_qh' not found" in err
+    assert "python -m ipykernel install --user --name no_such_kernel_qh" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_profile_entry_exits_2(capsys):
+    assert R.main([*BASE, "--profile", "bad"]) == 2
+    assert "NOT_A_PARAM" in capsys.readouterr().err
+
+
+def test_parameters_hash_ignores_key_order():
+    h1 = R.parameters_hash({"A": 1, "B": [1, 2], "C": None})
+    assert h1 == R.parameters_hash({"C": None, "B": [1, 2], "A": 1})
+    assert h1 != R.parameters_hash({"A": 1, "B": [2, 1], "C": None})
+
+
+def test_visible_gpus():
+    assert R.visible_gpus({}, torch_count=2) == ["0", "1"]
+    assert R.visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}, torch_count=2) == ["2", "3"]
+    assert R.visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3,5"}, torch_count=None) == ["2", "3", "5"]
+    assert R.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, torch_count=None) == []
+    assert R.visible_gpus({"CUDA_VISIBLE_DEVICES": "1,-1,2"}, torch_count=None) == ["1"]
+    assert R.visible_gpus({}, torch_count=None) == []
+    assert R.visible_gpus({}, torch_count=0) == []
+
+
+def test_second_runner_in_the_same_folder_is_refused(capsys, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    lock = R._Lock(out / ".runner.lock")
+    assert lock.acquire()
+    try:
+        assert R.main([*BASE, "--only", "a_ok", "--out", str(out)]) == 2
+        assert "another run_all.py is running" in capsys.readouterr().err
+    finally:
+        lock.release()
+
+
+# --------------------------------------------------------------------------- summary rendering
+
+
+def _fake_run(out: Path) -> None:
+    ok = out / "nb_one"
+    ok.mkdir(parents=True)
+    (ok / "run.json").write_text(json.dumps({"notebook": "nb_one", "status": "completed", "duration_s": 41.2,
+                                             "parameters": {"MODEL": "m<1>"}}))
+    (ok / "nb_one.ipynb").write_text("{}")
+    (ok / "fig a.png").write_bytes(b"")
+    hyps = [
+        {"id": "H<1>", "statement": HTML_STATEMENT, "criterion": "x > \"0\"", "value": 0.5, "ci_low": 0.1,
+         "ci_high": 0.9, "verdict": "SUPPORTED", "n": 10, "notes": ""},
+        {"id": "H2", "statement": "multi\nline", "criterion": "", "value": None, "ci_low": None, "ci_high": None,
+         "verdict": "INCONCLUSIVE", "n": 0, "notes": ""},
+    ]
+    (ok / "results.json").write_text(json.dumps({"experiment_id": "nb_one", "model": {"spec": "tiny:<gpt2>"},
+                                                 "hypotheses": hyps, "figures": ["fig a.png"]}))
+    bad = out / "nb_two"
+    bad.mkdir()
+    (bad / "run.json").write_text(json.dumps({"notebook": "nb_two", "status": "failed", "duration_s": 1.0,
+                                              "error": {"ename": "ValueError", "evalue": "bad <b>thing</b>",
+                                                        "exec_count": 3}}))
+
+
+def test_summary_escapes_html_and_lists_every_hypothesis(tmp_path):
+    out = tmp_path / "run"
+    _fake_run(out)
+    rows = R.write_summary(out, {"profile": "ci", "kernel": "python3", "state": "finished"}, ["nb_one", "nb_three"])
+    assert [r["stem"] for r in rows] == ["nb_one", "nb_three", "nb_two"]
+    page = (out / "index.html").read_text(encoding="utf-8")
+    md = (out / "summary.md").read_text(encoding="utf-8")
+    # self-contained and escaped
+    assert "<script" not in page and "<link" not in page and "src=" not in page and "http" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; a|b" in page
+    assert "H&lt;1&gt;" in page and "tiny:&lt;gpt2&gt;" in page
+    assert "bad &lt;b&gt;thing&lt;/b&gt;" in page and "ValueError" in page
+    assert 'href="nb_one/fig%20a.png"' in page and 'href="nb_one/nb_one.ipynb"' in page
+    assert "0.5 [0.1, 0.9]" in page and "n/a" in page
+    assert "pending" in page  # nb_three: selected, not started
+    # markdown: one table row per hypothesis, pipes and tags neutralised
+    assert "&lt;script>alert('x')&lt;/script> & a\\|b" in md
+    assert "| nb_one | H2 | multi line |" in md
+    assert "| nb_two | failed | 1.0 s |" in md and "ValueError: bad &lt;b>thing&lt;/b> (In [3])" in md
+    assert "41 s" in md and "2 hypotheses: 1 SUPPORTED, 1 INCONCLUSIVE" in md
+
+
+def test_progress_helpers():
+    assert R.fmt_duration(3.21) == "3.2 s" and R.fmt_duration(41.4) == "41 s"
+    assert R.fmt_duration(125) == "2 min 05 s"
+    assert R.verdict_counts([{"verdict": "INCONCLUSIVE"}, {"verdict": "SUPPORTED"}]) == \
+        "2 hypotheses: 1 SUPPORTED, 1 INCONCLUSIVE"
+    assert R.verdict_counts([]) == "no hypotheses"
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """Two runs at once into different folders:
+    A: the whole fixture suite, profile ci, goldens written, SLEEP only for c_sleep;
+    B: a_ok + c_sleep with 2 workers and a fake torch that reports 2 GPUs."""
+    base = tmp_path_factory.mktemp("suite")
+    fake = base / "fake_torch"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text(
+        "class cuda:\n    @staticmethod\n    def device_count():\n        return 2\n")
+    out_a, out_b, goldens = base / "A", base / "B", base / "goldens"
+    pa = subprocess.Popen(
+        _cmd("--profile", "ci", "--out", str(out_a), "--write-goldens", str(goldens),
+             "-p", "SLEEP", "0.2", "-p", "STATEMENT", json.dumps(HTML_STATEMENT)),
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pb = subprocess.Popen(
+        _cmd("--only", "a_ok", "c_sleep", "--out", str(out_b), "--workers", "2",
+             "-p", "SLEEP", "1", "-p", "STATEMENT", "run B"),
+        env=_env(PYTHONPATH=str(fake)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out_text_a, _ = pa.communicate(timeout=120)
+    out_text_b, _ = pb.communicate(timeout=120)
+    return {"A": out_a, "B": out_b, "goldens": goldens, "rc_a": pa.returncode, "rc_b": pb.returncode,
+            "log_a": out_text_a, "log_b": out_text_b}
+
+
+@needs_kernel
+def test_failure_is_isolated(suite):
+    out, log = suite["A"], suite["log_a"]
+    assert suite["rc_a"] == 1, log
+    assert _status(out, "a_ok") == "completed" and _status(out, "c_sleep") == "completed"
+    rec = _run_json(out, "b_fail")
+    assert rec["status"] == "failed"
+    assert rec["error"]["ename"] == "ValueError" and rec["error"]["evalue"] == "boom <fail> & co"
+    assert (out / "b_fail" / "b_fail.ipynb").is_file()  # partial executed notebook kept
+    assert "boom" in (out / "b_fail" / "log.txt").read_text()
+    assert "[2/3] b_fail ... FAILED" in log and "ValueError: boom <fail> & co" in log
+    assert "[3/3] c_sleep ... done in" in log and "(2 hypotheses: 1 NOT_SUPPORTED, 1 INCONCLUSIVE)" in log
+    assert "[1/3] a_ok ... done in" in log and "(1 hypothesis: 1 SUPPORTED)" in log
+    assert "SLEEP is applied only to c_sleep" in log
+
+
+@needs_kernel
+def test_run_folder_layout_parameters_and_kernel_env(suite):
+    out = suite["A"]
+    nb_dir = out / "a_ok"
+    for name in ("a_ok.ipynb", "results.json", "fig1.svg", "log.txt", "run.json"):
+        assert (nb_dir / name).is_file(), name
+    rec = _run_json(out, "a_ok")
+    assert rec["status"] == "completed" and rec["profile"] == "ci" and rec["kernel"] == "python3"
+    assert rec["parameters"] == {"N_TEXTS": 1, "N_BOOT": 10, "MODEL": "tiny:fixture",
+                                 "STATEMENT": HTML_STATEMENT, "OUTPUT_DIR": "nbval_out/a_ok"}
+    assert len(rec["parameters_hash"]) == 64 and rec["duration_s"] > 0 and rec["start"] and rec["end"]
+    res = json.loads((nb_dir / "results.json").read_text())
+    assert res["parameters"]["MODEL"] == "tiny:fixture" and res["parameters"]["N_TEXTS"] == 1
+    assert res["environment"]["QHELPERS_PROFILE"] == "ci"
+    assert res["environment"]["MPLBACKEND"] == "Agg" and res["environment"]["PYTHONHASHSEED"] == "0"
+    assert (out / "summary.md").is_file() and (out / "index.html").is_file()
+
+
+@needs_kernel
+def test_summary_of_a_real_run_lists_hypotheses_and_errors(suite):
+    out = suite["A"]
+    md = (out / "summary.md").read_text()
+    page = (out / "index.html").read_text()
+    for hid in ("H1", "S1", "S2"):
+        assert f"| {hid} |" in md and f"<td>{hid}</td>" in page
+    assert "&lt;script&gt;" in page and "<script" not in page
+    assert "ValueError: boom &lt;fail&gt; &amp; co" in page
+    assert "ValueError: boom &lt;fail> & co" in md
+    assert 'href="a_ok/a_ok.ipynb"' in page and 'href="a_ok/fig1.svg"' in page
+    assert "state finished" in page
+
+
+@needs_kernel
+def test_goldens_use_relative_output_dir_and_rerun_under_nbval(suite):
+    g = suite["goldens"]
+    assert sorted(p.name for p in g.glob("*.ipynb")) == ["a_ok.ipynb", "c_sleep.ipynb"]  # failed: none
+    nb = json.loads((g / "a_ok.ipynb").read_text())
+    injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert injected and 'OUTPUT_DIR = "nbval_out/a_ok"' in "".join(injected[0]["source"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider", "--rootdir", str(g),
+         str(g / "a_ok.ipynb")],
+        cwd=g, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (g / "nbval_out" / "a_ok" / "results.json").is_file()
+
+
+@needs_kernel
+def test_concurrent_runs_and_one_gpu_per_worker(suite):
+    out = suite["B"]
+    assert suite["rc_b"] == 0, suite["log_b"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["a_ok", "c_sleep", "index.html", "run_config.json", "runner.log", "summary.md"]
+    a = json.loads((out / "a_ok" / "results.json").read_text())
+    assert a["hypotheses"][0]["statement"] == "run B"
+    a_other = json.loads((suite["A"] / "a_ok" / "results.json").read_text())
+    assert a_other["hypotheses"][0]["statement"] == HTML_STATEMENT
+    gpus = {a["environment"]["CUDA_VISIBLE_DEVICES"],
+            json.loads((out / "c_sleep" / "results.json").read_text())["environment"]["CUDA_VISIBLE_DEVICES"]}
+    assert gpus == {"0", "1"}, suite["log_b"]
+    assert _run_json(out, "a_ok")["parameters"]["OUTPUT_DIR"] == str(out.resolve() / "a_ok")
+
+
+@needs_kernel
+def test_resume_after_sigkill_keeps_completed_results(tmp_path):
+    out = tmp_path / "killed"
+    args = ("--only", "a_ok", "c_sleep", "--out", str(out), "-p", "SLEEP", "30")
+    proc = subprocess.Popen(_cmd(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: _status(out, "a_ok") == "completed", 60, "a_ok to complete")
+        _wait_for(lambda: _status(out, "c_sleep") == "running", 30, "c_sleep to start")
+        time.sleep(1.0)  # c_sleep's kernel is now sleeping in its cell
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    results = out / "a_ok" / "results.json"
+    mtime, run_json = results.stat().st_mtime_ns, (out / "a_ok" / "run.json").read_text()
+    assert "a_ok" in (out / "summary.md").read_text()  # the summary written after a_ok survived
+    # the orphaned worker notices the runner's death and records its notebook as interrupted
+    _wait_for(lambda: _status(out, "c_sleep") == "interrupted", 30, "c_sleep marked interrupted")
+
+    resumed = subprocess.run(_cmd("--only", "a_ok", "c_sleep", "--resume", str(out), "-p", "SLEEP", "0.2"),
+                             env=_env(), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "a_ok ... skipped" in resumed.stdout
+    assert "c_sleep ... will re-run (previous status interrupted)" in resumed.stdout
+    assert results.stat().st_mtime_ns == mtime
+    assert (out / "a_ok" / "run.json").read_text() == run_json
+    assert _status(out, "c_sleep") == "completed"
+    assert json.loads((out / "c_sleep" / "results.json").read_text())["parameters"]["SLEEP"] == 0.2
+    summary = (out / "summary.md").read_text()
+    assert "| S1 |" in summary and "| H1 |" in summary and "2 completed" in summary
+
+    # a changed parameter re-runs exactly the notebooks it reaches; --cell-timeout fails a cell
+    again = subprocess.run(_cmd("--only", "a_ok", "c_sleep", "--resume", str(out), "-p", "SLEEP", "30",
+                                "--cell-timeout", "1"),
+                           env=_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert "a_ok ... skipped" in again.stdout and "c_sleep ... will re-run (parameters changed)" in again.stdout
+    assert "c_sleep ... FAILED" in again.stdout
+    rec = _run_json(out, "c_sleep")
+    assert rec["status"] == "failed" and "Timeout" in rec["error"]["ename"] + rec["error"]["evalue"]
+    assert rec["duration_s"] < 20
+    assert results.stat().st_mtime_ns == mtime
+
+
+@needs_kernel
+def test_sigint_marks_interrupted_and_exits_130(tmp_path):
+    out = tmp_path / "int"
+    proc = subprocess.Popen(_cmd("--only", "c_sleep", "--out", str(out), "-p", "SLEEP", "60"),
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: "sleeping" in (out / "c_sleep" / "log.txt").read_text(), 60, "the cell to start sleeping")
+        proc.send_signal(signal.SIGINT)
+        text, _ = proc.communicate(timeout=45)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, text
+    rec = _run_json(out, "c_sleep")
+    assert rec["status"] == "interrupted" and "SIGINT" in rec["error"]["evalue"]
+    assert rec["duration_s"] < 45
+    assert (out / "c_sleep" / "c_sleep.ipynb").is_file()
+    assert "| c_sleep | interrupted |" in (out / "summary.md").read_text()
+    assert "interrupted by SIGINT" in (out / "index.html").read_text()
