@@ -1,0 +1,71 @@
+"""Shared pytest fixtures and markers for qhelpers.
+
+Fixtures here are session-scoped and shared by every test module: treat the models they
+return as read-only (``copy.deepcopy(lm.model)`` before changing weights, or ask the
+``tiny_model`` factory for ``fresh=True``).
+
+Markers: ``slow`` (tests that take minutes, e.g. the Gemma-3 conversion); deselect with
+``-m "not slow"``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: takes minutes (embedded Gemma conversion, ...); deselect with -m 'not slow'"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """Factory: ``tiny_model("gpt2")`` -> a cached ``LoadedModel`` of ``tiny:gpt2`` on CPU.
+
+    Extra keyword arguments go to :func:`qhelpers.models.load_model` (``dtype``, ``seed``).
+    ``fresh=True`` returns a new, uncached load that the test may modify.
+    """
+    from qhelpers.models import load_model
+
+    cache: dict[tuple, object] = {}
+
+    def factory(arch: str, *, fresh: bool = False, **kwargs):
+        kwargs.setdefault("device", "cpu")
+        if fresh:
+            return load_model(f"tiny:{arch}", **kwargs)
+        key = (arch, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+        if key not in cache:
+            cache[key] = load_model(f"tiny:{arch}", **kwargs)
+        return cache[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def qhelpers_cache_dir() -> Path:
+    """Folder of converted embedded models: the same one ``load_model`` uses by default
+    (``$QHELPERS_CACHE``, else ``~/.cache/qhelpers/models``), so a conversion done by the
+    tests also serves the README example and the notebooks (and vice versa)."""
+    from qhelpers import models
+
+    return models._cache_root(None)
+
+
+@pytest.fixture(scope="session")
+def embedded_smollm(qhelpers_cache_dir: Path):
+    """``embedded:smollm2-135m`` on CPU in float32 (converted once per cache, ~30 s).
+
+    Skipped (with the install command) only where the package is absent and no converted
+    cache exists, e.g. on a GPU machine without registry access.
+    """
+    from qhelpers import models
+
+    info = models.EMBEDDED_MODELS["smollm2-135m"]
+    if models._package_dir(info["import_name"]) is None and models._read_cache_meta(
+        models.embedded_cache_dir("smollm2-135m", qhelpers_cache_dir)
+    ) is None:
+        pytest.skip(f"{info['distribution']} is not installed and no converted cache exists: {info['pip_install']}")
+    return models.load_model("embedded:smollm2-135m", device="cpu", dtype="fp32", cache_dir=qhelpers_cache_dir)
