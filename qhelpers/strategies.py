@@ -8,19 +8,29 @@ runs. Protocols:
     contains ``weight`` (research notes, section 2);
 ``sound``
     per-channel symmetric INT-b on the linear weights of the decoder blocks.
+
+Seed 000 (EXP-005): :func:`exp005_layer_sets`, :func:`exp005_variants`. Seed 002 (the
+experiment index, notebook ``protection_strategies``): :func:`index_variants` (structural
+strategies in groups), :func:`equal_overhead_variants` (random / magnitude / random-layer
+controls), :func:`layer_set_variant`, :func:`precision_variants`, :func:`custom_variants`
+(the notebook's ``STRATEGIES``), with :func:`sweep_layers`, :func:`wide_scope` and
+:func:`protocol_measure` (how texts are measured under each protocol).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .engine import Variant
 from .errors import ConfigError
+from .measure import MeasureConfig
 from .protection import ProtectionSpec
 from .quant import QuantConfig
 
 PROTOCOLS = ("seed", "sound")
+LAYER_SWEEPS = ("layer", "mlp", "attn")
 
 
 def protocol_settings(protocol: str, bits: int = 4) -> tuple[QuantConfig, str]:
@@ -30,6 +40,31 @@ def protocol_settings(protocol: str, bits: int = 4) -> tuple[QuantConfig, str]:
     if protocol == "sound":
         return QuantConfig(method="int", bits=bits, symmetric=True, granularity="channel", clipping="absmax"), "linear"
     raise ConfigError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+
+
+def protocol_measure(protocol: str, max_length: int | None = None, context_length: int | None = None) -> MeasureConfig:
+    """How texts are measured under a protocol.
+
+    ``seed``: :meth:`MeasureConfig.seed` (tokenizer output as is, truncated at 256 tokens, one
+    text per forward); ``sound``: sliding windows of ``max_length`` tokens. Either is capped at
+    ``context_length`` (e.g. ``LoadedModel.context_length``) when that is smaller.
+    """
+    if protocol == "seed":
+        config = MeasureConfig.seed()
+    elif protocol == "sound":
+        config = MeasureConfig(max_length=max_length)
+    else:
+        raise ConfigError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    if context_length is not None and config.max_length is not None and config.max_length > context_length:
+        config = replace(config, max_length=int(context_length))
+    return config
+
+
+def wide_scope(protocol: str) -> str:
+    """The scope in which norms and embeddings are quantized too: the seeds' own scope under
+    ``seed`` (every ``weight``), ``all`` under ``sound`` (its ``linear`` scope leaves norms
+    and embeddings in full precision, so protecting them would be a no-op)."""
+    return protocol_settings(protocol)[1] if protocol == "seed" else "all"
 
 
 def make_variants(
@@ -150,3 +185,175 @@ def top_layers_by(values: Mapping[int, float], k: int, largest: bool = True) -> 
         raise ConfigError(f"k must be between 1 and {len(values)}, got {k}")
     order = sorted(values, key=lambda i: (-values[i] if largest else values[i], i))
     return tuple(sorted(order[:k]))
+
+
+# ----------------------------------------------------------------------------- seed 002 study
+
+
+def sweep_layers(n_layers: int, max_layers: int | None = None) -> tuple[int, ...]:
+    """Layers visited by a per-layer sweep: every layer, or at most ``max_layers`` evenly
+    spaced ones, the first and the last always included."""
+    if n_layers < 1:
+        raise ConfigError(f"the model needs at least one decoder layer, got {n_layers}")
+    if max_layers is None or max_layers >= n_layers:
+        return tuple(range(n_layers))
+    if max_layers < 2:
+        raise ConfigError(f"max_layers must be None or >= 2 (first and last layer), got {max_layers}")
+    return tuple(sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, int(max_layers))}))
+
+
+def _prefixed(scope: str, protocol_scope: str, name: str) -> str:
+    return name if scope == protocol_scope else f"{scope}:{name}"
+
+
+def index_variants(
+    n_layers: int,
+    protocol: str = "sound",
+    bits: int = 4,
+    *,
+    has_biases: bool = True,
+    layer_sweep: Sequence[str] = ("layer",),
+    layers: Sequence[int] | None = None,
+    detail: str = "quick",
+) -> dict[str, dict[str, Variant]]:
+    """Seed 002's structural strategies as ``{group: {name: Variant}}`` (names unique overall).
+
+    Groups: ``all quantized`` (``none``); ``per-layer`` (``L{i}``, ``L{i}.mlp``, ``L{i}.attn``
+    for the ``layer_sweep`` kinds and ``layers``, default every layer); ``gateway`` (``L0``,
+    ``L{last}`` when the sweep lacks them, ``L0+L{last}``); ``layer-0 components``;
+    ``norms, biases, embeddings``; ``even/odd``.
+
+    Norm and embedding strategies run in :func:`wide_scope` (a name prefix ``"<scope>:"``
+    marks a scope other than the protocol's); bias strategies run in scope ``all`` (biases
+    quantized, seed exp039) and only when ``has_biases``. ``detail="quick"`` keeps the
+    strategies the study's hypotheses need; ``"full"`` adds the finer layer-0 components and
+    the index's norm/bias combinations of its Pareto table.
+    """
+    if detail not in ("quick", "full"):
+        raise ConfigError(f"detail must be 'quick' or 'full', got {detail!r}")
+    unknown = sorted(set(layer_sweep) - set(LAYER_SWEEPS))
+    if unknown:
+        raise ConfigError(f"unknown layer_sweep kinds {unknown}; valid: {', '.join(LAYER_SWEEPS)}")
+    quant, scope = protocol_settings(protocol, bits)
+    wide = wide_scope(protocol)
+    last = n_layers - 1
+    layers = tuple(range(n_layers)) if layers is None else tuple(int(i) for i in layers)
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise ConfigError(f"sweep layers {bad} are outside 0..{last}")
+    gate = f"L0+L{last}"
+
+    groups: dict[str, dict[str, Variant]] = {}
+    seen: set[str] = set()
+
+    def add(group: str, name: str, spec: ProtectionSpec, in_scope: str = scope) -> None:
+        name = _prefixed(in_scope, scope, name)
+        if name not in seen:
+            seen.add(name)
+            groups.setdefault(group, {})[name] = Variant(name, quant, spec, in_scope)
+
+    add("all quantized", "none", ProtectionSpec())
+    for i in layers:
+        if "layer" in layer_sweep:
+            add("per-layer", f"L{i}", ProtectionSpec(layers=(i,)))
+        if "mlp" in layer_sweep:
+            add("per-layer", f"L{i}.mlp", ProtectionSpec(components=(f"L{i}.mlp",)))
+        if "attn" in layer_sweep:
+            add("per-layer", f"L{i}.attn", ProtectionSpec(components=(f"L{i}.attn",)))
+    add("gateway", "L0", ProtectionSpec(layers=(0,)))
+    add("gateway", f"L{last}", ProtectionSpec(layers=(last,)))
+    add("gateway", gate, ProtectionSpec(layers=(0, last)))
+    add("layer-0 components", "L0.attn", ProtectionSpec(components=("L0.attn",)))
+    add("layer-0 components", "L0.mlp", ProtectionSpec(components=("L0.mlp",)))
+    if detail == "full":
+        for part in ("attn_qkv", "attn_out", "mlp_in", "mlp_out"):
+            add("layer-0 components", f"L0.{part}", ProtectionSpec(components=(f"L0.{part}",)))
+    extras = "norms, biases, embeddings"
+    add(extras, "none", ProtectionSpec(), wide)
+    add(extras, "all_norms", ProtectionSpec(components=("norm", "final_norm")), wide)
+    add(extras, "embed_tokens", ProtectionSpec(components=("embed_tokens",)), wide)
+    if detail == "full":
+        add(extras, "L0.norm", ProtectionSpec(components=("L0.norm",)), wide)
+        add(extras, f"{gate}+final_norm", ProtectionSpec(layers=(0, last), components=("final_norm",)), wide)
+        add(extras, f"{gate}+all_norms", ProtectionSpec(layers=(0, last), components=("norm", "final_norm")), wide)
+    if has_biases:
+        add(extras, "none", ProtectionSpec(), "all")
+        add(extras, "biases", ProtectionSpec(components=("bias",)), "all")
+        if detail == "full":
+            add(extras, f"{gate}+final_norm+biases", ProtectionSpec(layers=(0, last), components=("final_norm", "bias")), "all")
+    add("even/odd", "even_layers", ProtectionSpec(layers=tuple(range(0, n_layers, 2))))
+    if n_layers > 1:
+        add("even/odd", "odd_layers", ProtectionSpec(layers=tuple(range(1, n_layers, 2))))
+    return groups
+
+
+def equal_overhead_variants(
+    fraction: float,
+    n_layers: int,
+    protocol: str = "sound",
+    bits: int = 4,
+    *,
+    k: int = 2,
+    draws: int = 1,
+    seed: int = 0,
+    exclude: Sequence[int] = (),
+) -> dict[str, Variant]:
+    """Controls at a given overhead (seed 002, exp055/056): ``random_elements`` and
+    ``magnitude_elements`` keep ``fraction`` of the elements of every quantized tensor (random,
+    or the largest by magnitude), so the scope keeps the same share in full precision as the
+    strategy they control for (pass its ``QuantPlan.scope_kept_fraction``); ``random_layers_<j>``
+    protects ``k`` random layers (draw ``j`` uses seed ``seed + j``; ``exclude`` keeps layers out
+    of the pool, e.g. the controlled ones)."""
+    quant, scope = protocol_settings(protocol, bits)
+    out = {
+        "random_elements": Variant("random_elements", quant, ProtectionSpec(random_fraction=float(fraction), seed=seed), scope),
+        "magnitude_elements": Variant("magnitude_elements", quant, ProtectionSpec(magnitude_fraction=float(fraction)), scope),
+    }
+    for j in range(int(draws)):
+        chosen = random_layers(n_layers, k, seed=seed + j, exclude=exclude)
+        out[f"random_layers_{j + 1}"] = Variant(f"random_layers_{j + 1}", quant, ProtectionSpec(layers=chosen), scope)
+    return out
+
+
+def layer_set_variant(name: str, layers: Sequence[int], protocol: str = "sound", bits: int = 4) -> Variant:
+    """One variant protecting whole ``layers`` (e.g. the top-k layers by weight variance)."""
+    quant, scope = protocol_settings(protocol, bits)
+    return Variant(name, quant, ProtectionSpec(layers=tuple(int(i) for i in layers)), scope)
+
+
+def precision_variants(
+    n_layers: int, bits_list: Sequence[int], protocol: str = "sound", skip_bits: int | None = None
+) -> dict[str, Variant]:
+    """The precision axis (seed 002, exp044): ``int{b}:none`` and ``int{b}:L0+L{last}`` for each
+    ``b`` in ``bits_list`` except ``skip_bits`` (the study's own width, already run as ``none``
+    and ``L0+L{last}``)."""
+    last = n_layers - 1
+    out: dict[str, Variant] = {}
+    for b in bits_list:
+        if skip_bits is not None and int(b) == int(skip_bits):
+            continue
+        quant, scope = protocol_settings(protocol, int(b))
+        out[f"int{b}:none"] = Variant(f"int{b}:none", quant, ProtectionSpec(), scope)
+        out[f"int{b}:L0+L{last}"] = Variant(f"int{b}:L0+L{last}", quant, ProtectionSpec(layers=(0, last)), scope)
+    return out
+
+
+def custom_variants(specs: Mapping[str, Any], protocol: str = "sound", bits: int = 4) -> dict[str, Variant]:
+    """Variants from user strategies ``{name: protection}`` under a protocol.
+
+    A protection is a list of name substrings (the seeds' form, e.g. ``["h.0."]``), a
+    :class:`ProtectionSpec` or a dict of its fields; a dict may also carry ``"scope"`` and
+    ``"bits"`` to override the protocol's for that strategy.
+    """
+    if not isinstance(specs, Mapping) or not specs:
+        raise ConfigError(f"STRATEGIES must be a non-empty dict name -> protection, got {specs!r}")
+    out: dict[str, Variant] = {}
+    for name, protect in specs.items():
+        bits_here, scope = bits, None
+        if isinstance(protect, Mapping):
+            protect = dict(protect)
+            scope = protect.pop("scope", None)
+            bits_here = int(protect.pop("bits", bits))
+        quant, default_scope = protocol_settings(protocol, bits_here)
+        out[str(name)] = Variant(str(name), quant, ProtectionSpec.from_any(protect), scope or default_scope)
+    return out
