@@ -26,6 +26,7 @@ from .archs import ArchSpec, get_arch
 from .errors import ConfigError
 from .protection import SCOPES, ProtectionSpec, QuantPlan, TensorPlan, canonical_parameters, resolve_plan
 from .quant import QTensor, QuantConfig, quantize
+from .models import as_module
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class QuantEngine:
     """
 
     def __init__(self, model: Any, cache_fraction: float = 0.3, resident: bool = False) -> None:
-        self.model: nn.Module = getattr(model, "model", model)
+        self.model: nn.Module = as_module(model)
         self.arch: ArchSpec = get_arch(self.model)
         self.params = canonical_parameters(self.model)
         self.fp32_bytes = 4 * sum(p.numel() for p in self.params.values())
@@ -224,6 +225,22 @@ class QuantEngine:
             yield plan
         finally:
             self.restore()
+
+    def original_tensor(self, name: str) -> torch.Tensor:
+        """The loaded tensor of parameter ``name`` (also while a resident variant has swapped a
+        dequantized one in)."""
+        param = self.params[name]
+        for swapped, original in self._swapped:
+            if swapped is param:
+                return original
+        return param.data
+
+    def prefix_signature(self, variant: Variant | None = None):
+        """Per layer boundary, a digest of what the forward pass computes before it under
+        ``variant`` (default: the active one): see :mod:`qhelpers.prefix`."""
+        from .prefix import prefix_signature
+
+        return prefix_signature(self, variant)
 
     def quantized_weights(self, variant: Variant) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, dequantized tensor) for each tensor the variant quantizes (for analyses)."""

@@ -39,6 +39,7 @@ from .plots import pareto_frontier
 from .stats import Estimate
 from .sweep import SweepResult
 from .weightstats import layer_table
+from .models import as_module
 
 __all__ = [
     "PRIMARY",
@@ -47,6 +48,7 @@ __all__ = [
     "IndexStudy",
     "load_study_corpus",
     "plan_strategies",
+    "short_reason",
 ]
 
 #: The disparity each protocol reports: stats measure, per-language metric, parity point, label.
@@ -88,7 +90,7 @@ def load_study_corpus(name: str, langs: Sequence[str], n_texts: int | None = Non
 
 
 def _has_biases(model: Any) -> bool:
-    model = getattr(model, "model", model)
+    model = as_module(model)
     return any(name.endswith("bias") for name, _ in model.named_parameters())
 
 

@@ -54,7 +54,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -65,6 +64,7 @@ from scipy.stats import rankdata as _rankdata
 from . import stats as _stats
 from .activations import capture_residual, mean_abs_activation
 from .errors import ConfigError, MeasurementError
+from .models import as_module
 
 __all__ = [
     "outlier_layers",
@@ -175,7 +175,7 @@ def layer_activation_magnitudes(
     """
     from .measure import context_length, encode_text, progress_bar
 
-    model = getattr(loaded, "model", loaded)
+    model = as_module(loaded)
     tokenizer = getattr(loaded, "tokenizer", None)
     if tokenizer is None:
         raise ConfigError("layer_activation_magnitudes needs a tokenizer: pass a LoadedModel")
@@ -497,10 +497,7 @@ def score_bnb(
         device = str(loaded.device)
         model = load_bnb_model(source, mode, compute_dtype=loaded.dtype, device=device)
         try:
-            # Scorer unwraps `.model` of what it is given; a bare LlamaForCausalLM would be
-            # unwrapped to its base model, so wrap it the way a LoadedModel holds it.
-            wrapped = SimpleNamespace(model=model, tokenizer=loaded.tokenizer)
-            scores = corpus_scorer(wrapped, corpus, measure).score(config=config or mode)
+            scores = corpus_scorer(model, corpus, measure, tokenizer=loaded.tokenizer).score(config=config or mode)
             quantized = sorted(n for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)))
             kept = list(model.config.quantization_config.llm_int8_skip_modules or [])
         finally:

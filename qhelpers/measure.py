@@ -7,7 +7,9 @@ a sliding window; batches are formed from length-sorted windows under a token bu
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -18,9 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, MeasurementError
+from .models import as_module
 
 MAX_DEFAULT_CONTEXT = 1024
 LOGIT_BUDGET = 1 << 25  # logits elements materialised at once (128 MB in fp32)
+CPU_BATCH_TOKENS = 2048
+#: Share of the free GPU memory (at Scorer creation) that automatic batch sizing may fill with
+#: activations; the prefix cache's default budget takes another quarter (qhelpers.prefix).
+CUDA_ACTIVATION_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,9 @@ class MeasureConfig:
         truncate: cut texts at ``max_length`` instead of sliding (the seeds' behaviour).
         prepend_bos: put the BOS (or EOS) token in front so the first real token is
             scored too. None: only when the tokenizer does not add one itself.
-        batch_tokens: token budget of one padded batch (None: 2048 on CPU, 16384 on CUDA).
+        batch_tokens: token budget of one padded batch (None: 2048 on CPU; on CUDA chosen
+            from the free GPU memory, see :func:`auto_batch_tokens`). On CUDA an out-of-memory
+            error while scoring halves it and retries (with a warning).
         max_batch: upper bound on texts per batch.
     """
 
@@ -131,6 +140,56 @@ def context_length(model: nn.Module) -> int:
     return MAX_DEFAULT_CONTEXT
 
 
+def _config_int(config: Any, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def activation_bytes_per_token(model: nn.Module, max_length: int) -> int:
+    """Rough upper bound on the activation memory of one token in a no-grad forward pass.
+
+    ``elem * (8 * hidden + 3 * intermediate)`` for the residual stream, norms and MLP
+    temporaries, plus ``heads * max_length * (2 * elem + 4)`` for attention scores and
+    fp32 softmax in case the attention materialises them (eager attention, BLOOM's ALiBi).
+    """
+    config = model.config
+    elem = next(model.parameters()).element_size()
+    hidden = _config_int(config, "hidden_size", "n_embd", "d_model") or 1024
+    inter = _config_int(config, "intermediate_size", "ffn_dim", "n_inner") or 4 * hidden
+    heads = _config_int(config, "num_attention_heads", "n_head") or 1
+    return elem * (8 * hidden + 3 * inter) + heads * max_length * (2 * elem + 4)
+
+
+def logits_bytes(model: nn.Module) -> int:
+    """Memory of the chunked logits in :meth:`Scorer._forward`: at most ``LOGIT_BUDGET``
+    elements at once, as head output (model dtype), fp32 copy, fp32 log-softmax and fp32
+    per-token losses/temporaries."""
+    elem = next(model.parameters()).element_size()
+    return LOGIT_BUDGET * (elem + 4 + 4 + 4)
+
+
+def auto_batch_tokens(
+    model: nn.Module, max_length: int, max_batch: int, device: torch.device,
+    fraction: float = CUDA_ACTIVATION_FRACTION,
+) -> int:
+    """Token budget of a batch on CUDA from ``torch.cuda.mem_get_info``: ``fraction`` of the
+    free memory, less the logits chunk (:func:`logits_bytes`), divided by
+    :func:`activation_bytes_per_token`; at most ``max_batch * max_length`` (no batch can hold
+    more) and at least one window (``max_length``), in multiples of 64 tokens."""
+    free, _ = torch.cuda.mem_get_info(device)
+    usable = fraction * free - logits_bytes(model)
+    tokens = int(usable // activation_bytes_per_token(model, max_length))
+    tokens = min(tokens, max_batch * max_length)
+    tokens = max(tokens - tokens % 64, max_length, 2)
+    return tokens
+
+
+_NO_PREFIX = object()
+
+
 def _output_head(model: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -143,7 +202,9 @@ class Scorer:
     """Scores many texts on one model; tokenization and batching are done once.
 
     Use :meth:`score` after each configuration change (the engine's hooks act during
-    the forward passes).
+    the forward passes). ``score(prefix=engine)`` reuses the decoder-layer inputs that an
+    earlier call computed under identical weights (:mod:`qhelpers.prefix`; ``run_sweep`` does
+    this by default).
     """
 
     def __init__(
@@ -154,7 +215,7 @@ class Scorer:
         config: MeasureConfig = MeasureConfig(),
         keys: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
-        self.model: nn.Module = getattr(model, "model", model)
+        self.model: nn.Module = as_module(model)
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         if not texts:
             raise MeasurementError("no texts to score; pass a non-empty list (or a corpus with texts)")
@@ -163,10 +224,16 @@ class Scorer:
         if len(self.keys) != len(self.texts):
             raise ConfigError(f"{len(self.keys)} keys for {len(self.texts)} texts")
         self.device = next(self.model.parameters()).device
-        max_length = config.max_length or context_length(self.model)
+        # never longer than the model's positions (a tiny model has 256)
+        max_length = min(config.max_length or context_length(self.model), context_length(self.model))
         stride = config.stride or max(1, max_length // 2)
         stride = min(stride, max_length - 1)
-        batch_tokens = config.batch_tokens or (16384 if self.device.type == "cuda" else 2048)
+        batch_tokens = config.batch_tokens
+        if batch_tokens is None:
+            if self.device.type == "cuda":
+                batch_tokens = auto_batch_tokens(self.model, max_length, config.max_batch, self.device)
+            else:
+                batch_tokens = CPU_BATCH_TOKENS
         self.config = replace(config, max_length=max_length, stride=stride, batch_tokens=batch_tokens)
         self.n_bytes = np.array([len(t.encode("utf-8")) for t in self.texts], dtype=np.int64)
         windows: list[_Window] = []
@@ -179,8 +246,13 @@ class Scorer:
         self.n_tokens = np.zeros(len(self.texts), dtype=np.int64)
         for w in windows:
             self.n_tokens[w.row] += len(w.ids) - w.first_target
+        self._windows = windows
         self.batches = self._batch(windows)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        #: :class:`~qhelpers.prefix.PrefixCache` used by ``score(prefix=...)`` (None until
+        #: :meth:`enable_prefix_cache` or the first such call).
+        self.prefix_cache = None
+        self._layout = 0  # bumped whenever self.batches changes (prefix cache entries are per batch)
 
     def _batch(self, windows: list[_Window]) -> list[list[_Window]]:
         ordered = sorted(windows, key=lambda w: (-len(w.ids), w.row))
@@ -201,16 +273,113 @@ class Scorer:
         """Tokens fed through the model per :meth:`score` (padding excluded)."""
         return sum(len(w.ids) for batch in self.batches for w in batch)
 
+    # ------------------------------------------------------------------ prefix caching
+    def enable_prefix_cache(self, budget_bytes: int | None = None):
+        """The :class:`~qhelpers.prefix.PrefixCache` of this scorer (created on first use).
+
+        ``budget_bytes``: memory for cached hidden states (None: half the fp32 model size on
+        CPU, a quarter of the free GPU memory on CUDA; see :func:`qhelpers.prefix.default_budget`).
+        """
+        from .prefix import PrefixCache, default_budget
+
+        if self.prefix_cache is None:
+            budget = default_budget(self.model, self.device) if budget_bytes is None else budget_bytes
+            self.prefix_cache = PrefixCache(budget)
+        elif budget_bytes is not None:
+            self.prefix_cache.budget_bytes = int(budget_bytes)
+        return self.prefix_cache
+
+    def _signature(self, prefix: Any):
+        from .prefix import PrefixSignature
+
+        if prefix is None:
+            return None
+        if isinstance(prefix, PrefixSignature):
+            signature = prefix
+        elif callable(getattr(prefix, "prefix_signature", None)):  # a QuantEngine
+            if getattr(prefix, "model", None) is not self.model:
+                raise ConfigError("prefix=engine: the engine works on another model than this scorer")
+            signature = prefix.prefix_signature()
+        else:
+            raise ConfigError(
+                f"prefix must be None, a QuantEngine or a PrefixSignature, got {type(prefix).__name__}"
+            )
+        if signature.model_id and signature.model_id != id(self.model):
+            raise ConfigError("the prefix signature was computed on another model than this scorer's")
+        return signature
+
+    @staticmethod
+    def _is_prefix(value: Any) -> bool:
+        from .prefix import PrefixSignature
+
+        return value is None or isinstance(value, PrefixSignature) or callable(getattr(value, "prefix_signature", None))
+
+    # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def score_nll(self, progress: bool = False) -> np.ndarray:
-        """Summed NLL (nats) of each text, in input order."""
+    def score_nll(self, progress: bool = False, prefix: Any = None) -> np.ndarray:
+        """Summed NLL (nats) of each text, in input order.
+
+        ``prefix``: None (no caching), a :class:`~qhelpers.engine.QuantEngine` (the signature
+        of its active variant is computed) or a :class:`~qhelpers.prefix.PrefixSignature`:
+        layer inputs cached under the same signature by an earlier call are reused instead of
+        recomputed, and those of this call are cached (see :mod:`qhelpers.prefix`).
+
+        On CUDA, an out-of-memory error halves the batch token budget, re-batches and scores
+        again (with a warning) until a batch holds a single window.
+        """
+        signature = self._signature(prefix)
+        while True:
+            try:
+                return self._score_nll(progress, signature)
+            except torch.cuda.OutOfMemoryError as err:
+                if not self._can_shrink():
+                    raise
+                reason = (str(err).strip().splitlines() or ["out of memory"])[0][:200]
+            self._shrink(reason)
+
+    def _can_shrink(self) -> bool:
+        return self.config.batch_tokens > 2 and any(len(batch) > 1 for batch in self.batches)
+
+    def _shrink(self, reason: str) -> None:
+        old = self.config.batch_tokens
+        new = max(2, old // 2)
+        warnings.warn(
+            f"out of GPU memory while scoring with batch_tokens={old} ({reason}); "
+            f"halving the batch token budget to {new} and retrying",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.config = replace(self.config, batch_tokens=new)
+        self.batches = self._batch(self._windows)
+        self._layout += 1
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear(keep_plan=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _score_nll(self, progress: bool, signature: Any) -> np.ndarray:
+        from .prefix import UNSUPPORTED_ARCHS
+
         nll = np.zeros(len(self.texts), dtype=np.float64)
-        batches: Iterable = self.batches
+        batches: Iterable = list(enumerate(self.batches))
         if progress:
             batches = progress_bar(batches, desc="batches", leave=False)
-        for batch in batches:
-            for window, value in zip(batch, self._forward(batch)):
-                nll[window.row] += value
+        cache = session = None
+        if signature is not None and getattr(self.model.config, "model_type", None) not in UNSUPPORTED_ARCHS:
+            cache = self.enable_prefix_cache()
+            if cache.disabled is None:
+                cache.bind((id(self), self._layout))
+                session = cache.session(self.model, signature)
+        with session if session is not None else contextlib.nullcontext():
+            for index, batch in batches:
+                if session is not None:
+                    values, _ = session.run_batch(index, lambda: self._forward(batch))
+                else:
+                    values = self._forward(batch)
+                for window, value in zip(batch, values):
+                    nll[window.row] += value
+        if cache is not None:
+            cache.finish(signature)
         return nll
 
     def _forward(self, batch: list[_Window]) -> list[float]:
@@ -246,9 +415,20 @@ class Scorer:
         sums.index_add_(0, rows, token_nll.double())
         return sums.tolist()
 
-    def score(self, progress: bool = False, **columns: Any) -> pd.DataFrame:
-        """One row per text: its keys, ``nll``, ``n_tokens``, ``n_bytes`` (+ constant ``columns``)."""
-        nll = self.score_nll(progress=progress)
+    def score(self, progress: bool = False, prefix: Any = _NO_PREFIX, **columns: Any) -> pd.DataFrame:
+        """One row per text: its keys, ``nll``, ``n_tokens``, ``n_bytes`` (+ constant ``columns``).
+
+        ``prefix``: prefix caching, as in :meth:`score_nll` (e.g. ``scorer.score(prefix=engine)``
+        inside ``with engine.applied(variant):``). A value that is not None, an engine or a
+        :class:`~qhelpers.prefix.PrefixSignature` is taken as a constant column named
+        ``prefix``, as before prefix caching existed.
+        """
+        if prefix is _NO_PREFIX:
+            prefix = None
+        elif not self._is_prefix(prefix):
+            columns = {"prefix": prefix, **columns}
+            prefix = None
+        nll = self.score_nll(progress=progress, prefix=prefix)
         if not np.all(np.isfinite(nll)):
             bad = [self.keys[i] for i in np.flatnonzero(~np.isfinite(nll))[:3]]
             raise MeasurementError(
@@ -264,13 +444,14 @@ class Scorer:
         return frame
 
 
-def corpus_scorer(loaded: Any, corpus: Any, config: MeasureConfig = MeasureConfig()) -> Scorer:
-    """A :class:`Scorer` over every (lang, text_id, text) of a corpus."""
+def corpus_scorer(loaded: Any, corpus: Any, config: MeasureConfig = MeasureConfig(), tokenizer: Any | None = None) -> Scorer:
+    """A :class:`Scorer` over every (lang, text_id, text) of a corpus (``loaded``: a
+    LoadedModel, or a bare causal LM together with ``tokenizer``)."""
     keys, texts = [], []
     for lang, text_id, text in corpus.items():
         keys.append({"lang": lang, "text_id": text_id})
         texts.append(text)
-    return Scorer(loaded, getattr(loaded, "tokenizer", None), texts, config, keys)
+    return Scorer(loaded, tokenizer if tokenizer is not None else getattr(loaded, "tokenizer", None), texts, config, keys)
 
 
 def perplexity(nll: float, n_tokens: int) -> float:

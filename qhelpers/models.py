@@ -959,3 +959,12 @@ def _load_hub(spec: str, dtype: torch.dtype) -> tuple[nn.Module, Any, dict[str, 
         "offline_cache": offline,
     }
     return model, tokenizer, meta
+
+
+def as_module(model: Any) -> nn.Module:
+    """The ``nn.Module`` of a :class:`LoadedModel`, or ``model`` itself when it already is one.
+
+    (A plain ``getattr(x, "model", x)`` would be wrong: Hugging Face causal LMs have a
+    ``.model`` attribute too, their decoder body.)
+    """
+    return model.model if isinstance(model, LoadedModel) else model

@@ -57,7 +57,7 @@ land in ``<run>/<stem>/``; when nbval re-executes the golden from DIR (nbval's w
 directory is the notebook's folder) the outputs go to ``DIR/nbval_out/<stem>/`` (ignore
 ``nbval_out/`` in git).
 
-Kernel environment: ``MPLBACKEND=Agg``, ``PYTHONHASHSEED=0``, ``QHELPERS_PROFILE=<profile>``,
+Kernel environment: ``MPLBACKEND`` = the inline backend, ``PYTHONHASHSEED=0``, ``QHELPERS_PROFILE=<profile>``,
 the repository root prepended to ``PYTHONPATH`` (so ``import qhelpers`` is this checkout), and
 with ``--workers N`` on a machine with several GPUs, one GPU per worker slot through
 ``CUDA_VISIBLE_DEVICES``. Normal runs execute each notebook with ``<run>/<stem>/`` as the
@@ -694,9 +694,13 @@ def visible_gpus(env: Mapping[str, str] | None = None, torch_count: int | None =
     return [str(i) for i in range(torch_count)]
 
 
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+
+
 def _kernel_env(profile: str, gpu: str | None) -> dict[str, str]:
     env = dict(os.environ)
-    env["MPLBACKEND"] = "Agg"
+    # figures inline in the executed notebooks, whatever the caller's MPLBACKEND
+    env["MPLBACKEND"] = INLINE_BACKEND
     env["PYTHONHASHSEED"] = "0"
     env["QHELPERS_PROFILE"] = profile
     env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # silences ipykernel's debugger warning

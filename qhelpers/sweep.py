@@ -3,6 +3,11 @@
 The model is loaded once, texts are tokenized and batched once, each variant is applied,
 scored and restored; quantized tensors are shared across variants through the engine's
 cache. The result is one tidy per-text table that :mod:`qhelpers.stats` summarises.
+
+With ``prefix_cache`` (the default), variants run in an order that makes the most of
+:mod:`qhelpers.prefix` (baseline first, then those quantizing the most layers) and reuse the
+hidden states of the layers they share with earlier ones; results come back in the caller's
+order either way.
 """
 from __future__ import annotations
 
@@ -11,10 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
+import torch
 
 from .engine import QuantEngine, Variant
 from .errors import ConfigError
 from .measure import MeasureConfig, Scorer, corpus_scorer, progress_bar
+from .prefix import PrefixCache, prefix_signatures, run_order
+from .models import as_module
 
 BASELINE = "fp"
 
@@ -28,10 +36,14 @@ class SweepResult:
     overhead: pd.DataFrame
     seconds: dict[str, float] = field(default_factory=dict)
     baseline: str = BASELINE
+    #: Order the variants actually ran in (prefix caching may reorder them).
+    run_order: list[str] = field(default_factory=list)
+    #: Prefix cache counters of the sweep: layers run / skipped, hits, captured, peak bytes ...
+    prefix_stats: dict[str, Any] = field(default_factory=dict)
 
     @property
     def configs(self) -> list[str]:
-        """Variant names in run order, baseline first."""
+        """Variant names in the caller's order, baseline first."""
         return list(self.variants)
 
     def language_table(self, **kwargs: Any) -> pd.DataFrame:
@@ -97,6 +109,15 @@ def as_variants(variants: Sequence[Variant] | Mapping[str, Any]) -> dict[str, Va
     return out
 
 
+def _resident_by_default(loaded: Any) -> bool:
+    model = as_module(loaded)
+    param = next(model.parameters(), None)
+    if param is None or param.device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(param.device)
+    return free > 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def run_sweep(
     loaded: Any,
     corpus: Any,
@@ -106,6 +127,7 @@ def run_sweep(
     scorer: Scorer | None = None,
     progress: bool = True,
     baseline: str = BASELINE,
+    prefix_cache: bool | int | PrefixCache = True,
 ) -> SweepResult:
     """Score ``corpus`` under the full-precision baseline and every variant.
 
@@ -113,7 +135,16 @@ def run_sweep(
         loaded: a :class:`~qhelpers.models.LoadedModel`.
         corpus: a :class:`~qhelpers.corpora.Corpus` (ignored when ``scorer`` is given).
         variants: the configurations; a baseline named ``baseline`` is added if absent.
-        engine, scorer: reuse across sweeps of the same model (cache, tokenization).
+        engine, scorer: reuse across sweeps of the same model (cache, tokenization). Without
+            an engine, one is made: streaming (dequantizes each module's weights at every
+            batch, least memory) on CPU; on CUDA resident (dequantized once per variant) when
+            the free GPU memory exceeds twice the model's parameters.
+        prefix_cache: reuse the hidden states of layers that a variant computes exactly as an
+            earlier one did (:mod:`qhelpers.prefix`). True: the scorer's cache with its default
+            budget; an int: that budget in bytes; a :class:`~qhelpers.prefix.PrefixCache`: use
+            it; False: off. Variants then run in a cache-friendly order (``run_order``);
+            scores, ``overhead`` and ``seconds`` stay in the caller's order. Results equal
+            those without the cache (the same arithmetic on the same batches).
     """
     ordered = as_variants(variants)
     if baseline not in ordered:
@@ -122,17 +153,59 @@ def run_sweep(
         raise ConfigError(f"the variant named {baseline!r} must be the full-precision baseline (quant=None)")
     else:
         ordered = {baseline: ordered[baseline], **{k: v for k, v in ordered.items() if k != baseline}}
-    engine = engine or QuantEngine(loaded)
+    engine = engine or QuantEngine(loaded, resident=_resident_by_default(loaded))
     scorer = scorer or corpus_scorer(loaded, corpus, measure)
-    frames, overhead, seconds = [], [], {}
-    items = list(ordered.items())
+    names = list(ordered)
+
+    cache = None
+    signatures: dict[str, Any] = {}
+    order = names
+    if prefix_cache is not False and prefix_cache is not None:
+        if isinstance(prefix_cache, PrefixCache):
+            scorer.prefix_cache = prefix_cache
+            cache = prefix_cache
+        elif prefix_cache is True:
+            cache = scorer.enable_prefix_cache()
+        elif isinstance(prefix_cache, int):
+            cache = scorer.enable_prefix_cache(prefix_cache)
+        else:
+            raise ConfigError(f"prefix_cache must be True, False, a byte budget or a PrefixCache, got {prefix_cache!r}")
+        signatures = dict(zip(ordered, prefix_signatures(engine, list(ordered.values()))))
+        sigs = [signatures[name] for name in names]
+        order = [names[i] for i in run_order(sigs, baseline=0)]
+        cache.plan([signatures[name] for name in order])
+        before = dict(cache.stats)
+
+    frames: dict[str, pd.DataFrame] = {}
+    overhead: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+    items: Any = order
     if progress:
-        items = progress_bar(items, desc="variants", total=len(items))
-    for name, variant in items:
-        start = time.perf_counter()
-        with engine.applied(variant):
-            frames.append(scorer.score(config=name))
-        seconds[name] = time.perf_counter() - start
-        overhead.append({"config": name, **engine.overhead(variant)})
-    scores = pd.concat(frames, ignore_index=True)
-    return SweepResult(scores=scores, variants=ordered, overhead=pd.DataFrame(overhead), seconds=seconds, baseline=baseline)
+        items = progress_bar(items, desc="variants", total=len(order))
+    try:
+        for name in items:
+            variant = ordered[name]
+            start = time.perf_counter()
+            with engine.applied(variant):
+                frames[name] = scorer.score(config=name, prefix=signatures.get(name))
+            seconds[name] = time.perf_counter() - start
+            overhead[name] = {"config": name, **engine.overhead(variant)}
+    finally:
+        stats: dict[str, Any] = {}
+        if cache is not None:
+            keys = ("layers_run", "layers_skipped", "hits", "captured", "evicted", "skipped", *cache.stats)
+            stats = {k: cache.stats.get(k, 0) - before.get(k, 0) for k in dict.fromkeys(keys)}
+            stats["peak_bytes"] = cache.peak_bytes
+            stats["budget_bytes"] = cache.budget_bytes
+            stats["disabled"] = cache.disabled
+            cache.end_plan()
+    scores = pd.concat([frames[name] for name in names], ignore_index=True)
+    return SweepResult(
+        scores=scores,
+        variants=ordered,
+        overhead=pd.DataFrame([overhead[name] for name in names]),
+        seconds={name: seconds[name] for name in names},
+        baseline=baseline,
+        run_order=order,
+        prefix_stats=stats,
+    )

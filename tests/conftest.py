@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# nbval's kernels inherit this: figures render inline exactly as in the goldens (run_all.py does the same)
+os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(

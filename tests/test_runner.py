@@ -390,7 +390,7 @@ def test_run_folder_layout_parameters_and_kernel_env(suite):
     res = json.loads((nb_dir / "results.json").read_text())
     assert res["parameters"]["MODEL"] == "tiny:fixture" and res["parameters"]["N_TEXTS"] == 1
     assert res["environment"]["QHELPERS_PROFILE"] == "ci"
-    assert res["environment"]["MPLBACKEND"] == "Agg" and res["environment"]["PYTHONHASHSEED"] == "0"
+    assert res["environment"]["MPLBACKEND"] == "module://matplotlib_inline.backend_inline" and res["environment"]["PYTHONHASHSEED"] == "0"
     assert (out / "summary.md").is_file() and (out / "index.html").is_file()
 
 

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from qhelpers import index_study, strategies
-from qhelpers.corpora import load_corpus
 from qhelpers.engine import QuantEngine, Variant
 from qhelpers.errors import ConfigError
 from qhelpers.protection import ProtectionSpec, resolve_plan

@@ -288,4 +288,4 @@ path = write_results(OUTPUT_DIR, "exp003_kurtosis", parameters, metrics, hypothe
 print("wrote", path)
 
 # %%
-print_verdicts(hypotheses);
+verdict_table = print_verdicts(hypotheses)

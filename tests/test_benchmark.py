@@ -1,0 +1,49 @@
+"""Smoke run of benchmarks/sweep_benchmark.py on a tiny model (2 texts per language)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("sweep_benchmark", ROOT / "benchmarks" / "sweep_benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_smoke_run(bench, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    report = bench.main([
+        "--model", "tiny:gpt2", "--device", "cpu", "--n-texts", "2", "--layers", "0,3",
+        "--max-length", "32", "--truncate", "--floor-repeats", "1", "--out", str(out),
+    ])
+    printed = capsys.readouterr().out
+    for way in ("floor", "floor-b1", "seed", "engine", "engine+prefix"):
+        assert way in report["rows"] and f"\n{way} " in printed
+    assert report["header"]["configs"] == 4 and report["header"]["texts"] == 14
+    rows = report["rows"]
+    # the three ways score the same tokens and agree (fp32: batching rounding only)
+    assert rows["engine"]["max_abs_diff_lang_nll_vs_seed"] < 1e-4
+    assert rows["engine+prefix"]["max_abs_diff_lang_nll_vs_engine"] < 1e-5
+    assert rows["engine+prefix"]["run_order"][:2] == ["fp", "all_quantized"]
+    assert report["prefix_stats"]["layers_skipped"] > 0
+    assert set(report["targets"]) >= {"engine >= 2x faster than seed", "engine overhead <= 10 % (prefix off)"}
+    saved = json.loads(out.read_text())
+    assert saved["rows"].keys() == rows.keys()
+
+
+def test_layer_selection_and_random_model_specs(bench):
+    assert bench.pick_layers(None, 4) == [0, 1, 2, 3]
+    assert bench.pick_layers("every:10", 30) == [0, 10, 20]
+    assert bench.pick_layers("n:4", 30) == [0, 10, 19, 29]
+    assert bench.pick_layers("0,-1", 30) == [0, 29]
+    assert set(bench.RANDOM_MODELS) == {"gpt2-small-random", "opt-125m-random"}
+    variants = bench.make_variants(12, list(range(12)), bench.QuantConfig())
+    assert len(variants) == 14 and list(variants)[:2] == ["fp", "all_quantized"]
