@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -19,6 +18,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from .atomic import atomic_write
 from .errors import ConfigError
 
 __all__ = [
@@ -323,19 +323,5 @@ def save_figure(fig: Figure, out_dir: str | os.PathLike, name: str, dpi: int = 1
     if rel.is_absolute() or ".." in rel.parts or not rel.stem:
         raise ConfigError(f"figure name {name!r} must be a relative path inside out_dir, e.g. 'disparity_bars'")
     out = Path(out_dir) / rel
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(out, lambda fh: fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight"))
     return rel.as_posix()

@@ -18,12 +18,12 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata as _md
 from pathlib import Path, PurePath
 from typing import Any, Iterable, Mapping, Sequence
 
+from .atomic import atomic_write_text
 from .errors import ConfigError, MeasurementError
 from . import stats as _stats
 
@@ -396,37 +396,6 @@ def to_jsonable(obj: Any, _path: str = "$") -> Any:
         f"cannot write the value at {_path} (type {type(obj).__module__}.{type(obj).__qualname__}) "
         "to JSON; convert it to a number, string, list or dict first"
     )
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, flushed and
-    fsynced, then ``os.replace``; readers see the old file or the new one, never a half file.
-    The folder is created if needed; the temporary file is removed on any failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding=encoding, newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (best effort; not possible on every platform)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:

@@ -78,7 +78,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -86,6 +85,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import ConfigError
+from .atomic import atomic_write_text as _atomic_write_text  # stdlib only: no heavy imports
 
 try:  # POSIX only; without it the runner works but does not lock folders
     import fcntl
@@ -142,39 +142,6 @@ class RunnerError(ConfigError):
 
 def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` atomically: a temporary file in the same folder, flushed and fsynced,
-    then ``os.replace`` (the recipe of ``qhelpers.results.atomic_write_text``). Kept private
-    on purpose: importing ``qhelpers.results`` pulls scipy and pandas through ``qhelpers.stats``
-    (about 1 s in every worker), and the runner must still record a failure when a science
-    module is broken."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename durable too (best effort)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
 
 
 def _json_default(obj: Any) -> Any:
