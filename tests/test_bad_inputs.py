@@ -17,7 +17,7 @@ from qhelpers.quant import QuantConfig, quantize
 
 @pytest.fixture(scope="module")
 def gpt2():
-    return load_model("tiny:gpt2")
+    return load_model("tiny:gpt2", device="cpu")
 
 
 def test_unknown_architecture():
@@ -84,7 +84,7 @@ def test_mismatched_parallel_alignment():
 
 
 def test_nan_weights(tmp_path):
-    loaded = load_model("tiny:llama")
+    loaded = load_model("tiny:llama", device="cpu")
     loaded.model.model.layers[1].mlp.up_proj.weight.data[0, 0] = float("nan")
     loaded.model.save_pretrained(tmp_path)
     loaded.tokenizer.save_pretrained(tmp_path)

@@ -45,7 +45,7 @@ def logits(model, text="All human beings are born free and equal."):
 
 @pytest.mark.parametrize("arch", ["gpt2", "opt", "bloom", "gpt_neox", "llama", "gemma3_text", "qwen2"])
 def test_restore_is_bit_identical_and_hooks_removed(arch):
-    loaded = load_model(f"tiny:{arch}")
+    loaded = load_model(f"tiny:{arch}", device="cpu")
     model = loaded.model
     reference = logits(model)  # transformers may attach its own hooks on a first forward
     before = snapshot(model)
@@ -68,7 +68,7 @@ def test_restore_is_bit_identical_and_hooks_removed(arch):
 
 
 def test_engine_equals_overwriting_weights_by_hand():
-    loaded = load_model("tiny:llama")
+    loaded = load_model("tiny:llama", device="cpu")
     engine = QuantEngine(loaded)
     variant = Variant("l0", INT4, ProtectionSpec(layers=(0,), components=("L-1.attn_v",)))
     with engine.applied(variant):
@@ -83,7 +83,7 @@ def test_engine_equals_overwriting_weights_by_hand():
 
 
 def test_resident_mode_equals_streaming():
-    loaded = load_model("tiny:gpt2")
+    loaded = load_model("tiny:gpt2", device="cpu")
     variant = Variant("x", QuantConfig(bits=3, granularity="group", group_size=32), ProtectionSpec(components=("L1.attn_k",)))
     streaming = QuantEngine(loaded)
     with streaming.applied(variant):
@@ -95,7 +95,7 @@ def test_resident_mode_equals_streaming():
 
 
 def test_fused_protected_rows_keep_original_values():
-    loaded = load_model("tiny:gpt2")
+    loaded = load_model("tiny:gpt2", device="cpu")
     engine = QuantEngine(loaded)
     variant = Variant("q", INT4, ProtectionSpec(components=("L0.attn_q",)))
     weights = dict(engine.quantized_weights(variant))
@@ -106,7 +106,7 @@ def test_fused_protected_rows_keep_original_values():
 
 
 def test_cache_reuses_quantized_tensors_and_respects_budget():
-    loaded = load_model("tiny:gpt2")
+    loaded = load_model("tiny:gpt2", device="cpu")
     engine = QuantEngine(loaded)
     for index in range(4):
         with engine.applied(Variant(f"p{index}", INT4, ProtectionSpec(layers=(index,)))):
@@ -122,7 +122,7 @@ def test_cache_reuses_quantized_tensors_and_respects_budget():
 
 
 def test_apply_twice_without_restore_is_an_error():
-    loaded = load_model("tiny:gpt2")
+    loaded = load_model("tiny:gpt2", device="cpu")
     engine = QuantEngine(loaded)
     engine.apply(Variant("a", INT4))
     with pytest.raises(ConfigError, match="still applied"):
@@ -132,7 +132,7 @@ def test_apply_twice_without_restore_is_an_error():
 
 def test_seed_exp032_protocol_equals_hand_written_loop():
     """Seed scope, per-tensor INT4, name patterns: qhelpers == the precursor's loop to 1e-6."""
-    loaded = load_model("tiny:gpt2")
+    loaded = load_model("tiny:gpt2", device="cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
     corpus = load_corpus("seed-exp032")
     strategies = {"none": [], "layer0": ["h.0."], "L0+L3": ["h.0.", "h.3."], "L0+ln_f": ["h.0.", "ln_f"]}

@@ -23,7 +23,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module", params=ARCHS)
 def tiny(request):
-    return load_model(f"tiny:{request.param}")
+    return load_model(f"tiny:{request.param}", device="cpu")
 
 
 def plain_loop_nll(model, ids_list):
@@ -48,7 +48,7 @@ def test_batched_scores_equal_plain_loop(tiny):
 
 
 def test_sliding_window_matches_hand_written_windows():
-    loaded = load_model("tiny:gpt2")
+    loaded = load_model("tiny:gpt2", device="cpu")
     text = " ".join(["Everyone has the right to life, liberty and security of person."] * 10)
     ids = encode_text(loaded.tokenizer, text)
     max_length, stride = 32, 12
@@ -74,7 +74,7 @@ def test_sliding_window_matches_hand_written_windows():
 
 
 def test_truncate_scores_only_the_first_window():
-    loaded = load_model("tiny:llama")
+    loaded = load_model("tiny:llama", device="cpu")
     text = TEXTS[4]
     config = MeasureConfig(max_length=16, truncate=True, prepend_bos=False, max_batch=1)
     ids = encode_text(loaded.tokenizer, text, prepend_bos=False)[:16]
@@ -84,7 +84,7 @@ def test_truncate_scores_only_the_first_window():
 
 
 def test_prepend_bos_scores_the_first_token():
-    loaded = load_model("tiny:gpt2")
+    loaded = load_model("tiny:gpt2", device="cpu")
     with_bos = encode_text(loaded.tokenizer, "Hello world")
     without = encode_text(loaded.tokenizer, "Hello world", prepend_bos=False)
     assert without == [15496, 995]
@@ -97,7 +97,7 @@ def test_perplexity_and_bits_per_byte_by_hand():
 
 
 def test_bad_inputs_raise_clear_errors():
-    loaded = load_model("tiny:gpt2")
+    loaded = load_model("tiny:gpt2", device="cpu")
     with pytest.raises(MeasurementError, match="empty or whitespace-only"):
         Scorer(loaded, texts=["fine text", "   "])
     with pytest.raises(MeasurementError, match="no texts"):

@@ -22,7 +22,7 @@ LINEAR_WEIGHTS = LAYERS * (3 * D * D + D * D + D * FF + FF * D)
 
 @pytest.fixture(scope="module")
 def gpt2():
-    loaded = load_model("tiny:gpt2")
+    loaded = load_model("tiny:gpt2", device="cpu")
     cfg = loaded.model.config
     assert (cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.n_positions) == (D, LAYERS, VOCAB, POS)
     assert (cfg.n_inner or 4 * D) == FF
@@ -93,7 +93,7 @@ def test_magnitude_and_random_element_masks(gpt2):
 
 
 def test_llama_gate_and_scope(gpt2):
-    llama = load_model("tiny:llama").model
+    llama = load_model("tiny:llama", device="cpu").model
     names = scope_names(llama, "linear")
     assert len(names) == 7 * llama.config.num_hidden_layers
     plan = resolve_plan(llama, ProtectionSpec(components=("mlp_gate",)), "linear")
