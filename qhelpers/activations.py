@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .archs import ArchSpec, decoder_layers, get_arch, normalize_layer_index
+from .archs import ArchSpec, decoder_layers, get_arch, resolve_layers
 from .errors import ConfigError, MeasurementError
 
 __all__ = [
@@ -86,17 +86,6 @@ def _block_hidden(output) -> torch.Tensor:
             "starting with them. Check the architecture's `layers` path in qhelpers.archs."
         )
     return hidden
-
-
-def _resolve_layers(layers, n_layers: int) -> list[int]:
-    if layers is None:
-        return list(range(n_layers))
-    if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
-        layers = [int(layers)]
-    out = sorted({normalize_layer_index(int(i) if isinstance(i, np.integer) else i, n_layers) for i in layers})
-    if not out:
-        raise ConfigError("layers is empty; pass None for every layer or a list of layer indices")
-    return out
 
 
 def capture_residual(
@@ -141,7 +130,7 @@ def capture_residual(
     """
     arch = arch or get_arch(model)
     blocks = decoder_layers(model, arch)
-    wanted = _resolve_layers(layers, len(blocks))
+    wanted = resolve_layers(layers, len(blocks))
 
     if not isinstance(input_ids, torch.Tensor):
         input_ids = torch.as_tensor(input_ids)

@@ -200,6 +200,19 @@ def normalize_layer_index(index: int, n_layers: int) -> int:
     return index % n_layers
 
 
+def resolve_layers(layers, n_layers: int) -> list[int]:
+    """Sorted, de-duplicated layer indices of a selection: None (every layer), one index or
+    several (negative indices count from the end); out of range or empty raises ConfigError."""
+    if layers is None:
+        return list(range(n_layers))
+    if not isinstance(layers, bool) and hasattr(layers, "__index__"):
+        layers = [layers]
+    out = sorted({normalize_layer_index(int(i) if hasattr(i, "__index__") and not isinstance(i, bool) else i, n_layers) for i in layers})
+    if not out:
+        raise ConfigError("layers is empty; pass None for every layer or a list of layer indices")
+    return out
+
+
 def weight_out_dim(module: nn.Module) -> int:
     """Dimension of ``module.weight`` that indexes output features.
 

@@ -52,7 +52,7 @@ from .archs import (
     decoder_layers,
     get_arch,
     get_module,
-    normalize_layer_index,
+    resolve_layers,
     qkv_rows,
     weight_out_dim,
 )
@@ -315,12 +315,7 @@ def weight_table(
     arch = arch or get_arch(model)
     blocks = decoder_layers(model, arch)
     n_layers = len(blocks)
-    if layers is None:
-        layer_ids = list(range(n_layers))
-    else:
-        if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
-            layers = [int(layers)]
-        layer_ids = sorted({normalize_layer_index(i, n_layers) for i in layers})
+    layer_ids = resolve_layers(layers, n_layers)
     layer_comps, global_comps = _resolve_components(arch, components)
     stat_kw = dict(svd=svd, svd_max_side=svd_max_side, svd_max_numel=svd_max_numel)
 
@@ -434,12 +429,7 @@ def layer_table(
     arch = arch or get_arch(model)
     blocks = decoder_layers(model, arch)
     n_layers = len(blocks)
-    if layers is None:
-        layer_ids = list(range(n_layers))
-    else:
-        if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
-            layers = [int(layers)]
-        layer_ids = sorted({normalize_layer_index(i, n_layers) for i in layers})
+    layer_ids = resolve_layers(layers, n_layers)
 
     rows = []
     for li in layer_ids:
