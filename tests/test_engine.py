@@ -15,22 +15,9 @@ from qhelpers.measure import MeasureConfig, Scorer, corpus_scorer
 from qhelpers.models import load_model
 from qhelpers.protection import ProtectionSpec
 from qhelpers.quant import QuantConfig, fake_quantize
+from seed_reference import quantize_tensor_symmetric  # seed 000's quantizer, verbatim
 
 INT4 = QuantConfig(bits=4, granularity="channel")
-
-
-def seed_quantize_tensor_symmetric(tensor: torch.Tensor, bits: int = 4) -> torch.Tensor:
-    """Verbatim from seed 000 (the precursor's per-tensor symmetric quantizer)."""
-    n_levels = 2**bits
-    qmin = -(n_levels // 2)
-    qmax = n_levels // 2 - 1
-    abs_max = tensor.abs().max()
-    if abs_max == 0:
-        return tensor
-    scale = abs_max / qmax
-    quantized = torch.clamp(torch.round(tensor / scale), qmin, qmax)
-    dequantized = quantized * scale
-    return dequantized.to(tensor.dtype)
 
 
 def snapshot(model):
@@ -145,7 +132,7 @@ def test_seed_exp032_protocol_equals_hand_written_loop():
             model.load_state_dict(state)
             for name, param in model.named_parameters():
                 if "weight" in name and not any(p in name for p in patterns):
-                    param.copy_(seed_quantize_tensor_symmetric(param.data, 4))
+                    param.copy_(quantize_tensor_symmetric(param.data, 4))
             for lang, text_id, text in corpus.items():
                 ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=256).input_ids
                 # the precursor used exp(model(ids, labels=ids).loss); HF reduces that loss in fp32,
