@@ -32,7 +32,8 @@ from .errors import ConfigError
 from .measure import MeasureConfig
 from .protection import ProtectionSpec
 from .strategies import protocol_settings
-from .sweep import SweepResult, run_sweep
+from .sweep import SweepResult
+from .sweep_cache import cached_sweep
 
 __all__ = ["LayerCriticality", "criticality_variants", "layer_criticality", "MODES"]
 
@@ -86,6 +87,7 @@ class LayerCriticality:
     mode: str
     measure: str
     n_layers: int
+    from_cache: bool = False
 
     def values(self, column: str = "criticality") -> pd.Series:
         """``column`` indexed by layer (for correlating with a per-layer quantity)."""
@@ -123,6 +125,7 @@ def layer_criticality(
     progress: bool = True,
     sweep: SweepResult | None = None,
     allow_collapsed: bool = False,
+    cache: bool | str = True,
 ) -> LayerCriticality:
     """Measure (or, given ``sweep``, re-analyse) every layer's criticality; see the module docstring.
 
@@ -131,13 +134,19 @@ def layer_criticality(
     languages of that configuration), n, defined, reason. A random-init (tiny) model is
     "collapsed" under the stats collapse rule, so its disparities are undefined unless
     ``allow_collapsed=True``.
+
+    The sweep is cached on disk (:mod:`qhelpers.sweep_cache`; ``cache=False`` turns it off),
+    so notebooks asking the same question of the same model and texts share one run;
+    ``from_cache`` on the result says whether it was reused.
     """
     if measure not in ("difference", "ratio"):
         raise ConfigError(f"measure must be 'difference' or 'ratio', got {measure!r}")
     n_layers = int(loaded.n_layers)
     variants = criticality_variants(n_layers, mode, bits, protocol, layers)
+    hit = False
     if sweep is None:
-        sweep = run_sweep(loaded, corpus, variants, measure_config or MeasureConfig(), progress=progress)
+        sweep, hit = cached_sweep(loaded, corpus, variants, measure_config or MeasureConfig(), cache=cache,
+                                  progress=progress)
     missing = [name for name in variants if name not in sweep.variants]
     if missing:
         raise ConfigError(f"the sweep lacks configurations {missing[:3]}; run it with criticality_variants(...)")
@@ -164,4 +173,4 @@ def layer_criticality(
             "mean_delta_bpb": float(mean_change.get(config, np.nan)),
             "n": c.n, "n_langs": len(langs), "defined": c.defined, "reason": c.reason or "",
         })
-    return LayerCriticality(pd.DataFrame(rows), sweep, mode, measure, n_layers)
+    return LayerCriticality(pd.DataFrame(rows), sweep, mode, measure, n_layers, from_cache=hit)

@@ -1,0 +1,135 @@
+"""An on-disk cache of sweep scores, so several notebooks can share one expensive sweep.
+
+The theory notebooks all need the same per-layer criticality sweep (``n_layers + 2``
+configurations). :func:`cached_sweep` runs :func:`qhelpers.sweep.run_sweep` once and stores
+its per-text scores under a key that covers everything the scores depend on:
+
+* the model: its spec, device, dtype and a fingerprint of every parameter (name, shape,
+  float64 sum and sum of squares), so a changed checkpoint behind the same spec misses;
+* the texts: every (language, id, text) of the corpus;
+* the configurations (``Variant.to_dict``) and the measurement settings;
+* the torch and transformers versions.
+
+Values are stored as JSON with 17 significant digits, so a cache hit returns scores
+bit-identical to the run that wrote them. Files are written atomically; two processes
+computing the same key at once both compute and the last write wins (same content).
+Default folder: ``$QHELPERS_CACHE/sweeps`` when that variable is set, else
+``~/.cache/qhelpers/sweeps``; ``cache=False`` turns caching off, a path chooses the folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from .atomic import atomic_write_text
+from .engine import Variant
+from .measure import MeasureConfig
+from .models import CACHE_ENV
+from .sweep import SweepResult, as_variants, run_sweep
+
+__all__ = ["cached_sweep", "sweep_key", "default_sweep_cache"]
+
+_FORMAT = 1
+
+
+def default_sweep_cache() -> Path:
+    """``$QHELPERS_CACHE/sweeps``, else ``~/.cache/qhelpers/sweeps``."""
+    env = os.environ.get(CACHE_ENV)
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "qhelpers") / "sweeps"
+
+
+def _model_fingerprint(model: torch.nn.Module) -> list[Any]:
+    out = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = p.detach().to(torch.float64)
+            out.append([name, list(p.shape), repr(float(x.sum())), repr(float((x * x).sum()))])
+    return out
+
+
+def sweep_key(loaded: Any, corpus: Any, variants: Mapping[str, Variant], measure: MeasureConfig) -> str:
+    """SHA-256 over everything the sweep's scores depend on (see the module docstring)."""
+    import transformers
+
+    h = hashlib.sha256()
+    head = {
+        "format": _FORMAT,
+        "spec": loaded.spec,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "variants": {k: v.to_dict() for k, v in variants.items()},
+        "measure": dataclasses.asdict(measure),
+        "weights": _model_fingerprint(loaded.model),
+    }
+    h.update(json.dumps(head, sort_keys=True, default=str).encode())
+    for lang, text_id, text in corpus.items():
+        h.update(json.dumps([lang, text_id, text]).encode())
+    return h.hexdigest()
+
+
+def _encode(result: SweepResult) -> str:
+    doc = {
+        "format": _FORMAT,
+        "scores": result.scores.to_dict(orient="split"),
+        "overhead": result.overhead.to_dict(orient="split"),
+        "seconds": result.seconds,
+        "baseline": result.baseline,
+        "run_order": result.run_order,
+        "prefix_stats": result.prefix_stats,
+    }
+    return json.dumps(doc, default=str)
+
+
+def _decode(text: str, variants: dict[str, Variant]) -> SweepResult:
+    doc = json.loads(text)
+    frame = lambda d: pd.DataFrame(d["data"], index=d["index"], columns=d["columns"])  # noqa: E731
+    return SweepResult(
+        scores=frame(doc["scores"]),
+        variants=variants,
+        overhead=frame(doc["overhead"]),
+        seconds=doc["seconds"],
+        baseline=doc["baseline"],
+        run_order=doc["run_order"],
+        prefix_stats=doc["prefix_stats"],
+    )
+
+
+def cached_sweep(
+    loaded: Any,
+    corpus: Any,
+    variants: Sequence[Variant] | Mapping[str, Any],
+    measure: MeasureConfig = MeasureConfig(),
+    *,
+    cache: bool | str | os.PathLike = True,
+    progress: bool = True,
+    baseline: str = "fp",
+) -> tuple[SweepResult, bool]:
+    """``run_sweep`` with an on-disk cache; returns ``(result, hit)``.
+
+    ``hit`` says whether the scores came from the cache. ``result.variants`` always holds the
+    caller's variants (with the baseline first, as ``run_sweep`` orders them).
+    """
+    ordered = as_variants(variants)
+    if baseline not in ordered:
+        ordered = {baseline: Variant(baseline), **ordered}
+    if cache is False or cache is None:
+        return run_sweep(loaded, corpus, ordered, measure, progress=progress, baseline=baseline), False
+    folder = default_sweep_cache() if cache is True else Path(cache).expanduser()
+    path = folder / f"{sweep_key(loaded, corpus, ordered, measure)}.json"
+    if path.is_file():
+        try:
+            return _decode(path.read_text(encoding="utf-8"), ordered), True
+        except (ValueError, KeyError):
+            pass  # unreadable entry (e.g. an older format): recompute and overwrite it
+    result = run_sweep(loaded, corpus, ordered, measure, progress=progress, baseline=baseline)
+    atomic_write_text(path, _encode(result))
+    return result, False

@@ -1,0 +1,66 @@
+"""qhelpers.sweep_cache: a hit returns bit-identical scores; anything the scores depend on changes the key."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from qhelpers.corpora import Corpus, load_corpus
+from qhelpers.criticality import criticality_variants, layer_criticality
+from qhelpers.measure import MeasureConfig
+from qhelpers.models import load_model
+from qhelpers.sweep_cache import cached_sweep, default_sweep_cache, sweep_key
+
+
+@pytest.fixture(scope="module")
+def setup():
+    loaded = load_model("tiny:gpt2", device="cpu")
+    corpus = load_corpus("udhr", langs=["en", "sw"], n_texts=2)
+    return loaded, corpus, criticality_variants(loaded.n_layers, layers=[0])
+
+
+def test_hit_is_bit_identical_and_skips_the_forward(setup, tmp_path, monkeypatch):
+    loaded, corpus, variants = setup
+    first, hit1 = cached_sweep(loaded, corpus, variants, cache=tmp_path, progress=False)
+    assert not hit1 and len(list(tmp_path.glob("*.json"))) == 1
+    calls = []
+    monkeypatch.setattr("qhelpers.sweep_cache.run_sweep", lambda *a, **k: calls.append(1))
+    second, hit2 = cached_sweep(loaded, corpus, variants, cache=tmp_path, progress=False)
+    assert hit2 and not calls
+    pd.testing.assert_frame_equal(first.scores, second.scores, check_exact=True)
+    pd.testing.assert_frame_equal(first.overhead, second.overhead, check_exact=True)
+    assert list(second.variants) == list(first.variants) and second.run_order == first.run_order
+
+
+def test_key_changes_with_weights_texts_variants_and_measure(setup):
+    loaded, corpus, variants = setup
+    key = sweep_key(loaded, corpus, variants, MeasureConfig())
+    assert key == sweep_key(loaded, corpus, variants, MeasureConfig())
+    assert key != sweep_key(loaded, corpus, variants, MeasureConfig(max_length=64))
+    assert key != sweep_key(loaded, corpus, criticality_variants(loaded.n_layers, layers=[1]), MeasureConfig())
+    other = Corpus.from_texts("other", {"en": ["a different text"], "sw": ["maandishi mengine"]})
+    assert key != sweep_key(loaded, other, variants, MeasureConfig())
+    param = next(loaded.model.parameters())
+    with torch.no_grad():
+        param[0, 0] += 1.0
+    try:
+        assert key != sweep_key(loaded, corpus, variants, MeasureConfig())
+    finally:
+        with torch.no_grad():
+            param[0, 0] -= 1.0
+
+
+def test_cache_off_writes_nothing_and_default_folder_follows_env(setup, tmp_path, monkeypatch):
+    loaded, corpus, variants = setup
+    monkeypatch.setenv("QHELPERS_CACHE", str(tmp_path))
+    assert default_sweep_cache() == tmp_path / "sweeps"
+    _, hit = cached_sweep(loaded, corpus, variants, cache=False, progress=False)
+    assert not hit and not (tmp_path / "sweeps").exists()
+
+
+def test_criticality_reports_reuse(setup, tmp_path):
+    loaded, corpus, _ = setup
+    a = layer_criticality(loaded, corpus, layers=[0], n_boot=20, cache=tmp_path, progress=False, allow_collapsed=True)
+    b = layer_criticality(loaded, corpus, layers=[0], n_boot=20, cache=tmp_path, progress=False, allow_collapsed=True)
+    assert (a.from_cache, b.from_cache) == (False, True)
+    pd.testing.assert_frame_equal(a.table, b.table, check_exact=True)
