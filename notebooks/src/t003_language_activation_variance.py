@@ -1,0 +1,226 @@
+# PURPOSE: T-003 (seed 004, H1.3): do the layers that are critical for low-resource languages show more cross-language activation variance?
+# %% [markdown]
+# # T-003: language activation variance — are critical layers the ones languages use differently?
+#
+# {colab_badge}
+#
+# **Question.** Seed 004 found that layers whose weights have high variance are the ones that must stay in
+# full precision. One explanation (H1.3) is that different languages activate those layers differently, so
+# quantizing them disrupts language-specific pathways. Do the layers that matter most for the low-resource
+# disparity show more activation variance *across languages*?
+#
+# **Hypothesis H1.3 (seed 004, "Language Distribution Hypothesis").** *High-variance layers are activated
+# differently by different languages; quantization disrupts language-specific pathways.* Prediction:
+# *activation variance differs more across languages in critical layers*. Null: the cross-language spread
+# of activation variance is unrelated to a layer's criticality.
+#
+# **Method.**
+# 1. Residual stream after every decoder block (the block outputs; `qhelpers.representations`), a seeded
+#    sample of at most `MAX_TOKENS_PER_TEXT` token rows per text, the BOS token left out.
+# 2. Per layer and language, the activation variance `v(l, g)` = the mean over hidden dimensions of the
+#    variance over the language's token rows (ddof = 0), i.e. trace(covariance) / hidden. The seed's literal
+#    `acts.var()` (all token x dimension values) is shown beside it.
+# 3. Per layer, across languages: `cross_var` = the variance of `v(l, g)` over languages (the seed's
+#    `np.var`), and `cross_cv` = their standard deviation divided by their mean. The residual norm grows
+#    with depth, so `cross_var` grows with it (as norm^4) whatever the languages do; `cross_cv` is
+#    scale-free and is the main statistic. Each has a 95 % bootstrap interval over texts (paired across
+#    languages: UDHR paragraphs are parallel).
+# 4. Criticality of every layer (`qhelpers.criticality.layer_criticality`, protect mode: how much the
+#    LR-minus-HR change in bits per byte shrinks when only that layer stays in full precision, at INT`BITS`).
+# 5. H1.3: Spearman correlation over layers between criticality and the cross-language statistic, with a
+#    bootstrap interval over layers and a permutation p-value.
+# 6. Robustness: a few tokens with "massive activations" (Sun et al., 2024; norms tens of times the median
+#    token norm) can dominate a language's variance, so that the cross-language statistic measures whether
+#    such a token happened to be sampled. H1.3-robust repeats H1.3 without the token rows whose norm exceeds
+#    `MASSIVE_RATIO` times the median token norm at any layer (the same rows dropped at every layer).
+#
+# **Caveats.** The correlation's bootstrap resamples layers and does not carry each layer's own
+# uncertainty; adjacent layers are not independent. The embedded model's baseline is a dequantized GGUF
+# (already quantized once). On a random-init tiny model (the ci profile) the criticality is undefined
+# (collapsed model), so the verdicts are INCONCLUSIVE by construction.
+
+# %%
+# Colab only: install qhelpers (elsewhere it is installed by scripts/install.sh)
+import subprocess, sys
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
+
+# %% tags=["parameters"]
+MODEL = "embedded:smollm2-135m"   # hub id, local folder, embedded:<name> or tiny:<arch>
+CORPUS = "udhr"                   # "udhr": 50 parallel paragraphs per language
+LANGS = ["en", "de", "fr", "zh", "ar", "he", "sw"]
+HR_LANGS = ["en", "de", "fr", "zh"]
+LR_LANGS = ["ar", "he", "sw"]
+N_TEXTS = 4                       # texts per language (None: all 50)
+BITS = 4                          # bit width of the criticality sweep
+MAX_LENGTH = 256                  # tokens per text (longer texts are cut)
+MAX_TOKENS_PER_TEXT = 32          # token rows sampled per text for the variances (None: all)
+BATCH_SIZE = 16                   # texts per forward pass of the activation capture
+MASSIVE_RATIO = 10.0              # a token row is "massive" above this multiple of the median token norm
+DEVICE = None                     # None: cuda if available, else cpu
+SEED = 0
+N_BOOT = 1000
+OUTPUT_DIR = "results/t003_language_activation_variance"
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from qhelpers import plots
+from qhelpers.corpora import load_corpus
+from qhelpers.criticality import layer_criticality
+from qhelpers.measure import MeasureConfig
+from qhelpers.models import load_model
+from qhelpers.representations import collect_activations, language_variance, layer_correlation, plot_layer_profile
+from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
+
+seed_everything(SEED)
+pd.set_option("display.precision", 4)
+pd.set_option("display.width", 160)
+
+# %% [markdown]
+# ## Model, texts and activations
+
+# %%
+loaded = load_model(MODEL, device=DEVICE)
+corpus = load_corpus(CORPUS, langs=LANGS, n_texts=N_TEXTS, seed=SEED)
+print(loaded.describe())
+print("baseline:", loaded.metadata["baseline"])
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+acts = collect_activations(loaded, corpus, pooling="tokens", max_length=MAX_LENGTH, batch_size=BATCH_SIZE,
+                           max_tokens_per_text=MAX_TOKENS_PER_TEXT, seed=SEED)
+
+# %%
+print(f"{loaded.n_layers} layers, hidden size {acts.hidden}, at most {MAX_TOKENS_PER_TEXT} token rows per text")
+acts.summary()
+
+# %% [markdown]
+# ## Activation variance per layer and language
+# `variance` (with its bootstrap interval) is the main per-language number; `variance_all` is the seed's
+# `acts.var()`. `norm_ratio` is the largest token norm over the median one: values in the tens or hundreds
+# mean a few tokens with "massive activations" dominate the variance of that layer and language.
+
+# %%
+lv = language_variance(acts, n_boot=N_BOOT, seed=SEED)
+print(lv.definition)
+lv.per_language.pivot(index="layer", columns="lang", values="variance")[LANGS]
+
+# %%
+lv.per_language.pivot(index="layer", columns="lang", values="norm_ratio")[LANGS].round(1)
+
+# %% [markdown]
+# ## Spread across languages
+# `cross_var` follows the seed; `cross_cv` removes the growth of the residual norm with depth.
+
+# %%
+lv.cross[["layer", "depth", "cross_var", "cross_var_ci_low", "cross_var_ci_high", "cross_cv", "cross_cv_ci_low",
+          "cross_cv_ci_high", "mean_variance", "n_texts"]]
+
+# %% [markdown]
+# ## Without massive-activation tokens
+# The token rows dropped (if any) and the cross-language statistics recomputed without them.
+
+# %%
+clean = acts.without_massive_tokens(MASSIVE_RATIO)
+print(f"{len(clean.dropped_tokens)} of {len(acts.token_index)} token rows exceed {MASSIVE_RATIO:g} x the median token norm")
+clean.dropped_tokens
+
+# %%
+lv_clean = language_variance(clean, n_boot=N_BOOT, seed=SEED)
+lv_clean.cross[["layer", "depth", "cross_var", "cross_cv", "cross_cv_ci_low", "cross_cv_ci_high", "mean_variance"]]
+
+# %% [markdown]
+# ## Layer criticality
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+crit = layer_criticality(loaded, corpus, bits=BITS, lr_langs=LR_LANGS, hr_langs=HR_LANGS, n_boot=N_BOOT, seed=SEED,
+                         measure_config=MeasureConfig(max_length=MAX_LENGTH))
+
+# %%
+print(crit.describe())
+crit.table[["layer", "depth", "criticality", "criticality_ci_low", "criticality_ci_high", "n", "reason"]]
+
+# %% [markdown]
+# ## H1.3: do critical layers show more cross-language variance?
+# Spearman correlations over layers (n = number of layers). The prediction is a positive correlation; the
+# verdict needs the whole 95 % interval above 0. The correlation of `cross_var` with depth shows how much
+# of the seed's statistic is just the growing residual norm.
+
+# %%
+r_cv = layer_correlation(lv.values("cross_cv"), crit, method="spearman", n_boot=N_BOOT, seed=SEED)
+r_var = layer_correlation(lv.values("cross_var"), crit, method="spearman", n_boot=N_BOOT, seed=SEED)
+r_clean = layer_correlation(lv_clean.values("cross_cv"), crit, method="spearman", n_boot=N_BOOT, seed=SEED)
+r_depth = layer_correlation(lv.values("cross_var"), lv.values("depth"), method="spearman", n_boot=N_BOOT, seed=SEED)
+print(f"Spearman r(cross_var, depth) = {r_depth['r']:.3f} [{r_depth['ci_low']:.3f}, {r_depth['ci_high']:.3f}], n = {r_depth['n']}")
+hypotheses = [
+    Hypothesis.evaluate("H1.3", "critical layers show more cross-language activation variance (scale-free: cross_cv)",
+                        r_cv, 0.0, ">", quantity="Spearman r(cross_cv, criticality)"),
+    Hypothesis.evaluate("H1.3-seed", "critical layers show more cross-language activation variance (seed's np.var: cross_var)",
+                        r_var, 0.0, ">", quantity="Spearman r(cross_var, criticality)"),
+    Hypothesis.evaluate("H1.3-robust", "critical layers show more cross-language activation variance (cross_cv, massive-activation tokens dropped)",
+                        r_clean, 0.0, ">", quantity="Spearman r(cross_cv without massive tokens, criticality)",
+                        notes=f"{len(clean.dropped_tokens)} token rows above {MASSIVE_RATIO:g} x the median norm dropped"),
+]
+for h in hypotheses:
+    print(h.sentence())
+
+# %% [markdown]
+# ## Figures
+# Shaded bands are 95 % bootstrap intervals over texts (criticality: paired over texts too).
+
+# %%
+fig, axes = plt.subplots(2, 2, figsize=(15, 10))
+plot_layer_profile(lv.per_language, "variance", hue="lang", ax=axes[0, 0], logy=True, hue_order=LANGS,
+                   title="Activation variance per language (dashed: low-resource)", ylabel="mean per-dimension variance")
+plot_layer_profile(lv.cross, "cross_cv", ax=axes[0, 1], title="Spread across languages (coefficient of variation)",
+                   ylabel="cross_cv")
+plot_layer_profile(lv_clean.cross, "cross_cv", ax=axes[0, 1], ylabel="cross_cv")
+axes[0, 1].legend(axes[0, 1].lines, ["all token rows", "massive-activation tokens dropped"], fontsize=8)
+plot_layer_profile(crit.table, "criticality", ax=axes[1, 0], reference=0.0,
+                   title="Layer criticality (protect one layer)", ylabel="criticality (bits per byte)")
+merged = lv.cross.merge(crit.table[["layer", "criticality"]], on="layer")
+axes[1, 1].scatter(merged["cross_cv"], merged["criticality"], c=merged["depth"], cmap="viridis")
+axes[1, 1].set_xlabel("cross_cv")
+axes[1, 1].set_ylabel("criticality")
+axes[1, 1].set_title(f"Criticality vs cross-language spread (colour: depth); Spearman r = {r_cv['r']:.2f}")
+fig.tight_layout()
+figures = [plots.save_figure(fig, OUTPUT_DIR, "t003_language_variance")]
+
+# %% [markdown]
+# ## Verdict and record
+# The sentences above and the table below are generated from the intervals; read them with the caveats at
+# the top. Whatever the verdicts, `cross_var` and `cross_cv` can disagree (the former tracks the residual
+# norm, the latter the relative spread between languages), and where H1.3 and H1.3-robust disagree, a few
+# massive-activation tokens decide the result rather than how languages use a layer as a whole. `results.json` in `OUTPUT_DIR` holds every
+# parameter, the environment, the metrics and the hypotheses.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+metrics = {
+    "n_layers": loaded.n_layers,
+    "hidden": acts.hidden,
+    "texts": acts.summary(),
+    "definition": lv.definition,
+    "per_language": lv.per_language,
+    "cross_language": lv.cross,
+    "massive_tokens_dropped": clean.dropped_tokens,
+    "cross_language_without_massive": lv_clean.cross,
+    "spearman_cross_cv_without_massive_criticality": r_clean,
+    "criticality": crit.table,
+    "criticality_definition": crit.describe(),
+    "spearman_cross_cv_criticality": r_cv,
+    "spearman_cross_var_criticality": r_var,
+    "spearman_cross_var_depth": r_depth,
+}
+parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
+                  BITS=BITS, MAX_LENGTH=MAX_LENGTH, MAX_TOKENS_PER_TEXT=MAX_TOKENS_PER_TEXT, BATCH_SIZE=BATCH_SIZE,
+                  MASSIVE_RATIO=MASSIVE_RATIO, DEVICE=str(loaded.device), SEED=SEED, N_BOOT=N_BOOT)
+path = write_results(OUTPUT_DIR, "t003_language_activation_variance", parameters, metrics, hypotheses, figures,
+                     loaded.metadata)
+print("wrote", path)
+
+# %%
+verdict_table = print_verdicts(hypotheses)

@@ -1,0 +1,228 @@
+# PURPOSE: T-004 residual stream theory: is L_last closer to full precision when L0 is protected too? (seed 004 H2.1)
+# %% [markdown]
+# # T-004: residual propagation — does protecting L0 keep the last layer closer to full precision?
+#
+# {colab_badge}
+#
+# **Question.** Seed 000 found that protecting the last decoder layer alone barely helps, while
+# protecting layer 0 and the last layer together does. Is that because layer 0's quantization error
+# travels up the residual stream, so that the last layer receives corrupted input whatever its own
+# precision?
+#
+# **Hypothesis H2.1 (seed 004, residual stream theory).** *"L0 errors propagate through the residual
+# stream. Without L0 protection, L11 protection is useless because it receives corrupted input."*
+# Prediction: *"Activations at L11 are more similar (FP32 vs INT4) when L0 is protected."* Here L11 is
+# the model's last layer, L_last.
+#
+# **Method.** One model, four configurations applied and restored in turn: every decoder layer
+# quantized, only L_last protected, L0 + L_last protected, only L0 protected; the full-precision (FP)
+# forward is the reference. For every text and every layer we compare the residual stream after the
+# block with FP on the same tokens: the mean over tokens of the per-token cosine similarity and of the
+# per-token relative L2 error `||a_q - a_fp|| / ||a_fp||` (BOS and padding left out; the error pooled
+# over the whole text, `rel_l2_fro`, is recorded too, but a few tokens with massive activations dominate
+# it). At the output we measure `KL(p_fp || p_q)` of
+# the next-token distributions, per prediction and, to compare languages on the same content, in bits
+# per byte of text. H2.1 is judged on the per-text difference `cosine(L0 + L_last protected) -
+# cosine(L_last protected)` at L_last, with a paired bootstrap over texts (the same resample for every
+# language of the parallel corpus), pooled over languages; the same contrast is taken at the output.
+# A third test asks the seed's stronger claim: is protecting L_last worth more once L0 is protected
+# (a positive interaction of the two protections on the output KL)? Finally we ask whether the
+# low-resource (LR) languages' error is larger than the high-resource (HR) languages'.
+#
+# `PROTOCOL = "sound"` (default) quantizes the linear weights of the decoder blocks per output channel;
+# `"seed"` is the seeds' per-tensor symmetric INT-b on every weight inside the decoder layers.
+
+# %%
+# Colab only: install qhelpers (elsewhere it is installed by scripts/install.sh)
+import subprocess, sys
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
+
+# %% tags=["parameters"]
+MODEL = "embedded:smollm2-135m"   # hub id, local folder, embedded:<name> or tiny:<arch>
+CORPUS = "udhr"                   # 50 parallel paragraphs per language
+LANGS = ["en", "de", "he", "sw"]  # seed 000's languages
+HR_LANGS = ["en", "de"]
+LR_LANGS = ["he", "sw"]
+N_TEXTS = 5                       # texts per language (None: all)
+PROTOCOL = "sound"                # "sound" (per-channel, linear weights) or "seed" (per-tensor)
+BITS = 4
+MAX_LENGTH = 96                   # tokens per text, BOS included (longer texts are cut)
+DEVICE = None                     # None: cuda if available, else cpu
+SEED = 0
+N_BOOT = 2000
+OUTPUT_DIR = "results/t004_residual_propagation"
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from qhelpers import plots, propagation
+from qhelpers.corpora import load_corpus
+from qhelpers.models import load_model
+from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
+
+seed_everything(SEED)
+pd.set_option("display.precision", 4)
+pd.set_option("display.width", 160)
+pd.set_option("display.max_rows", 200)
+
+# %% [markdown]
+# ## Model, texts and configurations
+# The model is loaded once; each configuration is applied to it and restored (its weights are never
+# overwritten).
+
+# %%
+loaded = load_model(MODEL, device=DEVICE)
+corpus = load_corpus(CORPUS, langs=LANGS, n_texts=N_TEXTS, seed=SEED)
+LAST = loaded.n_layers - 1
+print(loaded.describe())
+print("baseline:", loaded.metadata["baseline"])
+print({lang: corpus.n_texts(lang) for lang in corpus.langs}, "texts per language; last layer:", LAST)
+variants = propagation.propagation_variants(loaded.n_layers, protocol=PROTOCOL, bits=BITS)
+for name, variant in variants.items():
+    print(f"{name:18s} protected layers {list(variant.protect.layers)}: {propagation.PROPAGATION_CONFIGS[name]}")
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+prop = propagation.residual_propagation(loaded, corpus, variants, max_length=MAX_LENGTH, progress=True)
+print(f"{len(prop.logits)} (text, configuration) pairs, {loaded.n_layers} layers each, in {prop.seconds:.1f} s")
+
+# %% [markdown]
+# ## Error growth through the layers
+# The mean over texts (pooled: the mean of the language means) of the per-token relative L2 error of
+# the residual stream after each block, per configuration. A protected layer adds no error of its own,
+# but it still passes on (and transforms) the error it receives.
+
+# %%
+groups = dict(lr_langs=LR_LANGS, hr_langs=HR_LANGS, n_boot=N_BOOT, seed=SEED)
+rel_curve = prop.curve("rel_l2", **groups)
+cos_curve = prop.curve("cosine", **groups)
+rel_curve[rel_curve["lang"] == "all"].pivot(index="layer", columns="config", values="rel_l2")[list(variants)]
+
+# %% [markdown]
+# ## Output divergence
+# `kl`: mean `KL(p_fp || p_q)` per predicted token (nats); `kl_bpb`: the text's summed KL in bits per
+# UTF-8 byte, the measure to compare languages with (tokenizers split languages into very different
+# numbers of tokens).
+
+# %%
+kl = propagation.text_means(prop.logits, "kl", by=["config"], **groups)
+kl_bpb = propagation.text_means(prop.logits, "kl_bpb", by=["config"], **groups)
+kl.merge(kl_bpb, on=["config", "lang"], suffixes=("", "_bpb"))[
+    ["config", "lang", "kl", "kl_ci_low", "kl_ci_high", "kl_bpb", "kl_bpb_ci_low", "kl_bpb_ci_high", "n"]]
+
+# %% [markdown]
+# ## H2.1: what protecting L0 adds when L_last is protected
+# Per text: `cosine gain` = cosine(L0 + L_last protected) - cosine(L_last protected) at L_last (the
+# seed's prediction: > 0), `rel_l2 reduction` = the same contrast on the relative error (sign flipped
+# so that positive means closer to FP), and `KL reduction` = KL(L_last protected) - KL(L0 + L_last
+# protected) at the output. `L_last protection gain interaction` asks the seed's stronger claim: the
+# output KL removed by protecting L_last when L0 is protected, minus the KL it removes when L0 is
+# quantized, `[KL(L0) - KL(L0 + L_last)] - [KL(all) - KL(L_last)]`; positive means protecting L_last is
+# worth more once L0 is protected. Rows per language, pooled (`all`), per group and LR minus HR.
+
+# %%
+L0_GAIN = {"gateway_protected": 1, "last_protected": -1}
+L0_REDUCTION = {"last_protected": 1, "gateway_protected": -1}
+INTERACTION = {"first_protected": 1, "gateway_protected": -1, "all_quantized": -1, "last_protected": 1}
+gain_cos = propagation.text_contrast(prop.layers, "cosine", L0_GAIN, layer=LAST)
+gain_rel = propagation.text_contrast(prop.layers, "rel_l2", L0_REDUCTION, layer=LAST)
+gain_kl = propagation.text_contrast(prop.logits, "kl", L0_REDUCTION)
+interaction_kl = propagation.text_contrast(prop.logits, "kl", INTERACTION)
+h21_table = pd.concat([
+    propagation.text_means(gain_cos, **groups).assign(quantity="cosine gain at L_last"),
+    propagation.text_means(gain_rel, **groups).assign(quantity="rel_l2 reduction at L_last"),
+    propagation.text_means(gain_kl, **groups).assign(quantity="KL reduction (output)"),
+    propagation.text_means(interaction_kl, **groups).assign(quantity="L_last protection gain interaction (KL)"),
+], ignore_index=True)
+h21_table[["quantity", "lang", "value", "value_ci_low", "value_ci_high", "n", "reason"]]
+
+# %% [markdown]
+# ## Are the low-resource languages hurt more?
+# With every layer quantized: the relative error at L_last and the output KL in bits per byte, LR minus
+# HR (paired: the corpus is parallel, so each resample draws the same paragraphs in every language). The
+# relative error is a mean over tokens and so partly reflects how each tokenizer splits a language; the
+# KL per byte compares the same content.
+
+# %%
+err_last = propagation.text_contrast(prop.layers, "rel_l2", {"all_quantized": 1}, layer=LAST)
+err_out = propagation.text_contrast(prop.logits, "kl_bpb", {"all_quantized": 1})
+lr_table = pd.concat([
+    propagation.text_means(err_last, **groups).assign(quantity="rel_l2 at L_last, all quantized"),
+    propagation.text_means(err_out, **groups).assign(quantity="KL bits per byte, all quantized"),
+], ignore_index=True)
+lr_table[["quantity", "lang", "value", "value_ci_low", "value_ci_high", "n", "reason"]]
+
+# %% [markdown]
+# ## Hypotheses
+# Every verdict is computed from the bootstrap interval: SUPPORTED when the whole 95 % interval lies on
+# the predicted side of 0, NOT_SUPPORTED when it lies wholly on the other side, else INCONCLUSIVE.
+# Note that H2.1 as the seed states it compares a configuration with one more protected layer against
+# one with fewer, so some gain is expected from the reduced amount of quantization alone; the
+# interaction test is the one that separates "L_last protection needs L0" from "less quantization, less
+# error".
+
+# %%
+est = dict(n_boot=N_BOOT, seed=SEED)
+hypotheses = [
+    Hypothesis.evaluate("H2.1", "activations at L_last are more similar to FP when L0 is protected too (L0 + L_last vs L_last protected)",
+                        propagation.text_mean(gain_cos, **est), 0.0, ">", quantity="cosine(L0+L_last) - cosine(L_last)"),
+    Hypothesis.evaluate("H2.1-output", "the output distribution is closer to FP when L0 is protected too (L0 + L_last vs L_last protected)",
+                        propagation.text_mean(gain_kl, **est), 0.0, ">", quantity="KL(L_last) - KL(L0+L_last)"),
+    Hypothesis.evaluate("H2.1-interaction", "protecting L_last removes more output error when L0 is protected than when L0 is quantized",
+                        propagation.text_mean(interaction_kl, **est), 0.0, ">", quantity="[KL(L0) - KL(L0+L_last)] - [KL(all) - KL(L_last)]"),
+    Hypothesis.evaluate("LR-error-L_last", "with every layer quantized, the LR languages' residual stream at L_last is further from FP than the HR languages'",
+                        propagation.text_mean(err_last, langs=LR_LANGS, minus=HR_LANGS, **est), 0.0, ">", quantity="rel_l2 LR - HR"),
+    Hypothesis.evaluate("LR-error-output", "with every layer quantized, the LR languages' output diverges more from FP per byte of text than the HR languages'",
+                        propagation.text_mean(err_out, langs=LR_LANGS, minus=HR_LANGS, **est), 0.0, ">", quantity="KL bits per byte LR - HR"),
+]
+for h in hypotheses:
+    print(h.sentence())
+
+# %% [markdown]
+# ## Figures
+# Top: the error growth curves of the four configurations (pooled over languages, 95 % bands). Bottom
+# left: the relative error per language with every layer quantized (HR blue, LR red). Bottom right: the
+# cosine gain from protecting L0 in addition to L_last, at every layer. Last panel: the output KL.
+
+# %%
+gain_curve = prop.layer_contrast(L0_GAIN, "cosine", **groups)
+fig, axes = plt.subplots(2, 2, figsize=(15, 10))
+propagation.plot_error_growth(rel_curve, "rel_l2", ax=axes[0, 0], title="Per-token relative L2 error of the residual stream vs FP")
+propagation.plot_error_growth(cos_curve, "cosine", ax=axes[0, 1], title="Mean token cosine similarity to FP")
+propagation.plot_language_growth(rel_curve, "all_quantized", "rel_l2", ax=axes[1, 0], title="Per-token relative L2 error per language, all quantized")
+propagation.plot_error_growth(gain_curve, "value", lang=["all", "LR", "HR"], lines="lang", ax=axes[1, 1], reference=0.0,
+                              title="Cosine gain from protecting L0 too (L0 + L_last minus L_last protected)")
+fig.tight_layout()
+figures = [plots.save_figure(fig, OUTPUT_DIR, "t004_error_growth")]
+fig_kl = plots.estimate_bars(kl[kl["lang"] == "all"], "kl", label="config", reference=0.0,
+                             title="Output KL(fp || q) per token, pooled over languages", xlabel="nats per token")
+figures.append(plots.save_figure(fig_kl, OUTPUT_DIR, "t004_output_kl"))
+
+# %% [markdown]
+# ## Verdict and record
+# The sentences above are generated from the intervals; `results.json` in `OUTPUT_DIR` holds every
+# parameter, the environment, the per-layer curves, the contrasts and the hypotheses.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+metrics = {
+    "n_layers": loaded.n_layers,
+    "n_texts_per_language": {lang: corpus.n_texts(lang) for lang in corpus.langs},
+    "rel_l2_curve": rel_curve,
+    "cosine_curve": cos_curve,
+    "kl": kl,
+    "kl_bpb": kl_bpb,
+    "h21_contrasts": h21_table,
+    "l0_gain_by_layer": gain_curve,
+    "lr_vs_hr": lr_table,
+    "seconds": prop.seconds,
+}
+parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
+                  PROTOCOL=PROTOCOL, BITS=BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), SEED=SEED, N_BOOT=N_BOOT)
+path = write_results(OUTPUT_DIR, "t004_residual_propagation", parameters, metrics, hypotheses, figures, loaded.metadata)
+print("wrote", path)
+
+# %%
+verdict_table = print_verdicts(hypotheses)

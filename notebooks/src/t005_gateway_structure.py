@@ -1,0 +1,219 @@
+# PURPOSE: T-005 (seed 004, H2.2): do the first and last decoder layers have a weight structure (SVD spectrum) unlike the middle layers'?
+# %% [markdown]
+# # T-005: gateway structure — are L0 and L_last built differently?
+#
+# {colab_badge}
+#
+# **Question.** Protecting the first and last decoder layers together was the seed's most effective small
+# intervention. Are these "gateway" layers special already in their weights, before any text is run?
+#
+# **Hypothesis H2.2 (seed 004, "Input-Output Gateway Theory").** *L0 and L11 are "gateways" - L0 encodes
+# input into the model's representation space, L11 decodes back to output space.* Prediction: *L0 and L11
+# have unique weight structure compared to middle layers.* Tested here as
+#
+# * **H2.2**: L0 and L_last are jointly the most distinct layers beyond what chance allows (see Method);
+# * **H2.2-crit**: layers with a more distinct weight structure are more critical (Spearman r > 0 between
+#   distinctiveness and `layer_criticality`).
+#
+# **Method.**
+# 1. Every weight matrix of every decoder layer (q, k, v, o and the MLP matrices, from the architecture
+#    registry; a fused q/k/v projection split into its parts) gets the seed's SVD statistics
+#    (`qhelpers.weightstats.tensor_stats`): count rank `#{s > 0.01 s_max}` (the seed's "effective rank"),
+#    entropy effective rank, stable rank `||W||_F² / s_max²`, log10 condition number (capped at
+#    1/float32-epsilon) and log10 top singular value.
+# 2. Each (matrix, statistic) column is put on a robust scale (1.4826 MAD over layers, the standard deviation
+#    when the MAD is 0; constant columns dropped). A layer's z-score in a column is its distance from the
+#    median of the OTHER layers; its **distinctiveness** is the root mean square of its z-scores.
+# 3. If layers were exchangeable, the gateway pair would be a random pair of layers. The exact permutation
+#    p-value is the share of all `C(n, 2)` pairs whose smaller distinctiveness is at least the gateways'.
+#    H2.2 is judged on `T = min(d[L0], d[L_last]) - Q`, where `Q` is the level-`ALPHA` critical value of the
+#    same statistic over the other pairs: `T > 0` exactly when `p <= ALPHA`. The 95 % interval of `T` comes from
+#    a bootstrap over the (matrix, statistic) columns, i.e. it asks whether the conclusion survives a
+#    different choice of descriptors. With few layers (6 or fewer at `ALPHA` = 0.05) no outcome can reach
+#    the level and H2.2 is undefined (INCONCLUSIVE).
+#
+# **Caveats.** The embedded model's weights are a dequantized GGUF (Q4_1), so small singular values carry
+# that earlier quantization too. The feature columns are not independent (ranks of one matrix move
+# together), so the bootstrap interval is a sensitivity range, not a sampling interval. On a random-init
+# tiny model (ci profile) criticality is undefined and H2.2-crit INCONCLUSIVE.
+
+# %%
+# Colab only: install qhelpers (elsewhere it is installed by scripts/install.sh)
+import subprocess, sys
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
+
+# %% tags=["parameters"]
+MODEL = "embedded:smollm2-135m"   # hub id, local folder, embedded:<name> or tiny:<arch>
+CORPUS = "udhr"                   # "udhr": 50 parallel paragraphs per language
+LANGS = ["en", "de", "fr", "zh", "ar", "he", "sw"]
+HR_LANGS = ["en", "de", "fr", "zh"]
+LR_LANGS = ["ar", "he", "sw"]
+N_TEXTS = 4                       # texts per language for the criticality sweep (None: all 50)
+PROTOCOL = "sound"                # protocol of the criticality sweep
+BITS = 4
+COMPONENTS = "linear"             # registry components or groups: "linear", "attn", "mlp", ...
+FEATURES = ["count_rank", "effective_rank", "stable_rank", "log10_condition", "log10_s_max"]
+ALPHA = 0.05                      # level of the gateway permutation test
+MAX_LENGTH = 256                  # tokens per forward window of the criticality sweep
+DEVICE = None                     # None: cuda if available, else cpu
+SEED = 0
+N_BOOT = 2000
+OUTPUT_DIR = "results/t005_gateway_structure"
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from qhelpers import plots, stats, weight_theory
+from qhelpers.corpora import load_corpus
+from qhelpers.criticality import layer_criticality
+from qhelpers.measure import MeasureConfig
+from qhelpers.models import load_model
+from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
+
+seed_everything(SEED)
+pd.set_option("display.precision", 4)
+pd.set_option("display.width", 160)
+pd.set_option("display.max_columns", 20)
+
+# %% [markdown]
+# ## Model and texts
+
+# %%
+loaded = load_model(MODEL, device=DEVICE)
+corpus = load_corpus(CORPUS, langs=LANGS, n_texts=N_TEXTS, seed=SEED)
+print(loaded.describe())
+print("baseline:", loaded.metadata["baseline"])
+
+# %% [markdown]
+# ## SVD profile of every weight matrix
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+profile = weight_theory.svd_profile(loaded, components=COMPONENTS)
+print(len(profile), "matrices:", ", ".join(f"{c} {s}" for c, s in profile.drop_duplicates("component")[["component", "shape"]].values))
+
+# %%
+profile.pivot(index="layer", columns="component", values="effective_rank")
+
+# %%
+profile.pivot(index="layer", columns="component", values="count_rank")
+
+# %% [markdown]
+# ## Distinctiveness of each layer
+# `rank` 1 = most distinct. `gateway_excess` = mean distinctiveness of the gateways minus the median of the
+# middle layers; `gateway_margin` = the smaller gateway value minus the largest middle value (> 0 when the
+# gateways are the two most distinct layers); both with intervals over the feature columns, descriptive only.
+
+# %%
+dist = weight_theory.layer_distinctiveness(profile, FEATURES, n_boot=N_BOOT, seed=SEED, alpha=ALPHA)
+print("gateways:", dist.gateways, "| two most distinct layers:", dist.top(2))
+print("dropped constant columns:", dist.dropped_columns)
+print(f"exact permutation p = {dist.p_perm:.4g} over {dist.n_pairs} layer pairs")
+print("gateway excess:", dist.gateway_excess)
+print("gateway margin:", dist.gateway_margin)
+print(f"T (beyond chance at alpha {ALPHA:g}):", dist.gateway_vs_chance)
+dist.table
+
+# %% [markdown]
+# ## Criticality per layer
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+crit = layer_criticality(loaded, corpus, bits=BITS, protocol=PROTOCOL, lr_langs=LR_LANGS, hr_langs=HR_LANGS,
+                         n_boot=N_BOOT, seed=SEED, measure_config=MeasureConfig(max_length=MAX_LENGTH))
+print(crit.describe())
+print("sweep reused from the on-disk cache:", crit.from_cache)
+
+# %%
+merged = dist.table.merge(crit.table[["layer", "criticality", "criticality_ci_low", "criticality_ci_high"]], on="layer")
+crit_corr = stats.correlation(merged["distinctiveness"], merged["criticality"], method="spearman", n_boot=N_BOOT, seed=SEED)
+merged
+
+# %% [markdown]
+# ## Hypotheses
+
+# %%
+hypotheses = [
+    Hypothesis.evaluate("H2.2", "L0 and L_last are jointly the most distinct layers, beyond chance (SVD structure)",
+                        dist.gateway_vs_chance, 0.0, ">", quantity=f"T (alpha {ALPHA:g})",
+                        notes=f"exact permutation p = {dist.p_perm:.4g} over {dist.n_pairs} pairs; "
+                              f"gateway ranks {dist.table.set_index('layer').loc[list(dist.gateways), 'rank'].tolist()}"),
+    Hypothesis.evaluate("H2.2-crit", "layers with a more distinct weight structure are more critical",
+                        crit_corr, 0.0, ">"),
+]
+for h in hypotheses:
+    print(h.sentence())
+
+# %% [markdown]
+# ## Figures
+# Left: robust z-scores per layer and (matrix, statistic) column, colour clipped at ±5, gateway layers in red.
+# Right: distinctiveness per layer (interval over feature columns), and distinctiveness vs criticality.
+
+# %%
+fig = plt.figure(figsize=(16, 11))
+grid = fig.add_gridspec(2, 2, width_ratios=[1.6, 1])
+ax_heat = fig.add_subplot(grid[:, 0])
+plots.layer_heatmap(dist.z.clip(-5, 5), ax=ax_heat, annotate=False, center=0.0, cbar_label="robust z (clipped at ±5)",
+                    title="SVD profile: z-score vs the other layers")
+ax_heat.set_xticklabels(dist.z.columns, rotation=90, fontsize=7)
+ax_heat.set_xlabel("matrix:statistic")
+for label in ax_heat.get_yticklabels():
+    label.set_color("#d62728" if int(label.get_text()) in dist.gateways else "black")
+ax_bar = fig.add_subplot(grid[0, 1])
+plots.estimate_bars(dist.table.assign(layer=dist.table["layer"].astype(str)), "distinctiveness", label="layer", ax=ax_bar,
+                    highlight=[str(g) for g in dist.gateways], title="Distinctiveness (red: gateways)",
+                    xlabel="RMS robust z-score")
+ax_sc = fig.add_subplot(grid[1, 1])
+ax_sc.errorbar(merged["distinctiveness"], merged["criticality"],
+               yerr=[merged["criticality"] - merged["criticality_ci_low"], merged["criticality_ci_high"] - merged["criticality"]],
+               fmt="o", capsize=3, color="#1f77b4")
+ax_sc.scatter(merged.loc[merged["role"] == "gateway", "distinctiveness"], merged.loc[merged["role"] == "gateway", "criticality"],
+              color="#d62728", zorder=3, label="gateways")
+ax_sc.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+ax_sc.set_xlabel("distinctiveness")
+ax_sc.set_ylabel("criticality (bits per byte, 95 % CI)")
+ax_sc.set_title("H2.2-crit: distinctiveness vs criticality")
+ax_sc.legend()
+fig.tight_layout()
+figures = [plots.save_figure(fig, OUTPUT_DIR, "t005_gateway_structure")]
+
+# %%
+fig, axes = plt.subplots(1, len(FEATURES), figsize=(4 * len(FEATURES), 3.8))
+for ax, feature in zip(np.atleast_1d(axes), FEATURES):
+    profile.pivot(index="layer", columns="component", values=feature).plot(ax=ax, marker=".", legend=feature == FEATURES[0])
+    for g in dist.gateways:
+        ax.axvline(g, color="#d62728", alpha=0.3, linewidth=6)
+    ax.set_title(feature)
+fig.tight_layout()
+figures.append(plots.save_figure(fig, OUTPUT_DIR, "t005_svd_profiles"))
+
+# %% [markdown]
+# ## Verdict and record
+# The verdict table below is computed from the intervals above. H2.2 is SUPPORTED only if the gateway pair is
+# beyond the permutation critical value for every resampling of the descriptors in the 95 % interval,
+# NOT_SUPPORTED if it is below it throughout (the gateways are not more distinct than a random pair of layers
+# would be), and INCONCLUSIVE otherwise. The ranks in the notes show where each gateway stands on its own:
+# one gateway can be the most distinct layer while the pair as a whole is not beyond chance.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+metrics = {
+    "n_layers": loaded.n_layers,
+    "n_texts_per_language": {lang: corpus.n_texts(lang) for lang in corpus.langs},
+    "svd_profile": profile,
+    "distinctiveness": dist.to_dict(),
+    "criticality": crit.table,
+    "criticality_from_cache": crit.from_cache,
+    "distinctiveness_vs_criticality": crit_corr,
+}
+parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
+                  PROTOCOL=PROTOCOL, BITS=BITS, COMPONENTS=COMPONENTS, FEATURES=FEATURES, ALPHA=ALPHA,
+                  MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), SEED=SEED, N_BOOT=N_BOOT)
+path = write_results(OUTPUT_DIR, "t005_gateway_structure", parameters, metrics, hypotheses, figures, loaded.metadata)
+print("wrote", path)
+
+# %%
+verdict_table = print_verdicts(hypotheses)
