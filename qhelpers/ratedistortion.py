@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 from scipy.optimize import OptimizeWarning, curve_fit
 
@@ -83,6 +84,7 @@ __all__ = [
     "RDFit",
     "layer_order",
     "layer_shares",
+    "layer_variances",
     "rd_grid",
     "grid_measures",
     "effective_bits",
@@ -122,6 +124,27 @@ def layer_shares(model: Any, scope: str = "linear") -> dict[int, float]:
     n_layers = len(decoder_layers(module, arch))
     return {i: float(resolve_plan(module, ProtectionSpec(layers=(i,)), scope, arch).scope_kept_fraction)
             for i in range(n_layers)}
+
+
+def layer_variances(model: Any) -> dict[int, float]:
+    """Per decoder layer, the population variance of all its parameter values pooled (seed
+    002's per-layer weight variance; ``weightstats.layer_table(...)["variance_pooled"]``), from
+    float64 sums, without that table's per-tensor statistics."""
+    module = as_module(model)
+    out = {}
+    with torch.no_grad():
+        for i, layer in enumerate(decoder_layers(module, get_arch(module))):
+            n, s2 = 0, 0.0
+            params = list(layer.parameters())
+            mean = sum(float(p.detach().double().sum()) for p in params) / max(sum(p.numel() for p in params), 1)
+            for p in params:  # centred second moment: no cancellation
+                x = p.detach().reshape(-1)
+                for start in range(0, x.numel(), 1 << 22):
+                    chunk = x[start:start + (1 << 22)].double() - mean
+                    s2 += float((chunk * chunk).sum())
+                n += x.numel()
+            out[i] = s2 / n if n else math.nan
+    return out
 
 
 def _by_value(values: Mapping[int, float], layers: Iterable[int], what: str) -> list[int]:
@@ -177,11 +200,7 @@ def layer_order(
     if rule == "index":
         return tuple(head + rest)
     if rule == "variance":
-        from .weightstats import layer_table
-
-        table = layer_table(module, params="all")
-        values = dict(zip(table["layer"].astype(int), table["variance_pooled"].astype(float)))
-        return tuple(head + _by_value(values, rest, "the weight variance"))
+        return tuple(head + _by_value(layer_variances(module), rest, "the weight variance"))
     if criticality is None:
         raise ConfigError(f"layer order {order!r} needs criticality=: pass layer_criticality(...).values() "
                           "(a Series or dict layer -> criticality), or choose 'gateway-variance'")
@@ -804,6 +823,19 @@ def _curve_fit(model: _Model, bits, p, y, levels, bref, p0) -> tuple[np.ndarray,
             return start, False
 
 
+def _at_bound(model: _Model, theta: np.ndarray, y: np.ndarray, levels: np.ndarray) -> dict[str, str]:
+    """{parameter: "lower" | "upper"} for the parameters within 1e-6 of the range of a bound."""
+    lo, hi = model.bounds(y, levels)
+    tol = 1e-6 * (hi - lo)
+    out = {}
+    for name, t, l, h, e in zip(model.names(levels), theta, lo, hi, tol):
+        if t - l <= e:
+            out[name] = "lower"
+        elif h - t <= e:
+            out[name] = "upper"
+    return out
+
+
 def _fit_theta(model: _Model, bits, p, y, levels, bref, p0=None) -> tuple[np.ndarray, bool]:
     if p0 is None:
         p0 = model.init(bits, p, y, levels, bref)
@@ -867,9 +899,7 @@ def fit_model(
     sse = float(np.sum(resid ** 2))
     sst = float(np.sum((yy - yy.mean()) ** 2))
     crit = information_criteria(sse, n, k)
-    lo, hi = m.bounds(yy, levels)
-    tol = 1e-6 * (hi - lo)
-    at_bound = tuple(name for name, t, l, h, e in zip(m.names(levels), theta, lo, hi, tol) if t - l <= e or h - t <= e)
+    at_bound = tuple(_at_bound(m, theta, yy, levels))
     res = FitResult(
         m.name, m.formula, m.report(theta, levels, bref), n, k, sse=sse, rmse=math.sqrt(sse / n),
         r2=1.0 - sse / sst if sst > 0 else math.nan, aic=crit["aic"], aicc=crit["aicc"], bic=crit["bic"],
@@ -911,6 +941,26 @@ class RDFit:
     n_texts: int
     n_fit_boot: int
     level: float
+    #: per model, how many bootstrap refits stopped each parameter at a fitting bound
+    boot_at_bound: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def bound_note(self, model: str, param: str) -> str:
+        """A sentence when ``param`` stopped at a fitting bound (its estimate and interval are then
+        censored there: the data only say it lies at or beyond the bound); "" otherwise."""
+        fit = self.fits.get(model)
+        if fit is None or not fit.defined:
+            return ""
+        n_boot = self.boot_at_bound.get(model, {}).get(param, 0)
+        side = dict(_at_bound(MODELS[model], fit.theta, self.cells["disparity"].to_numpy(float), fit.levels)).get(param)
+        if side is None and n_boot == 0:
+            return ""
+        ok = int(self.comparison.set_index("model").loc[model, "boot_ok"]) if len(self.comparison) else 0
+        where = f"in the point fit and {n_boot} of {ok} bootstrap refits" if side else f"in {n_boot} of {ok} bootstrap refits"
+        value = fit.params[param]
+        censored = ""
+        if side is not None:
+            censored = f"; censored: the data say only {param} {'>=' if side == 'upper' else '<='} {value:.4g}"
+        return f"{model} {param} stopped at a fitting bound {where}{censored}"
 
     def estimate(self, model: str, param: str) -> _stats.Estimate:
         """A parameter as an :class:`~qhelpers.stats.Estimate` (point fit, bootstrap CI; n = texts)."""
@@ -1036,6 +1086,7 @@ def fit_grid(
     boot_params: dict[str, list[dict[str, float]]] = {m.name: [] for m in specs}
     boot_loo: dict[str, list[Any]] = {f"{m.name}_loo": [] for m in specs}
     ok_counts = {m.name: 0 for m in specs}
+    boot_bound: dict[str, dict[str, int]] = {m.name: {} for m in specs}
     defined = [m for m in specs if fits[m.name].defined]
     if defined:
         items: Iterable[int] = range(n_use)
@@ -1055,6 +1106,8 @@ def fit_grid(
                     boot_loo[f"{m.name}_loo"].append(None)
                     continue
                 ok_counts[m.name] += 1
+                for name in _at_bound(m, theta, yr, fit.levels):
+                    boot_bound[m.name][name] = boot_bound[m.name].get(name, 0) + 1
                 boot_params[m.name].append(m.report(theta, fit.levels, fit.bref))
                 boot_loo[f"{m.name}_loo"].append(
                     _loo_errors(m, bits, p, yr, fit.levels, fit.bref, theta) if loo else None)
@@ -1068,14 +1121,16 @@ def fit_grid(
     boot_frames = {name: pd.DataFrame(v) for name, v in boot_params.items() if v}
     out = RDFit(policy, fits, comparison, pd.DataFrame(), used, excluded, boot_frames,
                 pd.DataFrame({k: v for k, v in boot_loo.items() if v}) if any(boot_loo.values()) else pd.DataFrame(),
-                n_texts, n_use, measures.level)
+                n_texts, n_use, measures.level, boot_bound)
     for m in specs:
         for name in fits[m.name].params:
             est = out.estimate(m.name, name)
             prow.append({"model": m.name, "param": name, "value": est.value, "ci_low": est.ci_low,
                          "ci_high": est.ci_high, "at_bound": name in fits[m.name].at_bound,
+                         "boot_at_bound": boot_bound[m.name].get(name, 0),
                          "defined": est.defined, "reason": est.reason or ""})
-    out.params = pd.DataFrame(prow, columns=["model", "param", "value", "ci_low", "ci_high", "at_bound", "defined", "reason"])
+    out.params = pd.DataFrame(prow, columns=["model", "param", "value", "ci_low", "ci_high", "at_bound", "boot_at_bound",
+                                             "defined", "reason"])
     return out
 
 

@@ -264,11 +264,11 @@ def test_planted_zoo_rank_then_ablate():
     assert row["n_features"] == 6 * 32
     text = C.format_results(table, ab, 2)
     assert "L2.self_attn.q_proj.lora_A" in text and "spectral" in text and "chance" in text
-    import matplotlib
+    import matplotlib.pyplot as plt
 
-    matplotlib.use("Agg")
-    assert C.plot_layer_accuracy(table, chance=1 / 3) is not None
-    assert C.plot_ablation(ab.table, chance=1 / 3) is not None
+    for fig in (C.plot_layer_accuracy(table, chance=1 / 3), C.plot_ablation(ab.table, chance=1 / 3)):
+        assert len(fig.axes) == 1 and fig.axes[0].get_ylabel().startswith("test accuracy")
+        plt.close(fig)
 
 
 def test_ablation_with_coupling_and_learned():

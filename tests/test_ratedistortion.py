@@ -158,6 +158,17 @@ def test_free_intercepts_recover_a_non_exponential_bit_law():
     assert seed.aic > free.aic
 
 
+def test_a_step_in_bits_stops_b_at_its_bound_and_says_so():
+    # disparity only at INT3, none from INT4 on: faster than any 2^(-b bits) with b <= 8
+    sweep, grid = planted_grid(lambda bits, p: (0.8 if bits == 3 else 0.0) * (1 - p), noise=0.01, seed=4)
+    fit = rd.fit_grid(measures_of(sweep, grid), models=["seed"], n_fit_boot=20, loo=False)
+    assert fit.fits["seed"].at_bound == ("b",) and fit.fits["seed"].params["b"] == pytest.approx(rd.B_BOUNDS[1])
+    note = fit.bound_note("seed", "b")
+    assert "censored" in note and "b >= 8" in note
+    assert fit.params.set_index("param").loc["b", "boot_at_bound"] > 0
+    assert fit.bound_note("seed", "c") == ""
+
+
 def test_too_few_or_degenerate_cells_give_an_undefined_fit():
     fit = rd.fit_model("seed", [3, 4, 6], [0, 0.1, 0.2], [1, 0.5, 0.1])
     assert not fit.defined and fit.reason.startswith("too few") and "needs at least 5" in fit.reason
@@ -296,6 +307,10 @@ def test_layer_orders_recover_a_planted_high_variance_layer(tiny_model):
     with torch.no_grad():
         for param in lm.transformer.h[2].parameters():
             param.mul_(10.0)  # layer 2 now has by far the largest weight variance
+    from qhelpers.weightstats import layer_table
+
+    pooled = layer_table(lm, params="all")["variance_pooled"].tolist()  # an independent implementation
+    assert list(rd.layer_variances(lm).values()) == pytest.approx(pooled, rel=1e-10)
     assert rd.layer_order(lm, "gateway-variance") == (0, 3, 2, 1)
     assert rd.layer_order(lm, "variance")[0] == 2
     assert rd.layer_order(lm, "index") == (0, 1, 2, 3)

@@ -4,6 +4,7 @@ synthetic activations with a planted answer."""
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -349,6 +350,9 @@ def test_convergence_finds_the_planted_peak_and_raw_cosine_does_not():
     assert (far["centered_cos"] < at["centered_cos"].min()).all()
     # centred non-parallel pairs sit near -1/(n-1), far below the parallel ones
     assert (conv.curve["centered_cos_nonparallel"].abs() < 0.2).all()
+    peaks = conv.language_peaks()
+    assert peaks["lang"].tolist() == ["de", "fr", "he", "sw"]
+    assert all(layers == [5] for layers in peaks["peak_layers"])
 
 
 def test_group_peak_difference_sign_follows_the_planted_noise():
@@ -418,3 +422,15 @@ def test_massive_tokens_are_flagged_and_dropped_at_every_layer():
     assert got[(got["layer"] == 1) & (got["lang"] == "en")]["variance"].iloc[0] == pytest.approx(want, rel=1e-9)
     with pytest.raises(ConfigError, match="ratio"):
         acts.massive_tokens(0.5)
+
+
+def test_unpaired_bootstrap_when_texts_differ():
+    index = pd.DataFrame({"lang": ["en"] * 3 + ["de"] * 4, "text_id": ["a", "b", "c", "a", "b", "c", "d"]})
+    rng = np.random.default_rng(0)
+    acts = LayerActivations.from_arrays({0: rng.normal(size=(7, 3))}, index)
+    assert not acts.parallel()
+    counts, paired = text_bootstrap_counts(acts, None, 25, seed=4)
+    assert not paired and counts["en"].shape == (25, 3) and counts["de"].shape == (25, 4)
+    want = stats.bootstrap_counts(4, 25, np.random.default_rng([4, zlib.crc32(b"de")]))
+    np.testing.assert_array_equal(counts["de"], want)
+    assert (counts["en"].sum(axis=1) == 3).all()

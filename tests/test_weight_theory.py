@@ -3,7 +3,6 @@ against closed forms, hand-computed examples, numpy/scipy references and planted
 from __future__ import annotations
 
 import math
-from itertools import combinations
 
 import numpy as np
 import pandas as pd

@@ -57,7 +57,6 @@ OUTPUT_DIR = "results/lora_ablation"
 # %%
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from qhelpers import classify, lora_features, plots, stats

@@ -49,7 +49,9 @@
 # and is the more telling target. A linear probe measures linearly accessible information only. The
 # embedded model's "full-precision" weights are dequantized GGUF weights (already quantized once). With
 # one layer per point, the correlations have n = number of layers, and neighbouring layers are not
-# independent.
+# independent; quantities that both drift with depth correlate through depth alone, so read the scatters
+# beside the per-layer profiles. Token coverage of the `K_CLASSES` classes differs between scripts, so the
+# per-language accuracies are over different token sets and are not a ranking of languages.
 
 # %%
 # Colab only: install qhelpers (elsewhere it is installed by scripts/install.sh)

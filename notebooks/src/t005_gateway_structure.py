@@ -195,8 +195,11 @@ figures.append(plots.save_figure(fig, OUTPUT_DIR, "t005_svd_profiles"))
 # The verdict table below is computed from the intervals above. H2.2 is SUPPORTED only if the gateway pair is
 # beyond the permutation critical value for every resampling of the descriptors in the 95 % interval,
 # NOT_SUPPORTED if it is below it throughout (the gateways are not more distinct than a random pair of layers
-# would be), and INCONCLUSIVE otherwise. The ranks in the notes show where each gateway stands on its own:
-# one gateway can be the most distinct layer while the pair as a whole is not beyond chance.
+# would be), and INCONCLUSIVE otherwise. The ranks in the notes show where each gateway stands on its own (a
+# single layer ranked r of n has a one-layer permutation p-value of r / n): one gateway can be the most
+# distinct layer while the pair as a whole is not beyond chance, and a run of neighbouring layers that share
+# a structure (e.g. the last few blocks) can all rank high together, which says "depth regime" rather than
+# "gateway". The bar chart and heat map above show which of these the model at hand displays.
 
 # %%
 # NBVAL_IGNORE_OUTPUT

@@ -190,16 +190,20 @@ measures.frontier().round(4)
 # says the gap closes as bits grow, and `c > 0` that protection closes it. (iii) compares held-out
 # prediction error: `100 · (LOO RMSE(seed) / LOO RMSE(alternative) − 1)` over the cells both laws can
 # predict, with the interval of the same quantity over the bootstrap refits; it is SUPPORTED when the
-# whole interval lies below `LOO_MARGIN_PCT`.
+# whole interval lies below `LOO_MARGIN_PCT`. A parameter that stopped at a fitting bound (`at_bound`,
+# `boot_at_bound` above) has a censored interval: the verdict then only says on which side of 0 it lies,
+# not how large it is, and the hypothesis notes say so. `b` at its upper bound means the disparity falls
+# off faster between the fitted bit widths than any moderate exponential: a step more than a smooth law.
 
 # %%
 a_seed = fit.estimate("seed", "a")
 hypotheses = [
     Hypothesis.evaluate("H4.1-i", "disparity shrinks as bits grow: b > 0 in a*2^(-b*bits)*(1-c*p)",
-                        fit.estimate("seed", "b"), 0.0, ">", quantity="b", notes=f"a = {a_seed}"),
+                        fit.estimate("seed", "b"), 0.0, ">", quantity="b",
+                        notes=f"a = {a_seed}. {fit.bound_note('seed', 'b')}".strip(". ")),
     Hypothesis.evaluate("H4.1-ii", "protecting more weights reduces disparity: c > 0 in a*2^(-b*bits)*(1-c*p)",
                         fit.estimate("seed", "c"), 0.0, ">", quantity="c (per unit p; per % point c/100)",
-                        notes=f"a = {a_seed}"),
+                        notes=f"a = {a_seed}. {fit.bound_note('seed', 'c')}".strip(". ")),
 ] + [
     Hypothesis.evaluate(f"H4.1-iii-{alt}",
                         f"the seed's law predicts held-out cells at least as well as {rd.MODELS[alt].formula}",
