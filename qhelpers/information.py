@@ -93,7 +93,7 @@ from scipy.special import digamma, logsumexp
 
 from . import stats as _stats
 from .activations import capture_residual
-from .archs import resolve_layers
+from .archs import decoder_layers, get_arch, resolve_layers
 from .errors import ConfigError, MeasurementError
 from .models import as_module
 
@@ -260,8 +260,6 @@ def capture_token_activations(
     if int(max_batch) < 1:
         raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
     items = _corpus_items(corpus)
-    from .archs import decoder_layers, get_arch
-
     n_layers = len(decoder_layers(model, get_arch(model)))
     wanted = resolve_layers(layers, n_layers)
     limit = context_length(model)
