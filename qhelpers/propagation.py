@@ -740,8 +740,9 @@ class ErrorInteraction:
 
     def matrix(self, site: str = "hidden", lang: str | None = None, column: str = "r") -> pd.DataFrame:
         """Symmetric layer x layer matrix of the mean per-text ``column`` (``r`` or
-        ``r_scaled``; over all texts, or one language's), diagonal 1; for a figure
-        (intervals: :meth:`matrix_table`)."""
+        ``r_scaled``; over all texts, or one language's) for a figure (intervals:
+        :meth:`matrix_table`). The diagonal (an error with itself, trivially 1) is NaN so
+        that a colour scale fits the off-diagonal values."""
         df = self.pairs[self.pairs["site"] == site]
         if lang is not None:
             if lang not in set(df["lang"]):
@@ -750,7 +751,7 @@ class ErrorInteraction:
         layers = sorted(set(df["layer_a"]) | set(df["layer_b"]))
         if not layers:
             raise ConfigError(f"no pairs at site {site!r}; sites: {sorted(set(self.pairs['site']))}")
-        m = pd.DataFrame(np.eye(len(layers)), index=layers, columns=layers)
+        m = pd.DataFrame(np.full((len(layers), len(layers)), np.nan), index=layers, columns=layers)
         means = df.groupby(["layer_a", "layer_b"])[column].mean()
         for (a, b), v in means.items():
             m.loc[a, b] = m.loc[b, a] = v

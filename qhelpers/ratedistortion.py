@@ -1234,6 +1234,7 @@ def plot_distortion_rate(measures: GridMeasures, ax=None, policy: str | None = N
     ax.set_xlabel(f"effective bits per quantizable weight ((1-p)·bits + p·{PROTECTED_BITS:g})")
     ax.set_ylabel("distortion: mean change in bits per byte")
     ax.set_title(title or "Distortion-rate")
-    ax.legend(fontsize=7, loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig

@@ -54,6 +54,7 @@ Depth of layer ``i`` is ``i / (n_layers - 1)`` (0 = first block, 1 = last), as i
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from dataclasses import dataclass
@@ -243,7 +244,7 @@ class LayerActivations:
         if layer not in self.pooled:
             raise ConfigError(f"layer {layer} was not captured; captured layers: {self.layers}")
 
-    def massive_tokens(self, ratio: float = 10.0) -> pd.DataFrame:
+    def massive_tokens(self, ratio: float = 5.0) -> pd.DataFrame:
         """Token rows whose norm exceeds ``ratio`` times the median token norm of some layer.
 
         "Massive activations" (Sun et al., 2024): a few tokens -- often the first ones of a text,
@@ -270,7 +271,7 @@ class LayerActivations:
         out["layer"] = where[flagged]
         return out
 
-    def without_massive_tokens(self, ratio: float = 10.0) -> "LayerActivations":
+    def without_massive_tokens(self, ratio: float = 5.0) -> "LayerActivations":
         """A copy without the token rows of :meth:`massive_tokens` (removed at EVERY layer, so all
         layers keep the same rows; pooled means are unchanged). ``dropped_tokens`` lists them."""
         flagged = self.massive_tokens(ratio)
@@ -624,13 +625,30 @@ def language_variance(
 # ----------------------------------------------------------------------------- T-007
 
 
+@contextlib.contextmanager
+def _one_thread_on_cpu(device: torch.device):
+    """Run LAPACK eigensolvers single-threaded on the CPU. The symmetric eigensolver gains
+    little from threads at these sizes and loses a lot when the cores are shared (measured on
+    a busy 2-core machine: 27 ms of CPU per 576 x 576 matrix with 1 thread, 560 ms with 2)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _spectrum(X: np.ndarray) -> np.ndarray:
     """Eigenvalues (descending, >= 0) of ``Xc^T Xc`` for column-centred ``X`` (fp64): the PCA
     variances up to the common factor 1/(n-1), from the smaller of the two Gram matrices."""
     Xc = torch.as_tensor(np.asarray(X, dtype=np.float64))
     Xc = Xc - Xc.mean(dim=0, keepdim=True)
     gram = Xc @ Xc.T if Xc.shape[0] <= Xc.shape[1] else Xc.T @ Xc
-    lam = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0.0)
+    with _one_thread_on_cpu(gram.device):
+        lam = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0.0)
     return lam.numpy()
 
 
@@ -793,7 +811,8 @@ def weighted_spectrum_stats(
                 t1 = min(t0 + text_chunk, n_texts)
                 Mb += ct[b0:b1, t0:t1] @ second_moments(range(t0, t1))
         C = Mb.reshape(-1, d, d) / Nt[b0:b1, None, None] - mt[b0:b1, :, None] * mt[b0:b1, None, :]
-        lam = torch.linalg.eigvalsh(C).clamp_min(0.0).cpu().numpy()
+        with _one_thread_on_cpu(C.device):
+            lam = torch.linalg.eigvalsh(C).clamp_min(0.0).cpu().numpy()
         out[b0:b1] = _eff_dim_from_eigs(lam, threshold)
     return out
 
@@ -1271,13 +1290,15 @@ def plot_layer_profile(
     band_alpha: float | None = None,
     span: tuple[float, float, float] | None = None,
     span_label: str = "extreme (95% CI)",
+    color: str | None = None,
 ):
     """Line plot of ``value`` against depth (or layer) with its ``<value>_ci_low/_ci_high``
     band when present; one line per ``hue`` group (e.g. lang). ``window`` shades an x range
     (e.g. the hypothesised 0.65-0.85 depth); ``reference`` draws a horizontal line (e.g.
     chance). ``band_alpha``: opacity of the bands (default 0.18, 0.07 with more than 3 lines;
     0 hides them). ``span=(x, lo, hi)`` marks a point estimate on the x axis with its interval
-    (e.g. the depth of a minimum and its bootstrap CI). Returns the Figure."""
+    (e.g. the depth of a minimum and its bootstrap CI). ``color`` sets the line colour when
+    there is no ``hue``. Returns the Figure."""
     import matplotlib.pyplot as plt
 
     from .plots import resource_group
@@ -1300,10 +1321,10 @@ def plot_layer_profile(
         xs = sub[x].to_numpy(dtype=float)
         ys = pd.to_numeric(sub[value], errors="coerce").to_numpy(dtype=float)
         style = "-"
-        color = palette[n % len(palette)]
+        line_color = color if (hue is None and color is not None) else palette[n % len(palette)]
         if hue == "lang" and name is not None:
             style = "-" if resource_group(str(name)) == "HR" else "--"
-        line, = ax.plot(xs, ys, style, marker="o", markersize=3, color=color, label=None if name is None else str(name))
+        line, = ax.plot(xs, ys, style, marker="o", markersize=3, color=line_color, label=None if name is None else str(name))
         lo_c, hi_c = f"{value}_ci_low", f"{value}_ci_high"
         if lo_c in sub.columns and hi_c in sub.columns:
             lo = pd.to_numeric(sub[lo_c], errors="coerce").to_numpy(dtype=float)

@@ -394,6 +394,8 @@ def test_plot_layer_profile_draws_bands():
     assert len(ax.lines) == 3 and len(ax.collections) == 2  # 2 curves + the span's line; 2 CI bands
     bare = plot_layer_profile(table, "v", hue="lang", band_alpha=0).axes[0]
     assert len(bare.collections) == 0
+    single = plot_layer_profile(table[table["lang"] == "en"], "v", color="black").axes[0]
+    assert single.lines[0].get_color() == "black"
     with pytest.raises(ConfigError, match="lacks columns"):
         plot_layer_profile(table, "w")
 

@@ -56,7 +56,7 @@ BITS = 4                          # bit width of the criticality sweep
 MAX_LENGTH = 256                  # tokens per text (longer texts are cut)
 MAX_TOKENS_PER_TEXT = 32          # token rows sampled per text for the variances (None: all)
 BATCH_SIZE = 16                   # texts per forward pass of the activation capture
-MASSIVE_RATIO = 10.0              # a token row is "massive" above this multiple of the median token norm
+MASSIVE_RATIO = 5.0               # a token row is "massive" above this multiple of the median token norm
 DEVICE = None                     # None: cuda if available, else cpu
 SEED = 0
 N_BOOT = 1000
@@ -177,7 +177,7 @@ plot_layer_profile(lv.per_language, "variance", hue="lang", ax=axes[0, 0], logy=
                    title="Activation variance per language (dashed: low-resource)", ylabel="mean per-dimension variance")
 plot_layer_profile(lv.cross, "cross_cv", ax=axes[0, 1], title="Spread across languages (coefficient of variation)",
                    ylabel="cross_cv")
-plot_layer_profile(lv_clean.cross, "cross_cv", ax=axes[0, 1], ylabel="cross_cv")
+plot_layer_profile(lv_clean.cross, "cross_cv", ax=axes[0, 1], ylabel="cross_cv", color="black")
 axes[0, 1].legend(axes[0, 1].lines, ["all token rows", "massive-activation tokens dropped"], fontsize=8)
 plot_layer_profile(crit.table, "criticality", ax=axes[1, 0], reference=0.0,
                    title="Layer criticality (protect one layer)", ylabel="criticality (bits per byte)")

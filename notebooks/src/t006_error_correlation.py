@@ -160,15 +160,15 @@ matrix_table[matrix_table["lang"] == "all"][["layer_a", "layer_b", "r", "r_ci_lo
 
 # %% [markdown]
 # ## Figures
-# Top: the correlation matrices (pooled), raw and per-token scaled errors. Bottom left: the
-# per-language correlation of `e0` and `eL` at both sites. Bottom right: the additivity at the output,
-# pooled and per group.
+# Top: the correlation matrices (pooled; the trivial diagonal is left blank), raw and per-token scaled
+# errors. Bottom left: the per-language correlation of `e0` and `eL` at both sites. Bottom right: the
+# additivity at the output, pooled and per group.
 
 # %%
 fig, axes = plt.subplots(2, 2, figsize=(16, 11))
-plots.layer_heatmap(errors.matrix("hidden"), ax=axes[0, 0], center=0.0, title="Error correlation r at the last hidden state",
+plots.layer_heatmap(errors.matrix("hidden"), ax=axes[0, 0], center=0.0, fmt=".3f", title="Error correlation r at the last hidden state",
                     cbar_label="mean per-text r")
-plots.layer_heatmap(errors.matrix("hidden", column="r_scaled"), ax=axes[0, 1], center=0.0,
+plots.layer_heatmap(errors.matrix("hidden", column="r_scaled"), ax=axes[0, 1], center=0.0, fmt=".3f",
                     title="The same, errors scaled per token", cbar_label="mean per-text r_scaled")
 summary["label"] = summary["site"] + " " + summary["quantity"] + ": " + summary["lang"]
 r_rows = summary[summary["quantity"].isin(["r", "r_scaled"]) & ~summary["lang"].isin(["LR", "HR", "LR-HR"])]
