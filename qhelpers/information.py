@@ -79,7 +79,6 @@ them with :func:`layer_information`'s table.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -96,6 +95,7 @@ from .activations import capture_residual
 from .archs import decoder_layers, get_arch, resolve_layers
 from .errors import ConfigError, MeasurementError
 from .models import as_module
+from .threads import torch_threads
 
 __all__ = [
     "TokenActivations",
@@ -126,23 +126,6 @@ _TARGET_COL = {"current": "token_id", "previous": "prev_id"}
 _LN2 = math.log(2.0)
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None):
-    """Run the block with ``torch.set_num_threads(n)`` (restored afterwards); None: unchanged.
-
-    The matrices here are small (hidden x hidden); on a shared CPU one thread is several
-    times faster than two, whose BLAS workers spin while waiting for each other."""
-    if n is None:
-        yield
-        return
-    if isinstance(n, bool) or int(n) < 1:
-        raise ConfigError(f"threads must be an int >= 1 or None (leave torch's setting), got {n!r}")
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 # ============================================================================ capture
@@ -410,7 +393,7 @@ def gaussian_entropy(
             f"{n} rows for {d} features: the sample covariance is singular; need more rows than features "
             "(raise N_TEXTS or MAX_TOKENS_PER_TEXT)"
         )
-    with _torch_threads(threads):
+    with torch_threads(threads):
         t = torch.from_numpy(a)
         centred = t - t.mean(dim=0, keepdim=True)
         cov_t = centred.T @ centred / (n - 1)
@@ -441,7 +424,7 @@ def spectral_entropy(x: Any, base: float = 2.0, threads: int | None = 1) -> floa
     ``threads`` as in :func:`gaussian_entropy`.
     """
     a = _as_rows(x)
-    with _torch_threads(threads):
+    with torch_threads(threads):
         t = torch.from_numpy(a)
         centred = t - t.mean(dim=0, keepdim=True)
         gram = centred.T @ centred if centred.shape[0] >= centred.shape[1] else centred @ centred.T
@@ -669,7 +652,7 @@ def fit_ridge_probe(
         raise ConfigError("each activation row needs exactly one target")
     if xf.shape[0] < 2 or xv.shape[0] < 1:
         raise MeasurementError(f"too few rows to fit a probe: {xf.shape[0]} fit, {xv.shape[0]} val; use more texts")
-    with _torch_threads(threads):
+    with torch_threads(threads):
         path = _RidgePath(xf, yf, k)
         rows = []
         best = None
@@ -800,7 +783,7 @@ def decoding_table(
     for layer in resolve_layers(None if layers is None else list(layers), token_acts.n_layers):
         x = token_acts.layer(layer)
         probe = fit_ridge_probe(x[fit_m], y_all[fit_m], x[val_m], y_all[val_m], classes, alphas, threads=threads)
-        with _torch_threads(threads):
+        with torch_threads(threads):
             scores = probe.scores(x[test_m])
         s = probe.temperature * scores
         logp = s - logsumexp(s, axis=1, keepdims=True)

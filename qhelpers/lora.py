@@ -61,6 +61,7 @@ from torch import nn
 from .archs import COMPONENT_GROUPS, get_module, resolve_layers, weight_out_dim
 from .atomic import atomic_write_text
 from .errors import ConfigError
+from .models import qhelpers_cache_dir
 
 __all__ = [
     "TARGET_ALIASES",
@@ -754,9 +755,7 @@ def default_zoo_dir(loaded: Any, corpus: Any, config: ZooConfig = ZooConfig()) -
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", loaded.spec).strip("_") or "model"
-    env = os.environ.get("QHELPERS_CACHE")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "qhelpers"
-    return root / "lora_zoos" / f"{slug}-{digest}"
+    return qhelpers_cache_dir("lora_zoos") / f"{slug}-{digest}"
 
 
 def build_zoo(

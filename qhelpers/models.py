@@ -57,6 +57,7 @@ __all__ = [
     "LoadedModel",
     "convert_embedded",
     "embedded_cache_dir",
+    "qhelpers_cache_dir",
     "gpt2_tokenizer",
     "load_model",
     "resolve_device",
@@ -504,6 +505,13 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "qhelpers" / "models"
+
+
+def qhelpers_cache_dir(kind: str) -> Path:
+    """The folder for cached artefacts of one ``kind`` (``sweeps``, ``lora_zoos``, ...):
+    ``$QHELPERS_CACHE/<kind>`` when that variable is set, else ``~/.cache/qhelpers/<kind>``."""
+    env = os.environ.get(CACHE_ENV)
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "qhelpers") / kind
 
 
 def embedded_cache_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:

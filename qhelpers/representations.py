@@ -54,7 +54,6 @@ Depth of layer ``i`` is ``i / (n_layers - 1)`` (0 = first block, 1 = last), as i
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import zlib
 from dataclasses import dataclass
@@ -69,6 +68,7 @@ from . import stats as _stats
 from .activations import capture_residual
 from .archs import resolve_layers
 from .errors import ConfigError, MeasurementError
+from .threads import torch_threads
 
 __all__ = [
     "POOLINGS",
@@ -625,20 +625,9 @@ def language_variance(
 # ----------------------------------------------------------------------------- T-007
 
 
-@contextlib.contextmanager
 def _one_thread_on_cpu(device: torch.device):
-    """Run LAPACK eigensolvers single-threaded on the CPU. The symmetric eigensolver gains
-    little from threads at these sizes and loses a lot when the cores are shared (measured on
-    a busy 2-core machine: 27 ms of CPU per 576 x 576 matrix with 1 thread, 560 ms with 2)."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    """The symmetric eigensolver runs single-threaded on the CPU (see :mod:`qhelpers.threads`)."""
+    return torch_threads(1 if device.type == "cpu" else None)
 
 
 def _spectrum(X: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ import torch
 from .atomic import atomic_write_text
 from .engine import Variant
 from .measure import MeasureConfig
-from .models import CACHE_ENV
+from .models import qhelpers_cache_dir
 from .sweep import SweepResult, as_variants, run_sweep
 
 __all__ = ["cached_sweep", "sweep_key", "default_sweep_cache"]
@@ -41,8 +41,7 @@ _FORMAT = 1
 
 def default_sweep_cache() -> Path:
     """``$QHELPERS_CACHE/sweeps``, else ``~/.cache/qhelpers/sweeps``."""
-    env = os.environ.get(CACHE_ENV)
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "qhelpers") / "sweeps"
+    return qhelpers_cache_dir("sweeps")
 
 
 def _model_fingerprint(model: torch.nn.Module) -> list[Any]:

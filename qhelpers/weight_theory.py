@@ -79,11 +79,10 @@ and second, which they do with probability 1/6).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -93,6 +92,7 @@ from . import stats
 from .archs import COMPONENT_GROUPS, LAYER_COMPONENTS, decoder_layers, get_arch, get_module, resolve_layers, weight_out_dim
 from .errors import ConfigError, MeasurementError
 from .quant import QuantConfig, quantize
+from .threads import torch_threads
 from .weightstats import weight_table
 
 __all__ = [
@@ -124,25 +124,6 @@ MAX_CONDITION: float = float(1.0 / np.finfo(np.float32).eps)
 _MAD_TO_SIGMA = 1.4826
 
 
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(threads)`` (None: leave it), then restore.
-
-    These analyses are many small independent matrix operations. On a CPU shared with other
-    processes, multi-threaded LAPACK spins: one float64 SVD of a 1536 x 576 matrix took 23.6 s
-    with 2 threads and 0.74 s with 1 thread on this project's loaded 2-core machine.
-    """
-    if threads is None:
-        yield
-        return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ConfigError(f"threads must be a positive int or None (torch's setting), got {threads!r}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- T-002
@@ -288,7 +269,7 @@ def quant_error_table(
     sums (``s1``..``s4``, ``sse``, ``model_sse``) that :func:`pool_quant_error` adds up.
     ``threads``: torch CPU threads during the call (restored afterwards; None: unchanged).
     """
-    with _torch_threads(threads):
+    with torch_threads(threads):
         return _quant_error_table(model, quant, components, layers)
 
 
@@ -430,7 +411,7 @@ def svd_profile(
         raise ConfigError(f"max_condition must be a finite number > 1, got {max_condition}")
     module_root = as_module(model)
     n_layers = len(decoder_layers(module_root))
-    with _torch_threads(threads):
+    with torch_threads(threads):
         table = weight_table(module_root, components=components if components is not None else "linear",
                              layers=layers, include_global=False, include_fused=False, svd=True)
     table = table[(table["kind"] == "weight") & (table["shape"].map(len) == 2)].copy()
