@@ -36,7 +36,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Mapping, Sequence
 
-from .errors import CorpusError
+from .errors import ConfigError, CorpusError, MeasurementError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -49,6 +49,7 @@ __all__ = [
     "available_corpora",
     "load_corpus",
     "corpus_metadata",
+    "corpus_items",
     "gpt2_tokenizer_dir",
 ]
 
@@ -382,4 +383,21 @@ def gpt2_tokenizer_dir() -> Path:
     for fname in ("vocab.json", "merges.txt", "LICENSE"):
         with importlib.resources.as_file(res.joinpath(fname)) as src:
             shutil.copyfile(src, out / fname)
+    return out
+
+
+def corpus_items(corpus: "Corpus | Iterable[tuple[str, str, str]]") -> list[tuple[str, str, str]]:
+    """Every ``(lang, text_id, text)`` of a :class:`Corpus` (or of an iterable of such triples),
+    checked: at least one text, triples only, and no repeated ``(lang, text_id)``."""
+    items = list(corpus.items()) if hasattr(corpus, "items") and callable(corpus.items) else list(corpus)
+    if not items:
+        raise MeasurementError("the corpus has no texts; load one with load_corpus('udhr', ...)")
+    out = []
+    for item in items:
+        if len(item) != 3:
+            raise ConfigError(f"corpus items must be (lang, text_id, text), got {item!r}")
+        out.append((str(item[0]), str(item[1]), item[2]))
+    keys = [(lang, text_id) for lang, text_id, _ in out]
+    if len(set(keys)) != len(keys):
+        raise ConfigError("the corpus repeats a (lang, text_id); give every text its own id")
     return out

@@ -94,6 +94,7 @@ from . import stats as _stats
 from .activations import capture_residual
 from .archs import decoder_layers, get_arch, resolve_layers
 from .errors import ConfigError, MeasurementError
+from .corpora import corpus_items
 from .models import as_module
 from .threads import torch_threads
 
@@ -180,21 +181,6 @@ class TokenActivations:
                 f"{len(self.acts)} layers of width {self.hidden}")
 
 
-def _corpus_items(corpus: Any) -> list[tuple[str, str, str]]:
-    items = list(corpus.items()) if hasattr(corpus, "items") and callable(corpus.items) else list(corpus)
-    if not items:
-        raise MeasurementError("the corpus has no texts; load one with load_corpus('udhr', ...)")
-    out = []
-    for item in items:
-        if len(item) != 3:
-            raise ConfigError(f"corpus items must be (lang, text_id, text), got {item!r}")
-        out.append((str(item[0]), str(item[1]), item[2]))
-    keys = [(a, b) for a, b, _ in out]
-    if len(set(keys)) != len(keys):
-        raise ConfigError("the corpus repeats a (lang, text_id); give every text its own id")
-    return out
-
-
 def _text_rng(seed: int, lang: str, text_id: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(lang.encode("utf-8")), zlib.crc32(text_id.encode("utf-8"))])
 
@@ -242,7 +228,7 @@ def capture_token_activations(
         raise ConfigError(f"max_length must be >= 3 tokens (BOS, a previous and a current token) or None, got {max_length}")
     if int(max_batch) < 1:
         raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
-    items = _corpus_items(corpus)
+    items = corpus_items(corpus)
     n_layers = len(decoder_layers(model, get_arch(model)))
     wanted = resolve_layers(layers, n_layers)
     limit = context_length(model)

@@ -64,6 +64,7 @@ from scipy.stats import rankdata as _rankdata
 from . import stats as _stats
 from .activations import capture_residual, mean_abs_activation
 from .errors import ConfigError, MeasurementError
+from .corpora import corpus_items
 from .models import as_module
 
 __all__ = [
@@ -125,21 +126,6 @@ def _bos_id(tokenizer: Any) -> int | None:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
-def _corpus_items(corpus: Any) -> list[tuple[str, str, str]]:
-    if hasattr(corpus, "items") and callable(corpus.items):
-        items = list(corpus.items())
-    else:
-        items = list(corpus)
-    if not items:
-        raise MeasurementError("the corpus has no texts")
-    out = []
-    for item in items:
-        if len(item) != 3:
-            raise ConfigError(f"corpus items must be (lang, text_id, text), got {item!r}")
-        out.append((str(item[0]), str(item[1]), item[2]))
-    return out
-
-
 def layer_activation_magnitudes(
     loaded: Any,
     corpus: Any,
@@ -183,7 +169,7 @@ def layer_activation_magnitudes(
         raise ConfigError(f"max_length must be >= 1 or None, got {max_length}")
     if max_batch < 1:
         raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
-    items = _corpus_items(corpus)
+    items = corpus_items(corpus)
     limit = context_length(model)
     max_length = limit if max_length is None else min(int(max_length), limit)
     device = next(model.parameters()).device

@@ -75,6 +75,7 @@ from .activations import capture_residual
 from .archs import decoder_layers, get_arch, resolve_layers
 from .engine import QuantEngine, Variant
 from .errors import ConfigError, MeasurementError
+from .corpora import corpus_items
 from .models import as_module
 from .protection import ProtectionSpec
 from .strategies import exp005_variants, make_variants, protocol_settings
@@ -357,21 +358,6 @@ class _Text:
     truncated: bool
 
 
-def _corpus_items(corpus: Any) -> list[tuple[str, str, str]]:
-    items = list(corpus.items()) if hasattr(corpus, "items") and callable(corpus.items) else list(corpus)
-    if not items:
-        raise MeasurementError("the corpus has no texts; load it with load_corpus(...) and a non-empty langs=")
-    out = []
-    for item in items:
-        if len(item) != 3:
-            raise ConfigError(f"corpus items must be (lang, text_id, text), got {item!r}")
-        out.append((str(item[0]), str(item[1]), item[2]))
-    keys = [(lang, tid) for lang, tid, _ in out]
-    if len(set(keys)) != len(keys):
-        raise ConfigError("the corpus repeats a (lang, text_id); give every text its own id")
-    return out
-
-
 def _encode(loaded: Any, corpus: Any, max_length: int | None, prepend_bos: bool | None) -> list[_Text]:
     from .measure import context_length, encode_text
 
@@ -385,7 +371,7 @@ def _encode(loaded: Any, corpus: Any, max_length: int | None, prepend_bos: bool 
     max_length = limit if max_length is None else min(int(max_length), limit)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     texts = []
-    for lang, text_id, text in _corpus_items(corpus):
+    for lang, text_id, text in corpus_items(corpus):
         try:
             ids = encode_text(tokenizer, text, prepend_bos)
         except MeasurementError as err:

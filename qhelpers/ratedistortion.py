@@ -53,7 +53,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -65,7 +65,7 @@ from scipy.optimize import OptimizeWarning, curve_fit
 from . import stats as _stats
 from .archs import decoder_layers, get_arch
 from .engine import Variant
-from .errors import ConfigError, MeasurementError
+from .errors import ConfigError
 from .models import as_module
 from .protection import ProtectionSpec, resolve_plan
 from .strategies import protocol_settings

@@ -68,6 +68,7 @@ from . import stats as _stats
 from .activations import capture_residual
 from .archs import resolve_layers
 from .errors import ConfigError, MeasurementError
+from .corpora import corpus_items
 from .threads import torch_threads
 
 __all__ = [
@@ -300,18 +301,6 @@ class LayerActivations:
 # ----------------------------------------------------------------------------- capture
 
 
-def _corpus_items(corpus: Any) -> list[tuple[str, str, str]]:
-    items = list(corpus.items()) if hasattr(corpus, "items") and callable(corpus.items) else list(corpus)
-    if not items:
-        raise MeasurementError("the corpus has no texts")
-    out = []
-    for item in items:
-        if len(item) != 3:
-            raise ConfigError(f"corpus items must be (lang, text_id, text), got {item!r}")
-        out.append((str(item[0]), str(item[1]), item[2]))
-    return out
-
-
 def _text_rng(seed: int, lang: str, text_id: str) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(f"{lang}/{text_id}".encode("utf-8"))])
 
@@ -362,7 +351,7 @@ def collect_activations(
 
     n_layers = len(decoder_layers(model))
     wanted = resolve_layers(layers, n_layers)
-    items = _corpus_items(corpus)
+    items = corpus_items(corpus)
     limit = context_length(model)
     max_len = limit if max_length is None else min(int(max_length), limit)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

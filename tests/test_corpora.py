@@ -251,3 +251,18 @@ def test_gpt2_tokenizer_known_ids():
     tok = transformers.GPT2TokenizerFast.from_pretrained(str(d))
     assert tok("Hello world")["input_ids"] == [15496, 995]
     assert len(tok) == 50257
+
+
+def test_corpus_items_lists_triples_and_rejects_bad_input():
+    from qhelpers.corpora import corpus_items
+    from qhelpers.errors import ConfigError, MeasurementError
+
+    corpus = Corpus.from_texts("two", {"en": ["a", "b"], "sw": ["c"]})
+    assert corpus_items(corpus) == [("en", "t0", "a"), ("en", "t1", "b"), ("sw", "t0", "c")]
+    assert corpus_items([("en", 1, "x")]) == [("en", "1", "x")]
+    with pytest.raises(MeasurementError, match="no texts"):
+        corpus_items([])
+    with pytest.raises(ConfigError, match=r"must be \(lang, text_id, text\)"):
+        corpus_items([("en", "x")])
+    with pytest.raises(ConfigError, match="repeats a"):
+        corpus_items([("en", "t0", "a"), ("en", "t0", "b")])
