@@ -31,7 +31,7 @@ from .engine import Variant
 from .errors import ConfigError
 from .measure import MeasureConfig
 from .protection import ProtectionSpec
-from .strategies import protocol_settings
+from .strategies import protocol_settings, quantize_only_variant
 from .sweep import SweepResult
 from .sweep_cache import cached_sweep
 
@@ -55,7 +55,8 @@ def criticality_variants(
     """The configurations :func:`layer_criticality` runs (baseline excluded).
 
     ``protect``: ``all_quantized`` plus ``protect_L{i}`` (all layers quantized but ``i``);
-    ``quantize``: ``quantize_L{i}`` (only layer ``i`` quantized: every other layer protected).
+    ``quantize``: ``quantize_L{i}`` (only layer ``i`` quantized: every other layer protected, and
+    under the ``seed`` protocol the embeddings, final norm and LM head too).
     """
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
@@ -66,8 +67,10 @@ def criticality_variants(
         out[ALL_QUANTIZED] = Variant(ALL_QUANTIZED, quant, ProtectionSpec(), scope)
     for i in chosen:
         name = _layer_config(mode, i)
-        protected = (i,) if mode == "protect" else tuple(j for j in range(n_layers) if j != i)
-        out[name] = Variant(name, quant, ProtectionSpec(layers=protected), scope)
+        if mode == "protect":
+            out[name] = Variant(name, quant, ProtectionSpec(layers=(i,)), scope)
+        else:
+            out[name] = quantize_only_variant(name, [i], n_layers, protocol, bits)
     return out
 
 

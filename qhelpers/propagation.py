@@ -77,8 +77,7 @@ from .engine import QuantEngine, Variant
 from .errors import ConfigError, MeasurementError
 from .corpora import corpus_items
 from .models import as_module
-from .protection import ProtectionSpec
-from .strategies import exp005_variants, make_variants, protocol_settings
+from .strategies import exp005_variants, quantize_only_variant
 
 __all__ = [
     "PROPAGATION_CONFIGS",
@@ -299,13 +298,6 @@ def depth_layers(n_layers: int, fractions: Sequence[float] = (0.0, 0.25, 0.5, 0.
     return sorted({int(math.floor(float(f) * (n_layers - 1) + 0.5)) for f in fractions})
 
 
-def _quantize_only(name: str, quantized: Sequence[int], n_layers: int, protocol: str, bits: int) -> Variant:
-    quant, scope = protocol_settings(protocol, bits)
-    protect = ProtectionSpec(layers=tuple(i for i in range(n_layers) if i not in set(quantized)))
-    extra = ("outside_layers",) if protocol == "seed" else ()
-    return make_variants({name: protect}, quant, scope, extra_protect=extra)[name]
-
-
 def _only_name(layers: Sequence[int]) -> str:
     return "quantize_" + "+".join(f"L{i}" for i in layers)
 
@@ -327,8 +319,8 @@ def error_variants(
     a, b = _resolve_pair(pair, n_layers)
     out: dict[str, Variant] = {}
     for k in sorted(set(chosen) | {a, b}):
-        out[_only_name([k])] = _quantize_only(_only_name([k]), [k], n_layers, protocol, bits)
-    out[_only_name([a, b])] = _quantize_only(_only_name([a, b]), [a, b], n_layers, protocol, bits)
+        out[_only_name([k])] = quantize_only_variant(_only_name([k]), [k], n_layers, protocol, bits)
+    out[_only_name([a, b])] = quantize_only_variant(_only_name([a, b]), [a, b], n_layers, protocol, bits)
     return out
 
 

@@ -321,6 +321,16 @@ def layer_set_variant(name: str, layers: Sequence[int], protocol: str = "sound",
     return Variant(name, quant, ProtectionSpec(layers=tuple(int(i) for i in layers)), scope)
 
 
+def quantize_only_variant(name: str, layers: Sequence[int], n_layers: int, protocol: str = "sound", bits: int = 4) -> Variant:
+    """One variant that quantizes only the decoder ``layers``: every other layer stays in full
+    precision, and so do the embeddings, norms outside the blocks and the LM head (which the
+    ``seed`` protocol's scope would otherwise quantize)."""
+    quant, scope = protocol_settings(protocol, bits)
+    keep = tuple(i for i in range(n_layers) if i not in set(int(j) for j in layers))
+    extra = ("outside_layers",) if protocol == "seed" else ()
+    return make_variants({name: ProtectionSpec(layers=keep)}, quant, scope, extra_protect=extra)[name]
+
+
 def precision_variants(
     n_layers: int, bits_list: Sequence[int], protocol: str = "sound", skip_bits: int | None = None
 ) -> dict[str, Variant]:

@@ -93,3 +93,14 @@ def test_real_sweep_on_tiny_model_matches_stats_directly():
     # without allow_collapsed a random-init model's disparities are undefined, with the reason given
     strict = layer_criticality(loaded, corpus, sweep=crit.sweep, layers=[0, 3], n_boot=50)
     assert not strict.table["defined"].any() and strict.table["reason"].str.startswith("collapsed").all()
+
+
+@pytest.mark.parametrize("protocol", ["sound", "seed"])
+def test_quantize_mode_touches_only_that_layer_under_either_protocol(protocol):
+    from qhelpers.engine import QuantEngine
+
+    loaded = load_model("tiny:gpt2", device="cpu")
+    variant = criticality_variants(loaded.n_layers, mode="quantize", protocol=protocol, layers=[1])["quantize_L1"]
+    plan = QuantEngine(loaded).plan(variant)
+    # the seed scope would also quantize wte, wpe and ln_f unless they are protected explicitly
+    assert plan.tensors and all(".h.1." in name for name in plan.tensors)
