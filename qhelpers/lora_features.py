@@ -85,6 +85,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import stats as _stats
 from .errors import ConfigError
 
 __all__ = [
@@ -181,10 +182,8 @@ def _pad(a: np.ndarray, width: int) -> np.ndarray:
 
 
 def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    ac = a - a.mean(axis=1, keepdims=True)
-    bc = b - b.mean(axis=1, keepdims=True)
-    den = np.sqrt((ac * ac).sum(axis=1) * (bc * bc).sum(axis=1))
-    return np.clip(_safe_div((ac * bc).sum(axis=1), den), -1.0, 1.0)
+    """Pearson r of each row pair; 0 (not NaN) where a row is constant."""
+    return np.nan_to_num(_stats._rowwise_pearson(a, b), nan=0.0)
 
 
 # --------------------------------------------------------------------------- per matrix
