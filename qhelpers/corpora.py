@@ -31,6 +31,7 @@ import json
 import random
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -50,6 +51,7 @@ __all__ = [
     "load_corpus",
     "corpus_metadata",
     "corpus_items",
+    "text_rng",
     "gpt2_tokenizer_dir",
 ]
 
@@ -401,3 +403,11 @@ def corpus_items(corpus: "Corpus | Iterable[tuple[str, str, str]]") -> list[tupl
     if len(set(keys)) != len(keys):
         raise ConfigError("the corpus repeats a (lang, text_id); give every text its own id")
     return out
+
+
+def text_rng(seed: int, lang: str, text_id: str) -> "np.random.Generator":
+    """A generator seeded by ``seed`` and the text's identity, so what is drawn for one text
+    (e.g. which token rows are kept) does not depend on which other texts are processed."""
+    import numpy as np
+
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(f"{lang}/{text_id}".encode("utf-8"))])

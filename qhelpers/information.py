@@ -94,7 +94,7 @@ from . import stats as _stats
 from .activations import capture_residual
 from .archs import decoder_layers, get_arch, resolve_layers
 from .errors import ConfigError, MeasurementError
-from .corpora import corpus_items
+from .corpora import text_rng
 from .models import as_module
 from .threads import torch_threads
 
@@ -181,10 +181,6 @@ class TokenActivations:
                 f"{len(self.acts)} layers of width {self.hidden}")
 
 
-def _text_rng(seed: int, lang: str, text_id: str) -> np.random.Generator:
-    return np.random.default_rng([int(seed), zlib.crc32(lang.encode("utf-8")), zlib.crc32(text_id.encode("utf-8"))])
-
-
 def _kept_positions(n_tokens: int, first: int, cap: int | None, rng: np.random.Generator) -> np.ndarray:
     """Positions kept for a text of ``n_tokens`` tokens whose first text token is ``first``."""
     candidates = np.arange(first + 1, n_tokens)
@@ -216,7 +212,7 @@ def capture_token_activations(
     2048 on CPU, 16384 on CUDA) and ``max_batch`` texts; the forward stops after the last
     requested layer.
     """
-    from .measure import context_length, encode_text, progress_bar
+    from .measure import context_length, encode_corpus, length_batches, pad_batch, progress_bar
 
     model = as_module(loaded)
     tokenizer = getattr(loaded, "tokenizer", None)
@@ -228,7 +224,6 @@ def capture_token_activations(
         raise ConfigError(f"max_length must be >= 3 tokens (BOS, a previous and a current token) or None, got {max_length}")
     if int(max_batch) < 1:
         raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
-    items = corpus_items(corpus)
     n_layers = len(decoder_layers(model, get_arch(model)))
     wanted = resolve_layers(layers, n_layers)
     limit = context_length(model)
@@ -237,53 +232,24 @@ def capture_token_activations(
     budget = int(batch_tokens or (16384 if device.type == "cuda" else 2048))
     if budget < 1:
         raise ConfigError(f"batch_tokens must be >= 1, got {batch_tokens}")
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     cap = None if max_tokens_per_text is None else int(max_tokens_per_text)
 
-    encoded: list[list[int]] = []
-    positions: list[np.ndarray] = []
-    text_rows = []
-    for lang, text_id, text in items:
-        try:
-            ids = encode_text(tokenizer, text)
-        except MeasurementError as err:
-            raise MeasurementError(f"{lang}/{text_id}: {err}") from None
-        truncated = len(ids) > max_len
-        ids = ids[:max_len]
-        first = 1 if (bos is not None and ids[0] == bos) else 0
-        pos = _kept_positions(len(ids), first, cap, _text_rng(seed, lang, text_id))
-        encoded.append(ids)
-        positions.append(pos)
-        text_rows.append({"lang": lang, "text_id": text_id, "n_tokens": len(ids),
-                          "n_candidates": max(len(ids) - first - 1, 0), "n_kept": int(pos.size),
-                          "truncated": bool(truncated)})
+    texts = encode_corpus(tokenizer, corpus, max_len)
+    positions = [_kept_positions(len(t.ids), t.first, cap, text_rng(seed, t.lang, t.text_id)) for t in texts]
+    text_rows = [{"lang": t.lang, "text_id": t.text_id, "n_tokens": len(t.ids),
+                  "n_candidates": max(len(t.ids) - t.first - 1, 0), "n_kept": int(pos.size),
+                  "truncated": bool(t.truncated)} for t, pos in zip(texts, positions)]
     offsets = np.concatenate([[0], np.cumsum([p.size for p in positions])]).astype(np.int64)
     n_rows = int(offsets[-1])
     if n_rows == 0:
         raise MeasurementError("no text has two tokens after its first one; use longer texts")
 
-    order = sorted(range(len(items)), key=lambda i: (-len(encoded[i]), i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        width = len(encoded[current[0]]) if current else len(encoded[i])
-        if current and (width * (len(current) + 1) > budget or len(current) >= int(max_batch)):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-
+    batches = length_batches([len(t.ids) for t in texts], budget, int(max_batch))
     acts: dict[int, np.ndarray] = {}
     it: Iterable = progress_bar(batches, desc="activations", leave=False) if progress else batches
     for batch in it:
-        width = max(len(encoded[i]) for i in batch)
-        ids_t = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids_t[row, : len(encoded[i])] = torch.tensor(encoded[i])
-            mask[row, : len(encoded[i])] = 1
+        ids_t, mask = pad_batch([texts[i].ids for i in batch], pad_id)
         captured = capture_residual(model, ids_t, mask, layers=wanted, stop_early=True)
         for layer, hidden in captured.items():
             if layer not in acts:
@@ -294,9 +260,9 @@ def capture_token_activations(
         del captured
 
     meta = []
-    for (lang, text_id, _), ids, pos in zip(items, encoded, positions):
-        arr = np.asarray(ids, dtype=np.int64)
-        meta.append(pd.DataFrame({"lang": lang, "text_id": text_id, "position": pos.astype(np.int64),
+    for t, pos in zip(texts, positions):
+        arr = np.asarray(t.ids, dtype=np.int64)
+        meta.append(pd.DataFrame({"lang": t.lang, "text_id": t.text_id, "position": pos.astype(np.int64),
                                   "token_id": arr[pos], "prev_id": arr[pos - 1]}))
     rows = pd.concat(meta, ignore_index=True)
     parallel = bool(getattr(corpus, "parallel", False))

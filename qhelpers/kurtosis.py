@@ -64,7 +64,6 @@ from scipy.stats import rankdata as _rankdata
 from . import stats as _stats
 from .activations import capture_residual, mean_abs_activation
 from .errors import ConfigError, MeasurementError
-from .corpora import corpus_items
 from .models import as_module
 
 __all__ = [
@@ -122,10 +121,6 @@ def outlier_layers(values: pd.Series | Mapping[int, float], n_sd: float = 2.0) -
 # --------------------------------------------------------------------------- activations
 
 
-def _bos_id(tokenizer: Any) -> int | None:
-    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-
-
 def layer_activation_magnitudes(
     loaded: Any,
     corpus: Any,
@@ -159,7 +154,7 @@ def layer_activation_magnitudes(
     (``n_tokens``: tokens averaged over; ``truncated``: the text was longer than
     ``max_length``), one row per (text, layer), texts in corpus order.
     """
-    from .measure import context_length, encode_text, progress_bar
+    from .measure import context_length, encode_corpus, length_batches, pad_batch, progress_bar
 
     model = as_module(loaded)
     tokenizer = getattr(loaded, "tokenizer", None)
@@ -169,56 +164,27 @@ def layer_activation_magnitudes(
         raise ConfigError(f"max_length must be >= 1 or None, got {max_length}")
     if max_batch < 1:
         raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
-    items = corpus_items(corpus)
     limit = context_length(model)
     max_length = limit if max_length is None else min(int(max_length), limit)
     device = next(model.parameters()).device
     budget = batch_tokens or (16384 if device.type == "cuda" else 2048)
     if budget < 1:
         raise ConfigError(f"batch_tokens must be >= 1, got {batch_tokens}")
-    bos = _bos_id(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    encoded: list[tuple[list[int], bool, int]] = []  # ids, truncated, first averaged position
-    for lang, text_id, text in items:
-        try:
-            ids = encode_text(tokenizer, text, prepend_bos)
-        except MeasurementError as err:
-            raise MeasurementError(f"{lang}/{text_id}: {err}") from None
-        truncated = len(ids) > max_length
-        if truncated:
-            ids = ids[:max_length]
-        first = 1 if (skip_bos and bos is not None and ids[0] == bos and len(ids) > 1) else 0
-        encoded.append((ids, truncated, first))
-
-    order = sorted(range(len(items)), key=lambda i: (-len(encoded[i][0]), i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        width = len(encoded[current[0]][0]) if current else len(encoded[i][0])
-        if current and (width * (len(current) + 1) > budget or len(current) >= max_batch):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
+    texts = encode_corpus(tokenizer, corpus, max_length, prepend_bos)
+    firsts = [t.first if skip_bos else 0 for t in texts]
 
     results: dict[int, dict[int, float]] = {}
+    batches = length_batches([len(t.ids) for t in texts], budget, max_batch)
     it: Iterable = progress_bar(batches, desc="activations", leave=False) if progress else batches
     for batch in it:
-        width = max(len(encoded[i][0]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            seq = encoded[i][0]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+        ids, mask = pad_batch([texts[i].ids for i in batch], pad_id)
         acts = capture_residual(model, ids, mask, layers=None if layers is None else list(layers))
         avg_mask = mask.clone()
         for row, i in enumerate(batch):
-            avg_mask[row, : encoded[i][2]] = 0
+            avg_mask[row, : firsts[i]] = 0
         for row, i in enumerate(batch):
-            n = len(encoded[i][0])
+            n = len(texts[i].ids)
             results[i] = {
                 layer: mean_abs_activation(h[row : row + 1, :n], avg_mask[row : row + 1, :n])
                 for layer, h in acts.items()
@@ -226,17 +192,16 @@ def layer_activation_magnitudes(
         del acts
 
     rows = []
-    for i, (lang, text_id, _) in enumerate(items):
-        ids, truncated, first = encoded[i]
+    for i, t in enumerate(texts):
         for layer, value in results[i].items():
             rows.append(
                 {
-                    "lang": lang,
-                    "text_id": text_id,
+                    "lang": t.lang,
+                    "text_id": t.text_id,
                     "layer": int(layer),
                     "mean_abs": float(value),
-                    "n_tokens": len(ids) - first,
-                    "truncated": bool(truncated),
+                    "n_tokens": len(t.ids) - firsts[i],
+                    "truncated": bool(t.truncated),
                 }
             )
     return pd.DataFrame(rows, columns=["lang", "text_id", "layer", "mean_abs", "n_tokens", "truncated"])

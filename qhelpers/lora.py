@@ -61,6 +61,7 @@ from torch import nn
 from .archs import COMPONENT_GROUPS, get_module, resolve_layers, weight_out_dim
 from .atomic import atomic_write_text
 from .errors import ConfigError
+from .measure import pad_batch
 from .models import qhelpers_cache_dir
 
 __all__ = [
@@ -513,12 +514,7 @@ def train_adapter(
                         order = list(range(len(windows)))
                         rng.shuffle(order)
                     batch.append(windows[order.pop()])
-                width = max(len(w) for w in batch)
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for i, w in enumerate(batch):
-                    ids[i, : len(w)] = torch.tensor(w)
-                    mask[i, : len(w)] = 1
+                ids, mask = pad_batch(batch, pad_id)
                 ids, mask = ids.to(device), mask.to(device)
                 logits = model(input_ids=ids, attention_mask=mask).logits
                 target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)

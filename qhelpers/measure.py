@@ -98,7 +98,7 @@ def encode_text(tokenizer: Any, text: str, prepend_bos: bool | None = None) -> l
     if not isinstance(text, str) or not text.strip():
         raise MeasurementError(f"cannot score an empty or whitespace-only text ({text!r}); remove it from the corpus")
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos = bos_id(tokenizer)
     adds_bos = bool(ids) and bos is not None and ids[0] == bos
     if prepend_bos is None:
         prepend_bos = not adds_bos and bos is not None
@@ -112,6 +112,75 @@ def encode_text(tokenizer: Any, text: str, prepend_bos: bool | None = None) -> l
             "use a longer text or prepend_bos=True"
         )
     return ids
+
+
+def bos_id(tokenizer: Any) -> int | None:
+    """The id qhelpers prepends as BOS: the tokenizer's BOS, else its EOS (GPT-2 style)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """One corpus text as the activation analyses feed it: ``ids`` cut at the length limit,
+    ``first`` the position of the first token of the text (1 after a leading BOS)."""
+
+    lang: str
+    text_id: str
+    text: str
+    ids: tuple[int, ...]
+    first: int
+    truncated: bool
+
+
+def encode_corpus(
+    tokenizer: Any, corpus: Any, max_length: int, prepend_bos: bool | None = None
+) -> list[EncodedText]:
+    """Every text of ``corpus`` encoded by :func:`encode_text` and cut at ``max_length`` tokens;
+    errors name the text."""
+    from .corpora import corpus_items
+
+    bos = bos_id(tokenizer)
+    out = []
+    for lang, text_id, text in corpus_items(corpus):
+        try:
+            ids = encode_text(tokenizer, text, prepend_bos)
+        except MeasurementError as err:
+            raise MeasurementError(f"{lang}/{text_id}: {err}") from None
+        truncated = len(ids) > max_length
+        ids = ids[:max_length]
+        first = 1 if (bos is not None and ids[0] == bos and len(ids) > 1) else 0
+        out.append(EncodedText(lang, text_id, text, tuple(int(i) for i in ids), first, truncated))
+    return out
+
+
+def length_batches(lengths: Sequence[int], batch_tokens: int | None = None, max_batch: int = 64) -> list[list[int]]:
+    """Indices grouped into right-padded batches: longest first (ties by index); a batch is
+    closed when one more sequence would make it exceed ``batch_tokens`` padded tokens
+    (None: no token budget) or ``max_batch`` sequences."""
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = int(lengths[current[0]]) if current else int(lengths[i])
+        full = batch_tokens is not None and width * (len(current) + 1) > batch_tokens
+        if current and (full or len(current) >= max_batch):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` ([batch, longest]) of token sequences."""
+    width = max(len(seq) for seq in seqs)
+    ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
 
 
 def _windows(row: int, ids: list[int], max_length: int, stride: int, truncate: bool) -> list[_Window]:
@@ -255,18 +324,8 @@ class Scorer:
         self._layout = 0  # bumped whenever self.batches changes (prefix cache entries are per batch)
 
     def _batch(self, windows: list[_Window]) -> list[list[_Window]]:
-        ordered = sorted(windows, key=lambda w: (-len(w.ids), w.row))
-        batches: list[list[_Window]] = []
-        current: list[_Window] = []
-        for window in ordered:
-            width = len(current[0].ids) if current else len(window.ids)
-            if current and (width * (len(current) + 1) > self.config.batch_tokens or len(current) >= self.config.max_batch):
-                batches.append(current)
-                current = []
-            current.append(window)
-        if current:
-            batches.append(current)
-        return batches
+        groups = length_batches([len(w.ids) for w in windows], self.config.batch_tokens, self.config.max_batch)
+        return [[windows[i] for i in group] for group in groups]
 
     @property
     def total_tokens(self) -> int:
@@ -383,12 +442,7 @@ class Scorer:
         return nll
 
     def _forward(self, batch: list[_Window]) -> list[float]:
-        width = max(len(w.ids) for w in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, w in enumerate(batch):
-            ids[i, : len(w.ids)] = torch.tensor(w.ids)
-            mask[i, : len(w.ids)] = 1
+        ids, mask = pad_batch([w.ids for w in batch], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         hidden = self.model.base_model(
             input_ids=ids, attention_mask=mask if len(batch) > 1 else None, use_cache=False

@@ -81,7 +81,7 @@ from .archs import ArchSpec, decoder_layers, get_arch, get_module, resolve_layer
 from .corpora import LANGUAGES
 from .engine import QuantEngine, Variant
 from .errors import ConfigError, CorpusError, MeasurementError
-from .measure import LOGIT_BUDGET, encode_text, progress_bar
+from .measure import LOGIT_BUDGET, encode_text, length_batches, pad_batch, progress_bar
 from .models import as_module
 from .protection import ProtectionSpec
 from .strategies import protocol_settings
@@ -352,18 +352,7 @@ class _Seq:
 
 
 def _batches(seqs: list[_Seq], batch_tokens: int, max_batch: int) -> list[list[_Seq]]:
-    ordered = sorted(seqs, key=lambda s: (-len(s.ids), s.row))
-    out: list[list[_Seq]] = []
-    current: list[_Seq] = []
-    for s in ordered:
-        width = len(current[0].ids) if current else len(s.ids)
-        if current and (width * (len(current) + 1) > batch_tokens or len(current) >= max_batch):
-            out.append(current)
-            current = []
-        current.append(s)
-    if current:
-        out.append(current)
-    return out
+    return [[seqs[i] for i in group] for group in length_batches([len(s.ids) for s in seqs], batch_tokens, max_batch)]
 
 
 def _default_batch_tokens(device: torch.device) -> int:
@@ -399,11 +388,7 @@ def _score_seqs(
             raise MeasurementError(
                 f"a sentence has {width} tokens, more than the model's {n_positions} positions; shorten it"
             )
-        ids = torch.full((len(batch), width), int(pad_id), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, s in enumerate(batch):
-            ids[i, : len(s.ids)] = torch.tensor(s.ids)
-            mask[i, : len(s.ids)] = 1
+        ids, mask = pad_batch([s.ids for s in batch], int(pad_id))
         captured = capture_residual(model, ids, mask, layers, arch=arch, stop_early=True)
         rows = torch.cat([torch.full((len(s.ids) - s.first,), i) for i, s in enumerate(batch)])
         positions = torch.cat([torch.arange(s.first - 1, len(s.ids) - 1) for s in batch])

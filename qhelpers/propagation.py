@@ -75,7 +75,7 @@ from .activations import capture_residual
 from .archs import decoder_layers, get_arch, resolve_layers
 from .engine import QuantEngine, Variant
 from .errors import ConfigError, MeasurementError
-from .corpora import corpus_items
+from .measure import context_length, encode_corpus, length_batches, pad_batch
 from .models import as_module
 from .strategies import exp005_variants, quantize_only_variant
 
@@ -351,8 +351,6 @@ class _Text:
 
 
 def _encode(loaded: Any, corpus: Any, max_length: int | None, prepend_bos: bool | None) -> list[_Text]:
-    from .measure import context_length, encode_text
-
     model = as_module(loaded)
     tokenizer = getattr(loaded, "tokenizer", None)
     if tokenizer is None:
@@ -361,39 +359,16 @@ def _encode(loaded: Any, corpus: Any, max_length: int | None, prepend_bos: bool 
         raise ConfigError(f"max_length must be >= 3 tokens (BOS + 2 tokens of text) or None, got {max_length}")
     limit = context_length(model)
     max_length = limit if max_length is None else min(int(max_length), limit)
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     texts = []
-    for lang, text_id, text in corpus_items(corpus):
-        try:
-            ids = encode_text(tokenizer, text, prepend_bos)
-        except MeasurementError as err:
-            raise MeasurementError(f"{lang}/{text_id}: {err}") from None
-        truncated = len(ids) > max_length
-        ids = ids[:max_length]
-        first = 1 if (bos is not None and ids[0] == bos) else 0
-        if len(ids) - first < 2:
-            raise MeasurementError(f"{lang}/{text_id} has fewer than 2 tokens of text; remove it from the corpus")
-        if truncated:  # bytes of the kept tokens (byte-level BPE may split a character at the cut)
-            n_bytes = len(tokenizer.decode(list(ids[first:])).encode("utf-8"))
+    for t in encode_corpus(tokenizer, corpus, max_length, prepend_bos):
+        if len(t.ids) - t.first < 2:
+            raise MeasurementError(f"{t.lang}/{t.text_id} has fewer than 2 tokens of text; remove it from the corpus")
+        if t.truncated:  # bytes of the kept tokens (byte-level BPE may split a character at the cut)
+            n_bytes = len(tokenizer.decode(list(t.ids[t.first:])).encode("utf-8"))
         else:
-            n_bytes = len(text.encode("utf-8"))
-        texts.append(_Text(lang, text_id, tuple(int(i) for i in ids), first, max(n_bytes, 1), truncated))
+            n_bytes = len(t.text.encode("utf-8"))
+        texts.append(_Text(t.lang, t.text_id, t.ids, t.first, max(n_bytes, 1), t.truncated))
     return texts
-
-
-def _batches(texts: list[_Text], budget: int, max_batch: int) -> list[list[int]]:
-    order = sorted(range(len(texts)), key=lambda i: (-len(texts[i].ids), i))
-    out: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        width = len(texts[current[0]].ids) if current else len(texts[i].ids)
-        if current and (width * (len(current) + 1) > budget or len(current) >= max_batch):
-            out.append(current)
-            current = []
-        current.append(i)
-    if current:
-        out.append(current)
-    return out
 
 
 @dataclass
@@ -406,14 +381,10 @@ class _Batch:
 
 def _make_batch(texts: list[_Text], index: list[int], pad_id: int) -> _Batch:
     rows = [texts[i] for i in index]
-    width = max(len(t.ids) for t in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    text_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    ids, attention = pad_batch([t.ids for t in rows], pad_id)
+    text_mask = attention.clone()
     for r, t in enumerate(rows):
-        ids[r, : len(t.ids)] = torch.tensor(t.ids)
-        attention[r, : len(t.ids)] = 1
-        text_mask[r, t.first : len(t.ids)] = 1
+        text_mask[r, : t.first] = 0
     return _Batch(rows, ids, attention, text_mask)
 
 
@@ -640,7 +611,7 @@ def residual_propagation(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     layer_rows: list[dict[str, Any]] = []
     logit_rows: list[dict[str, Any]] = []
-    for batch_index, index in enumerate(_progress(_batches(texts, runner.budget, runner.max_batch), progress, "T-004 batches")):
+    for batch_index, index in enumerate(_progress(length_batches([len(t.ids) for t in texts], runner.budget, runner.max_batch), progress, "T-004 batches")):
         batch = _make_batch(texts, index, pad_id)
         fp_acts, fp_logp, _ = runner.run(batch_index, batch, BASELINE, chosen, True)
         fp_parts = [_kl_parts(lp) for lp in fp_logp]
@@ -816,7 +787,7 @@ def error_interaction(
     add_rows: list[dict[str, Any]] = []
     rel_rows: list[dict[str, Any]] = []
     before: dict[int, float] = {i: 0.0 for i in early}
-    for batch_index, index in enumerate(_progress(_batches(texts, runner.budget, runner.max_batch), progress, "T-006 batches")):
+    for batch_index, index in enumerate(_progress(length_batches([len(t.ids) for t in texts], runner.budget, runner.max_batch), progress, "T-006 batches")):
         batch = _make_batch(texts, index, pad_id)
         fp_acts, fp_logp, _ = runner.run(batch_index, batch, BASELINE, early + [last], True)
         hidden: dict[str, torch.Tensor] = {}

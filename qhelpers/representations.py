@@ -68,7 +68,8 @@ from . import stats as _stats
 from .activations import capture_residual
 from .archs import resolve_layers
 from .errors import ConfigError, MeasurementError
-from .corpora import corpus_items
+from .corpora import text_rng
+from .measure import bos_id
 from .threads import torch_threads
 
 __all__ = [
@@ -301,10 +302,6 @@ class LayerActivations:
 # ----------------------------------------------------------------------------- capture
 
 
-def _text_rng(seed: int, lang: str, text_id: str) -> np.random.Generator:
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(f"{lang}/{text_id}".encode("utf-8"))])
-
-
 def collect_activations(
     loaded: Any,
     corpus: Any,
@@ -332,7 +329,8 @@ def collect_activations(
     ``engine`` (a :class:`~qhelpers.engine.QuantEngine`; one is made when omitted) and
     restored afterwards.
     """
-    from .measure import context_length, encode_text, progress_bar
+    from .archs import decoder_layers
+    from .measure import context_length, encode_corpus, length_batches, pad_batch, progress_bar
     from .models import as_module
 
     if pooling not in POOLINGS:
@@ -347,57 +345,43 @@ def collect_activations(
     tokenizer = getattr(loaded, "tokenizer", None)
     if tokenizer is None:
         raise ConfigError("collect_activations needs a tokenizer: pass the LoadedModel from load_model(...)")
-    from .archs import decoder_layers
 
     n_layers = len(decoder_layers(model))
     wanted = resolve_layers(layers, n_layers)
-    items = corpus_items(corpus)
     limit = context_length(model)
     max_len = limit if max_length is None else min(int(max_length), limit)
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    texts = encode_corpus(tokenizer, corpus, max_len, prepend_bos)
+    bos = bos_id(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (bos if bos is not None else 0)
+    cap = None if max_tokens_per_text is None else int(max_tokens_per_text)
 
-    encoded: list[tuple[list[int], bool, int, np.ndarray]] = []  # ids, truncated, first, sampled positions
-    for lang, text_id, text in items:
-        try:
-            ids = encode_text(tokenizer, text, prepend_bos)
-        except MeasurementError as err:
-            raise MeasurementError(f"{lang}/{text_id}: {err}") from None
-        truncated = len(ids) > max_len
-        ids = ids[:max_len]
-        first = 1 if (skip_bos and bos is not None and ids[0] == bos and len(ids) > 1) else 0
-        positions = np.arange(first, len(ids))
-        if pooling == "tokens":
-            cap = None if max_tokens_per_text is None else int(max_tokens_per_text)
-            if cap is not None and positions.size > cap:
-                positions = np.sort(_text_rng(seed, lang, text_id).choice(positions, size=cap, replace=False))
-        else:
+    firsts: list[int] = []
+    sampled: list[np.ndarray] = []  # token positions kept per text (pooling="tokens")
+    for t in texts:
+        first = t.first if skip_bos else 0
+        positions = np.arange(first, len(t.ids))
+        if pooling != "tokens":
             positions = positions[:0]
-        encoded.append((ids, truncated, first, positions))
+        elif cap is not None and positions.size > cap:
+            positions = np.sort(text_rng(seed, t.lang, t.text_id).choice(positions, size=cap, replace=False))
+        firsts.append(first)
+        sampled.append(positions)
 
-    order = sorted(range(len(items)), key=lambda i: (-len(encoded[i][0]), i))
-    batches = [order[k:k + int(batch_size)] for k in range(0, len(order), int(batch_size))]
-    pooled_rows: dict[int, list[np.ndarray | None]] = {layer: [None] * len(items) for layer in wanted}
-    token_rows: dict[int, list[np.ndarray | None]] = {layer: [None] * len(items) for layer in wanted}
+    batches = length_batches([len(t.ids) for t in texts], None, int(batch_size))
+    pooled_rows: dict[int, list[np.ndarray | None]] = {layer: [None] * len(texts) for layer in wanted}
+    token_rows: dict[int, list[np.ndarray | None]] = {layer: [None] * len(texts) for layer in wanted}
 
     def run() -> None:
         it = progress_bar(batches, desc="activations", leave=False) if progress else batches
         for batch in it:
-            width = max(len(encoded[i][0]) for i in batch)
-            ids = torch.full((len(batch), width), int(pad_id), dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                seq = encoded[i][0]
-                ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                mask[row, : len(seq)] = 1
+            ids, mask = pad_batch([texts[i].ids for i in batch], int(pad_id))
             acts = capture_residual(model, ids, mask, layers=wanted, stop_early=True)
             for layer, h in acts.items():
                 for row, i in enumerate(batch):
-                    seq, _, first, positions = encoded[i]
-                    real = h[row, first: len(seq)].to(torch.float64)
+                    real = h[row, firsts[i]: len(texts[i].ids)].to(torch.float64)
                     pooled_rows[layer][i] = real.mean(dim=0).numpy()
                     if pooling == "tokens":
-                        token_rows[layer][i] = h[row, torch.as_tensor(positions, dtype=torch.long)].numpy().astype(np.float32)
+                        token_rows[layer][i] = h[row, torch.as_tensor(sampled[i], dtype=torch.long)].numpy().astype(np.float32)
             del acts
 
     if variant is not None:
@@ -410,21 +394,21 @@ def collect_activations(
         run()
 
     index = pd.DataFrame({
-        "lang": [it[0] for it in items],
-        "text_id": [it[1] for it in items],
-        "n_tokens": [len(e[0]) - e[2] for e in encoded],
-        "n_sampled": [int(e[3].size) for e in encoded],
-        "truncated": [bool(e[1]) for e in encoded],
+        "lang": [t.lang for t in texts],
+        "text_id": [t.text_id for t in texts],
+        "n_tokens": [len(t.ids) - first for t, first in zip(texts, firsts)],
+        "n_sampled": [int(p.size) for p in sampled],
+        "truncated": [bool(t.truncated) for t in texts],
     })
     pooled = {layer: np.stack(pooled_rows[layer]) for layer in wanted}
     tokens = token_index = None
     if pooling == "tokens":
         tokens = {layer: np.concatenate(token_rows[layer], axis=0) for layer in wanted}
         token_index = pd.DataFrame({
-            "text_row": np.concatenate([np.full(e[3].size, k) for k, e in enumerate(encoded)]).astype(np.int64),
-            "lang": np.concatenate([[items[k][0]] * e[3].size for k, e in enumerate(encoded)]).astype(object),
-            "text_id": np.concatenate([[items[k][1]] * e[3].size for k, e in enumerate(encoded)]).astype(object),
-            "position": np.concatenate([e[3] for e in encoded]).astype(np.int64),
+            "text_row": np.concatenate([np.full(p.size, k) for k, p in enumerate(sampled)]).astype(np.int64),
+            "lang": np.concatenate([[t.lang] * p.size for t, p in zip(texts, sampled)]).astype(object),
+            "text_id": np.concatenate([[t.text_id] * p.size for t, p in zip(texts, sampled)]).astype(object),
+            "position": np.concatenate(sampled).astype(np.int64),
         })
     name = getattr(variant, "name", None) if variant is not None else None
     return LayerActivations(
