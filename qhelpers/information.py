@@ -82,7 +82,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -116,7 +116,6 @@ __all__ = [
     "DEFAULT_ALPHAS",
     "TARGETS",
     "plot_information_profile",
-    "plot_layer_scatter",
 ]
 
 #: Ridge penalties tried, as ``lambda = alpha * n_fit`` on standardized features.
@@ -884,46 +883,5 @@ def plot_information_profile(
             ax.legend(fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(x)
-    fig.tight_layout()
-    return fig
-
-
-def plot_layer_scatter(
-    table: pd.DataFrame,
-    x: str,
-    y: str,
-    ax: Any = None,
-    corr: Mapping[str, Any] | None = None,
-    xlabel: str | None = None,
-    ylabel: str | None = None,
-    yerr: bool = True,
-):
-    """``y`` against ``x``, one point per layer labelled with its index; vertical error bars
-    from ``<y>_ci_low``/``_ci_high`` when present; ``corr`` (a :func:`qhelpers.stats.correlation`
-    dict) is written in the title."""
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5, 4))
-    else:
-        fig = ax.figure
-    xv, yv = table[x].to_numpy(dtype=np.float64), table[y].to_numpy(dtype=np.float64)
-    lo, hi = f"{y}_ci_low", f"{y}_ci_high"
-    if yerr and lo in table.columns and hi in table.columns:
-        err = np.vstack([yv - table[lo].to_numpy(dtype=np.float64), table[hi].to_numpy(dtype=np.float64) - yv])
-        ax.errorbar(xv, yv, yerr=np.abs(err), fmt="o", ms=4, alpha=0.8, capsize=2)
-    else:
-        ax.plot(xv, yv, "o", ms=4)
-    for layer, a, b in zip(table["layer"], xv, yv):
-        if np.isfinite(a) and np.isfinite(b):
-            ax.annotate(str(int(layer)), (a, b), xytext=(3, 3), textcoords="offset points", fontsize=7)
-    ax.set_xlabel(xlabel or x)
-    ax.set_ylabel(ylabel or y)
-    if corr is not None:
-        r = corr.get("r")
-        if corr.get("defined") and r is not None:
-            ax.set_title(f"Spearman r = {r:.2f} [{corr['ci_low']:.2f}, {corr['ci_high']:.2f}], n = {corr['n']}", fontsize=9)
-        else:
-            ax.set_title(f"r undefined ({corr.get('reason')})", fontsize=8)
     fig.tight_layout()
     return fig

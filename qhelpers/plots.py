@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -22,6 +22,8 @@ from .atomic import atomic_write
 from .errors import ConfigError
 
 __all__ = [
+    "layer_profile",
+    "layer_scatter",
     "DEFAULT_GROUPS",
     "GROUP_COLORS",
     "resource_group",
@@ -325,3 +327,132 @@ def save_figure(fig: Figure, out_dir: str | os.PathLike, name: str, dpi: int = 1
     out = Path(out_dir) / rel
     atomic_write(out, lambda fh: fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight"))
     return rel.as_posix()
+
+
+def layer_profile(
+    table: pd.DataFrame,
+    value: str,
+    *,
+    x: str = "depth",
+    hue: str | None = None,
+    ax=None,
+    title: str | None = None,
+    ylabel: str | None = None,
+    window: tuple[float, float] | None = None,
+    reference: float | None = None,
+    logy: bool = False,
+    hue_order: Sequence[str] | None = None,
+    band_alpha: float | None = None,
+    span: tuple[float, float, float] | None = None,
+    span_label: str = "extreme (95% CI)",
+    color: str | None = None,
+):
+    """Line plot of ``value`` against depth (or layer) with its ``<value>_ci_low/_ci_high``
+    band when present; one line per ``hue`` group (e.g. lang). ``window`` shades an x range
+    (e.g. the hypothesised 0.65-0.85 depth); ``reference`` draws a horizontal line (e.g.
+    chance). ``band_alpha``: opacity of the bands (default 0.18, 0.07 with more than 3 lines;
+    0 hides them). ``span=(x, lo, hi)`` marks a point estimate on the x axis with its interval
+    (e.g. the depth of a minimum and its bootstrap CI). ``color`` sets the line colour when
+    there is no ``hue``. Returns the Figure."""
+    need = [x, value] + ([hue] if hue else [])
+    missing = [c for c in need if c not in table.columns]
+    if missing:
+        raise ConfigError(f"layer_profile: table lacks columns {missing}; it has {list(table.columns)}")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+    else:
+        fig = ax.figure
+    groups = [(None, table)] if hue is None else [
+        (k, table[table[hue] == k]) for k in (hue_order or list(dict.fromkeys(table[hue])))
+    ]
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    alpha = band_alpha if band_alpha is not None else (0.18 if len(groups) <= 3 else 0.07)
+    for n, (name, sub) in enumerate(groups):
+        sub = sub.sort_values(x)
+        xs = sub[x].to_numpy(dtype=float)
+        ys = pd.to_numeric(sub[value], errors="coerce").to_numpy(dtype=float)
+        style = "-"
+        line_color = color if (hue is None and color is not None) else palette[n % len(palette)]
+        if hue == "lang" and name is not None:
+            style = "-" if resource_group(str(name)) == "HR" else "--"
+        line, = ax.plot(xs, ys, style, marker="o", markersize=3, color=line_color, label=None if name is None else str(name))
+        lo_c, hi_c = f"{value}_ci_low", f"{value}_ci_high"
+        if lo_c in sub.columns and hi_c in sub.columns:
+            lo = pd.to_numeric(sub[lo_c], errors="coerce").to_numpy(dtype=float)
+            hi = pd.to_numeric(sub[hi_c], errors="coerce").to_numpy(dtype=float)
+            ok = np.isfinite(lo) & np.isfinite(hi)
+            if ok.any() and alpha > 0:
+                ax.fill_between(xs[ok], lo[ok], hi[ok], color=line.get_color(), alpha=alpha, linewidth=0)
+    if window is not None:
+        ax.axvspan(window[0], window[1], color="#999999", alpha=0.15, label=f"{x} {window[0]:g}-{window[1]:g}")
+    if span is not None:
+        x0, lo, hi = (float(v) for v in span)
+        if math.isfinite(lo) and math.isfinite(hi):
+            ax.axvspan(lo, hi, color="#d62728", alpha=0.12, label=span_label)
+        if math.isfinite(x0):
+            ax.axvline(x0, color="#d62728", linewidth=1.2, linestyle="-")
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle=":", linewidth=1)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("depth (layer / (n_layers - 1))" if x == "depth" else x)
+    ax.set_ylabel(ylabel or value)
+    if title:
+        ax.set_title(title)
+    if hue is not None or window is not None or span is not None:
+        ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def layer_scatter(
+    table: pd.DataFrame,
+    x: str,
+    y: str,
+    ax: Any = None,
+    corr: Mapping[str, Any] | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    yerr: bool = True,
+    highlight: Sequence[int] = (),
+    reference: float | None = None,
+    title: str | None = None,
+):
+    """``y`` against ``x``, one point per layer labelled with its index; vertical error bars
+    from ``<y>_ci_low``/``_ci_high`` when present; ``highlight`` layers drawn in red;
+    ``reference`` a dashed horizontal line; ``corr`` (a :func:`qhelpers.stats.correlation`
+    dict) is written in the title after ``title``."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 4))
+    else:
+        fig = ax.figure
+    xv, yv = table[x].to_numpy(dtype=np.float64), table[y].to_numpy(dtype=np.float64)
+    lo, hi = f"{y}_ci_low", f"{y}_ci_high"
+    if yerr and lo in table.columns and hi in table.columns:
+        err = np.vstack([yv - table[lo].to_numpy(dtype=np.float64), table[hi].to_numpy(dtype=np.float64) - yv])
+        ax.errorbar(xv, yv, yerr=np.abs(err), fmt="o", ms=4, alpha=0.8, capsize=2)
+    else:
+        ax.plot(xv, yv, "o", ms=4)
+    for layer, a, b in zip(table["layer"], xv, yv):
+        if np.isfinite(a) and np.isfinite(b):
+            ax.annotate(str(int(layer)), (a, b), xytext=(3, 3), textcoords="offset points", fontsize=7)
+    marked = table["layer"].isin([int(i) for i in highlight]).to_numpy()
+    if marked.any():
+        ax.scatter(xv[marked], yv[marked], color="#d62728", zorder=3, label="highlighted layers")
+        ax.legend(fontsize=8)
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    heading = [title] if title else []
+    if corr is not None:
+        r = corr.get("r")
+        if corr.get("defined") and r is not None:
+            method = str(corr.get("method", "")).capitalize()
+            heading.append(f"{method} r = {r:.2f} [{corr['ci_low']:.2f}, {corr['ci_high']:.2f}], n = {corr['n']}")
+        else:
+            heading.append(f"r undefined ({corr.get('reason')})")
+    if heading:
+        ax.set_title("\n".join(heading), fontsize=9)
+    fig.tight_layout()
+    return fig

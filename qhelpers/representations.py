@@ -92,7 +92,6 @@ __all__ = [
     "peak_depth",
     "group_peak_difference",
     "layer_correlation",
-    "plot_layer_profile",
 ]
 
 POOLINGS: tuple[str, ...] = ("mean", "tokens")
@@ -1234,83 +1233,3 @@ def layer_correlation(
                              n_boot=n_boot, seed=seed, level=level)
     out["layers"] = common
     return out
-
-
-def plot_layer_profile(
-    table: pd.DataFrame,
-    value: str,
-    *,
-    x: str = "depth",
-    hue: str | None = None,
-    ax=None,
-    title: str | None = None,
-    ylabel: str | None = None,
-    window: tuple[float, float] | None = None,
-    reference: float | None = None,
-    logy: bool = False,
-    hue_order: Sequence[str] | None = None,
-    band_alpha: float | None = None,
-    span: tuple[float, float, float] | None = None,
-    span_label: str = "extreme (95% CI)",
-    color: str | None = None,
-):
-    """Line plot of ``value`` against depth (or layer) with its ``<value>_ci_low/_ci_high``
-    band when present; one line per ``hue`` group (e.g. lang). ``window`` shades an x range
-    (e.g. the hypothesised 0.65-0.85 depth); ``reference`` draws a horizontal line (e.g.
-    chance). ``band_alpha``: opacity of the bands (default 0.18, 0.07 with more than 3 lines;
-    0 hides them). ``span=(x, lo, hi)`` marks a point estimate on the x axis with its interval
-    (e.g. the depth of a minimum and its bootstrap CI). ``color`` sets the line colour when
-    there is no ``hue``. Returns the Figure."""
-    import matplotlib.pyplot as plt
-
-    from .plots import resource_group
-
-    need = [x, value] + ([hue] if hue else [])
-    missing = [c for c in need if c not in table.columns]
-    if missing:
-        raise ConfigError(f"plot_layer_profile: table lacks columns {missing}; it has {list(table.columns)}")
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-    else:
-        fig = ax.figure
-    groups = [(None, table)] if hue is None else [
-        (k, table[table[hue] == k]) for k in (hue_order or list(dict.fromkeys(table[hue])))
-    ]
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    alpha = band_alpha if band_alpha is not None else (0.18 if len(groups) <= 3 else 0.07)
-    for n, (name, sub) in enumerate(groups):
-        sub = sub.sort_values(x)
-        xs = sub[x].to_numpy(dtype=float)
-        ys = pd.to_numeric(sub[value], errors="coerce").to_numpy(dtype=float)
-        style = "-"
-        line_color = color if (hue is None and color is not None) else palette[n % len(palette)]
-        if hue == "lang" and name is not None:
-            style = "-" if resource_group(str(name)) == "HR" else "--"
-        line, = ax.plot(xs, ys, style, marker="o", markersize=3, color=line_color, label=None if name is None else str(name))
-        lo_c, hi_c = f"{value}_ci_low", f"{value}_ci_high"
-        if lo_c in sub.columns and hi_c in sub.columns:
-            lo = pd.to_numeric(sub[lo_c], errors="coerce").to_numpy(dtype=float)
-            hi = pd.to_numeric(sub[hi_c], errors="coerce").to_numpy(dtype=float)
-            ok = np.isfinite(lo) & np.isfinite(hi)
-            if ok.any() and alpha > 0:
-                ax.fill_between(xs[ok], lo[ok], hi[ok], color=line.get_color(), alpha=alpha, linewidth=0)
-    if window is not None:
-        ax.axvspan(window[0], window[1], color="#999999", alpha=0.15, label=f"{x} {window[0]:g}-{window[1]:g}")
-    if span is not None:
-        x0, lo, hi = (float(v) for v in span)
-        if math.isfinite(lo) and math.isfinite(hi):
-            ax.axvspan(lo, hi, color="#d62728", alpha=0.12, label=span_label)
-        if math.isfinite(x0):
-            ax.axvline(x0, color="#d62728", linewidth=1.2, linestyle="-")
-    if reference is not None:
-        ax.axhline(reference, color="grey", linestyle=":", linewidth=1)
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel("depth (layer / (n_layers - 1))" if x == "depth" else x)
-    ax.set_ylabel(ylabel or value)
-    if title:
-        ax.set_title(title)
-    if hue is not None or window is not None or span is not None:
-        ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    return fig

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from matplotlib.collections import PathCollection  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -145,3 +146,33 @@ def test_hr_lr_scatter_labels_points():
     table = pd.DataFrame({"config": ["x", "y"], "hr": [0.1, 0.2], "lr": [0.3, float("nan")]})
     fig = hr_lr_scatter(table)
     assert [t.get_text() for t in fig.axes[0].texts] == ["x"]
+
+
+def test_plot_layer_profile_draws_bands():
+    table = pd.DataFrame({"depth": [0, 0.5, 1] * 2, "lang": ["en"] * 3 + ["he"] * 3, "v": [1, 2, 3, 2, 3, 4],
+                          "v_ci_low": [0.5, 1.5, 2.5, 1.5, 2.5, 3.5], "v_ci_high": [1.5, 2.5, 3.5, 2.5, 3.5, 4.5]})
+    fig = plots.layer_profile(table, "v", hue="lang", window=(0.65, 0.85), span=(0.5, 0.4, 0.6))
+    ax = fig.axes[0]
+    assert len(ax.lines) == 3 and len(ax.collections) == 2  # 2 curves + the span's line; 2 CI bands
+    bare = plots.layer_profile(table, "v", hue="lang", band_alpha=0).axes[0]
+    assert len(bare.collections) == 0
+    single = plots.layer_profile(table[table["lang"] == "en"], "v", color="black").axes[0]
+    assert single.lines[0].get_color() == "black"
+    with pytest.raises(ConfigError, match="lacks columns"):
+        plots.layer_profile(table, "w")
+
+
+def test_layer_scatter_bars_labels_highlight_and_correlation_title():
+    table = pd.DataFrame({"layer": [0, 1, 2], "x": [1.0, 2.0, 3.0], "y": [0.5, 0.1, 0.9],
+                          "y_ci_low": [0.4, 0.0, 0.7], "y_ci_high": [0.7, 0.3, 1.0]})
+    corr = {"r": 0.5, "ci_low": -0.2, "ci_high": 0.9, "n": 3, "method": "spearman", "defined": True}
+    ax = plots.layer_scatter(table, "x", "y", corr=corr, highlight=[2], reference=0.0, title="T").axes[0]
+    bars = ax.containers[0]  # errorbar container: hand-computed lower / upper lengths
+    segments = bars.lines[2][0].get_segments()
+    np.testing.assert_allclose([seg[:, 1] for seg in segments], [[0.4, 0.7], [0.0, 0.3], [0.7, 1.0]])
+    assert [t.get_text() for t in ax.texts] == ["0", "1", "2"]
+    assert ax.get_title() == "T\nSpearman r = 0.50 [-0.20, 0.90], n = 3"
+    red = [c for c in ax.collections if isinstance(c, PathCollection)]
+    np.testing.assert_allclose(red[0].get_offsets(), [[3.0, 0.9]])
+    undefined = plots.layer_scatter(table, "x", "y", corr={"defined": False, "reason": "too few"}).axes[0]
+    assert undefined.get_title() == "r undefined (too few)"

@@ -29,7 +29,6 @@ from qhelpers.representations import (
     language_variance,
     layer_correlation,
     peak_depth,
-    plot_layer_profile,
     retrieval_accuracy,
     text_bootstrap_counts,
     weighted_linear_cka,
@@ -384,20 +383,6 @@ def test_layer_correlation_aligns_layers_and_reports_undefined():
     y[2] = np.nan
     undefined = layer_correlation(x, y, n_boot=100)
     assert not undefined["defined"] and undefined["reason"].startswith("non-finite")
-
-
-def test_plot_layer_profile_draws_bands():
-    table = pd.DataFrame({"depth": [0, 0.5, 1] * 2, "lang": ["en"] * 3 + ["he"] * 3, "v": [1, 2, 3, 2, 3, 4],
-                          "v_ci_low": [0.5, 1.5, 2.5, 1.5, 2.5, 3.5], "v_ci_high": [1.5, 2.5, 3.5, 2.5, 3.5, 4.5]})
-    fig = plot_layer_profile(table, "v", hue="lang", window=(0.65, 0.85), span=(0.5, 0.4, 0.6))
-    ax = fig.axes[0]
-    assert len(ax.lines) == 3 and len(ax.collections) == 2  # 2 curves + the span's line; 2 CI bands
-    bare = plot_layer_profile(table, "v", hue="lang", band_alpha=0).axes[0]
-    assert len(bare.collections) == 0
-    single = plot_layer_profile(table[table["lang"] == "en"], "v", color="black").axes[0]
-    assert single.lines[0].get_color() == "black"
-    with pytest.raises(ConfigError, match="lacks columns"):
-        plot_layer_profile(table, "w")
 
 
 def test_udhr_capture_is_parallel(gpt2):

@@ -192,13 +192,13 @@ fig = plt.figure(figsize=(17, 8))
 top = [fig.add_subplot(2, 4, i + 1) for i in range(4)]
 bottom = [fig.add_subplot(2, 4, i + 5) for i in range(4)]
 information.plot_information_profile(per_layer, axes=top)
-information.plot_layer_scatter(per_layer, "variance_pooled", "entropy_bits", ax=bottom[0], corr=r_var_entropy,
+plots.layer_scatter(per_layer, "variance_pooled", "entropy_bits", ax=bottom[0], corr=r_var_entropy,
                                xlabel="weight variance", ylabel="standardized Gaussian entropy (bits)")
-information.plot_layer_scatter(per_layer, "variance_pooled", "accuracy_current", ax=bottom[1], corr=r_var_acc,
+plots.layer_scatter(per_layer, "variance_pooled", "accuracy_current", ax=bottom[1], corr=r_var_acc,
                                xlabel="weight variance", ylabel="decoding accuracy, token t")
-information.plot_layer_scatter(per_layer, "entropy_bits", "criticality", ax=bottom[2], corr=r_entropy_crit,
+plots.layer_scatter(per_layer, "entropy_bits", "criticality", ax=bottom[2], corr=r_entropy_crit,
                                xlabel="standardized Gaussian entropy (bits)", ylabel="criticality (bits per byte)")
-information.plot_layer_scatter(per_layer, "accuracy_current", "criticality", ax=bottom[3], corr=r_acc_crit,
+plots.layer_scatter(per_layer, "accuracy_current", "criticality", ax=bottom[3], corr=r_acc_crit,
                                xlabel="decoding accuracy, token t", ylabel="criticality (bits per byte)")
 fig.tight_layout()
 figures = [plots.save_figure(fig, OUTPUT_DIR, "t001_information_content")]

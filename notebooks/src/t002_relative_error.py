@@ -211,15 +211,8 @@ figures = [plots.save_figure(fig, OUTPUT_DIR, "t002_relative_error")]
 # %%
 fig, ax = plt.subplots(figsize=(7, 5))
 sub = merged[merged["config"] == PROTOCOL].merge(crit.table[["layer", "criticality_ci_low", "criticality_ci_high"]], on="layer")
-ax.errorbar(sub["rel_error"], sub["criticality"], yerr=[sub["criticality"] - sub["criticality_ci_low"],
-            sub["criticality_ci_high"] - sub["criticality"]], fmt="o", capsize=3)
-for layer, x, y in zip(sub["layer"], sub["rel_error"], sub["criticality"]):
-    ax.annotate(str(layer), (x, y), xytext=(3, 3), textcoords="offset points", fontsize=7)
-ax.axhline(0.0, color="grey", linestyle="--", linewidth=1)
-ax.set_xlabel(f"relative error ({PROTOCOL} quantizer)")
-ax.set_ylabel("criticality (bits per byte, 95 % CI)")
-ax.set_title("H1.2b: relative error vs criticality")
-fig.tight_layout()
+plots.layer_scatter(sub, "rel_error", "criticality", ax=ax, reference=0.0, title="H1.2b: relative error vs criticality",
+                    xlabel=f"relative error ({PROTOCOL} quantizer)", ylabel="criticality (bits per byte, 95 % CI)")
 figures.append(plots.save_figure(fig, OUTPUT_DIR, "t002_error_vs_criticality"))
 
 # %% [markdown]

@@ -71,7 +71,7 @@ from qhelpers.corpora import load_corpus
 from qhelpers.criticality import layer_criticality
 from qhelpers.measure import MeasureConfig
 from qhelpers.models import load_model
-from qhelpers.representations import collect_activations, language_variance, layer_correlation, plot_layer_profile
+from qhelpers.representations import collect_activations, language_variance, layer_correlation
 from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
 
 seed_everything(SEED)
@@ -173,19 +173,17 @@ for h in hypotheses:
 
 # %%
 fig, axes = plt.subplots(2, 2, figsize=(15, 10))
-plot_layer_profile(lv.per_language, "variance", hue="lang", ax=axes[0, 0], logy=True, hue_order=LANGS,
+plots.layer_profile(lv.per_language, "variance", hue="lang", ax=axes[0, 0], logy=True, hue_order=LANGS,
                    title="Activation variance per language (dashed: low-resource)", ylabel="mean per-dimension variance")
-plot_layer_profile(lv.cross, "cross_cv", ax=axes[0, 1], title="Spread across languages (coefficient of variation)",
+plots.layer_profile(lv.cross, "cross_cv", ax=axes[0, 1], title="Spread across languages (coefficient of variation)",
                    ylabel="cross_cv")
-plot_layer_profile(lv_clean.cross, "cross_cv", ax=axes[0, 1], ylabel="cross_cv", color="black")
+plots.layer_profile(lv_clean.cross, "cross_cv", ax=axes[0, 1], ylabel="cross_cv", color="black")
 axes[0, 1].legend(axes[0, 1].lines, ["all token rows", "massive-activation tokens dropped"], fontsize=8)
-plot_layer_profile(crit.table, "criticality", ax=axes[1, 0], reference=0.0,
+plots.layer_profile(crit.table, "criticality", ax=axes[1, 0], reference=0.0,
                    title="Layer criticality (protect one layer)", ylabel="criticality (bits per byte)")
-merged = lv.cross.merge(crit.table[["layer", "criticality"]], on="layer")
-axes[1, 1].scatter(merged["cross_cv"], merged["criticality"], c=merged["depth"], cmap="viridis")
-axes[1, 1].set_xlabel("cross_cv")
-axes[1, 1].set_ylabel("criticality")
-axes[1, 1].set_title(f"Criticality vs cross-language spread (colour: depth); Spearman r = {r_cv['r']:.2f}")
+merged = lv.cross.merge(crit.table[["layer", "criticality", "criticality_ci_low", "criticality_ci_high"]], on="layer")
+plots.layer_scatter(merged, "cross_cv", "criticality", ax=axes[1, 1], corr=r_cv, reference=0.0,
+                    title="Criticality vs cross-language spread")
 fig.tight_layout()
 figures = [plots.save_figure(fig, OUTPUT_DIR, "t003_language_variance")]
 

@@ -167,16 +167,9 @@ plots.estimate_bars(dist.table.assign(layer=dist.table["layer"].astype(str)), "d
                     highlight=[str(g) for g in dist.gateways], title="Distinctiveness (red: gateways)",
                     xlabel="RMS robust z-score")
 ax_sc = fig.add_subplot(grid[1, 1])
-ax_sc.errorbar(merged["distinctiveness"], merged["criticality"],
-               yerr=[merged["criticality"] - merged["criticality_ci_low"], merged["criticality_ci_high"] - merged["criticality"]],
-               fmt="o", capsize=3, color="#1f77b4")
-ax_sc.scatter(merged.loc[merged["role"] == "gateway", "distinctiveness"], merged.loc[merged["role"] == "gateway", "criticality"],
-              color="#d62728", zorder=3, label="gateways")
-ax_sc.axhline(0.0, color="grey", linestyle="--", linewidth=1)
-ax_sc.set_xlabel("distinctiveness")
-ax_sc.set_ylabel("criticality (bits per byte, 95 % CI)")
-ax_sc.set_title("H2.2-crit: distinctiveness vs criticality")
-ax_sc.legend()
+plots.layer_scatter(merged, "distinctiveness", "criticality", ax=ax_sc, highlight=dist.gateways, reference=0.0,
+                    title="H2.2-crit: distinctiveness vs criticality (red: gateways)",
+                    ylabel="criticality (bits per byte, 95 % CI)")
 fig.tight_layout()
 figures = [plots.save_figure(fig, OUTPUT_DIR, "t005_gateway_structure")]
 

@@ -78,7 +78,7 @@ from qhelpers.corpora import load_corpus
 from qhelpers.criticality import layer_criticality
 from qhelpers.measure import MeasureConfig
 from qhelpers.models import load_model
-from qhelpers.representations import bottleneck, collect_activations, dimensionality, layer_correlation, plot_layer_profile
+from qhelpers.representations import bottleneck, collect_activations, dimensionality, layer_correlation
 from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
 
 seed_everything(SEED)
@@ -199,16 +199,16 @@ pr.table[["layer", "depth", "value", "boot_median", "value_ci_low", "value_ci_hi
 # %%
 fig, axes = plt.subplots(2, 2, figsize=(15, 10))
 win = (TARGET_DEPTH - TOLERANCE, TARGET_DEPTH + TOLERANCE)
-plot_layer_profile(ed.table, "value", ax=axes[0, 0], window=win, band_alpha=0,
+plots.layer_profile(ed.table, "value", ax=axes[0, 0], window=win, band_alpha=0,
                    span=(ed.depth.value, ed.depth.ci_low, ed.depth.ci_high), span_label="minimum (95% CI)",
                    title=f"Effective dimension ({THRESHOLD:.0%} variance), all languages", ylabel="components")
-plot_layer_profile(pr.table, "value", ax=axes[0, 1], window=win, band_alpha=0,
+plots.layer_profile(pr.table, "value", ax=axes[0, 1], window=win, band_alpha=0,
                    span=(pr.depth.value, pr.depth.ci_low, pr.depth.ci_high), span_label="minimum (95% CI)",
                    title="Participation ratio, all languages (dotted: massive tokens dropped)", ylabel="participation ratio")
 axes[0, 1].plot(pr_clean.table["depth"], pr_clean.table["value"], ":", color="black")
-plot_layer_profile(per_lang, "participation_ratio", hue="scope", hue_order=LANGS, ax=axes[1, 0], window=win,
+plots.layer_profile(per_lang, "participation_ratio", hue="scope", hue_order=LANGS, ax=axes[1, 0], window=win,
                    title="Participation ratio per language (equal rows; dashed: low-resource)", ylabel="participation ratio")
-plot_layer_profile(crit.table, "criticality", ax=axes[1, 1], window=win, reference=0.0,
+plots.layer_profile(crit.table, "criticality", ax=axes[1, 1], window=win, reference=0.0,
                    title="Layer criticality (protect one layer)", ylabel="criticality (bits per byte)")
 fig.tight_layout()
 figures = [plots.save_figure(fig, OUTPUT_DIR, "t007_bottleneck")]

@@ -68,7 +68,7 @@ import pandas as pd
 from qhelpers import plots
 from qhelpers.corpora import load_corpus
 from qhelpers.models import load_model
-from qhelpers.representations import collect_activations, convergence, group_peak_difference, plot_layer_profile
+from qhelpers.representations import collect_activations, convergence, group_peak_difference
 from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
 
 seed_everything(SEED)
@@ -151,15 +151,15 @@ for h in hypotheses:
 others = [g for g in LANGS if g != REF_LANG]
 win = (TARGET_DEPTH - TOLERANCE, TARGET_DEPTH + TOLERANCE)
 fig, axes = plt.subplots(2, 2, figsize=(15, 10))
-plot_layer_profile(conv.curve, "centered_cos", ax=axes[0, 0], window=win, reference=0.0,
+plots.layer_profile(conv.curve, "centered_cos", ax=axes[0, 0], window=win, reference=0.0,
                    span=(peak["depth"].value, peak["depth"].ci_low, peak["depth"].ci_high), span_label="peak (95% CI)",
                    title="Centred cosine of parallel texts (mean over language pairs)", ylabel="centred cosine")
-plot_layer_profile(conv.curve, "raw_cos", ax=axes[0, 1], window=win,
+plots.layer_profile(conv.curve, "raw_cos", ax=axes[0, 1], window=win,
                    title="Raw cosine: parallel (band) and non-parallel (dotted) pairs", ylabel="raw cosine")
 axes[0, 1].plot(conv.curve["depth"], conv.curve["raw_cos_nonparallel"], ":", color="black")
-plot_layer_profile(conv.reference, "centered_cos", hue="lang", hue_order=others, ax=axes[1, 0], window=win,
+plots.layer_profile(conv.reference, "centered_cos", hue="lang", hue_order=others, ax=axes[1, 0], window=win,
                    title=f"Centred cosine to {REF_LANG} per language", ylabel="centred cosine")
-plot_layer_profile(conv.reference, "retrieval", hue="lang", hue_order=others, ax=axes[1, 1],
+plots.layer_profile(conv.reference, "retrieval", hue="lang", hue_order=others, ax=axes[1, 1],
                    reference=1.0 / conv.n_texts, title=f"Retrieval of the {REF_LANG} text's translation", ylabel="accuracy")
 fig.tight_layout()
 figures = [plots.save_figure(fig, OUTPUT_DIR, "t009_convergence")]
@@ -170,7 +170,7 @@ figures = [plots.save_figure(fig, OUTPUT_DIR, "t009_convergence")]
 
 # %%
 fig, ax = plt.subplots(figsize=(8, 4.5))
-plot_layer_profile(conv.reference, "cka", hue="lang", hue_order=others, ax=ax, window=win,
+plots.layer_profile(conv.reference, "cka", hue="lang", hue_order=others, ax=ax, window=win,
                    title=f"Linear CKA with {REF_LANG} over {conv.n_texts} parallel texts", ylabel="linear CKA")
 figures.append(plots.save_figure(fig, OUTPUT_DIR, "t009_cka"))
 
