@@ -58,7 +58,6 @@ from typing import Any, Iterable, Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 from scipy.optimize import OptimizeWarning, curve_fit
 
@@ -69,6 +68,7 @@ from .errors import ConfigError
 from .models import as_module
 from .protection import ProtectionSpec, resolve_plan
 from .strategies import protocol_settings
+from .weightstats import layer_table
 
 __all__ = [
     "SEED_BITS",
@@ -84,7 +84,6 @@ __all__ = [
     "RDFit",
     "layer_order",
     "layer_shares",
-    "layer_variances",
     "rd_grid",
     "grid_measures",
     "effective_bits",
@@ -124,27 +123,6 @@ def layer_shares(model: Any, scope: str = "linear") -> dict[int, float]:
     n_layers = len(decoder_layers(module, arch))
     return {i: float(resolve_plan(module, ProtectionSpec(layers=(i,)), scope, arch).scope_kept_fraction)
             for i in range(n_layers)}
-
-
-def layer_variances(model: Any) -> dict[int, float]:
-    """Per decoder layer, the population variance of all its parameter values pooled (seed
-    002's per-layer weight variance; ``weightstats.layer_table(...)["variance_pooled"]``), from
-    float64 sums, without that table's per-tensor statistics."""
-    module = as_module(model)
-    out = {}
-    with torch.no_grad():
-        for i, layer in enumerate(decoder_layers(module, get_arch(module))):
-            n, s2 = 0, 0.0
-            params = list(layer.parameters())
-            mean = sum(float(p.detach().double().sum()) for p in params) / max(sum(p.numel() for p in params), 1)
-            for p in params:  # centred second moment: no cancellation
-                x = p.detach().reshape(-1)
-                for start in range(0, x.numel(), 1 << 22):
-                    chunk = x[start:start + (1 << 22)].double() - mean
-                    s2 += float((chunk * chunk).sum())
-                n += x.numel()
-            out[i] = s2 / n if n else math.nan
-    return out
 
 
 def _by_value(values: Mapping[int, float], layers: Iterable[int], what: str) -> list[int]:
@@ -200,7 +178,7 @@ def layer_order(
     if rule == "index":
         return tuple(head + rest)
     if rule == "variance":
-        return tuple(head + _by_value(layer_variances(module), rest, "the weight variance"))
+        return tuple(head + _by_value(layer_table(module).set_index("layer")["variance_pooled"].to_dict(), rest, "the weight variance"))
     if criticality is None:
         raise ConfigError(f"layer order {order!r} needs criticality=: pass layer_criticality(...).values() "
                           "(a Series or dict layer -> criticality), or choose 'gateway-variance'")
