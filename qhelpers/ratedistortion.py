@@ -1174,7 +1174,8 @@ def plot_fits(fit: RDFit, measures: GridMeasures, ax=None, models: Sequence[str]
     ax.set_xlabel(xlabel)
     ax.set_ylabel("disparity (LR - HR change, bits per byte)")
     ax.set_title(title or f"Disparity over the grid ({fit.policy} policy) and fitted laws")
-    ax.legend(fontsize=7, loc="best")
+    if ax.get_legend_handles_labels()[0]:  # a grid with no defined cell has nothing to label
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
 
