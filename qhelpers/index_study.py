@@ -228,12 +228,6 @@ def short_reason(reason: str | None, keep: int = 2) -> str:
     return f"{tag}: {body}{tail}"
 
 
-def _undefined_correlation(reason: str, n: int, level: float = 0.95) -> dict[str, Any]:
-    return {"r": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_perm": math.nan, "perm_exact": False,
-            "p_parametric": math.nan, "n": n, "method": "pearson", "level": level, "boot_valid": 0,
-            "defined": False, "reason": reason}
-
-
 class IndexStudy:
     """The index's questions answered on one sweep.
 
@@ -532,11 +526,11 @@ class IndexStudy:
         Undefined when a layer's ``D`` has no meaning (collapse, non-finite, zero denominator)."""
         table = self.layer_disparities(kind)
         if table.empty or "variance_pooled" not in table:
-            return _undefined_correlation("too few: no per-layer sweep with weight statistics was run", 0)
+            return stats.correlation_record(0, reason="too few: no per-layer sweep with weight statistics was run")
         bad = table[~table["defined"] & ~table["reason"].str.startswith(("too few", "unbounded CI"))]
         if len(bad):
             row = bad.iloc[0]
-            return _undefined_correlation(f"{row['reason'].split(':', 1)[0]}: D({row['config']}) is undefined ({row['reason']})", len(table))
+            return stats.correlation_record(len(table), reason=f"{row['reason'].split(':', 1)[0]}: D({row['config']}) is undefined ({row['reason']})")
         return stats.correlation(table["variance_pooled"], table["disparity"], n_boot=self.n_boot, n_perm=n_perm, seed=self.seed)
 
     # ------------------------------------------------------------------ precision, Pareto

@@ -642,11 +642,7 @@ def within_correlation(
     xa, ya, codes = xa[keep], ya[keep], codes[keep]
     codes, _ = pd.factorize(codes)
     n, k = int(xa.size), int(codes.max() + 1) if codes.size else 0
-    out: dict[str, Any] = {
-        "r": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_perm": math.nan,
-        "perm_exact": False, "p_parametric": math.nan, "n": n, "method": method,
-        "level": float(level), "boot_valid": 0, "defined": False, "reason": None, "n_groups": k,
-    }
+    out = _stats.correlation_record(n, method, level, n_groups=k)
     if n - k < 2:
         out["reason"] = f"too few: {n} pairs in {k} groups leave {n - k} within-group degrees of freedom (need >= 2)"
         return out
@@ -684,18 +680,14 @@ def within_correlation(
     out["boot_valid"] = int(np.isfinite(rb).sum())
     lo, hi = _stats.percentile_interval(rb, level)
     out["ci_low"], out["ci_high"] = float(lo), float(hi)
-    # permutation within groups
-    thr = abs(r) - 1e-12
-    hits, done = 0, 0
-    chunk = max(1, min(int(n_perm), 2_000_000 // max(n, 1)))
-    while done < int(n_perm):
-        mm = min(chunk, int(n_perm) - done)
+    def permuted_r(mm: int) -> np.ndarray:
+        """``mm`` correlations with ``y`` permuted within each group."""
         yp = np.broadcast_to(yc, (mm, n)).copy()
         for m in members:
             yp[:, m] = rng.permuted(yp[:, m], axis=1)
-        hits += int((np.abs(rows_r(np.broadcast_to(xc, (mm, n)), yp)) >= thr).sum())
-        done += mm
-    out["p_perm"] = (1.0 + hits) / (1.0 + int(n_perm))
+        return rows_r(np.broadcast_to(xc, (mm, n)), yp)
+
+    out["p_perm"] = _stats.monte_carlo_p(r, n, int(n_perm), permuted_r)
     if np.isfinite(lo) and np.isfinite(hi):
         out["defined"] = True
     else:

@@ -64,7 +64,7 @@ import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from itertools import permutations
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -946,6 +946,31 @@ def _rank_rows(a: np.ndarray) -> np.ndarray:
     return _sps.rankdata(a, axis=1)
 
 
+def correlation_record(n: int, method: str = "pearson", level: float = 0.95, reason: str | None = None,
+                       **extra: Any) -> dict[str, Any]:
+    """The dict :func:`correlation` returns, still undefined (NaN r and CI), with ``reason``;
+    correlation-like estimates elsewhere start from it so every one has the same keys."""
+    return {
+        "r": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_perm": math.nan,
+        "perm_exact": False, "p_parametric": math.nan, "n": int(n), "method": method,
+        "level": float(level), "boot_valid": 0, "defined": False, "reason": reason, **extra,
+    }
+
+
+def monte_carlo_p(r: float, n: int, n_perm: int, draw: Callable[[int], np.ndarray]) -> float:
+    """Two-sided Monte Carlo permutation p-value ``(1 + hits) / (1 + n_perm)``, where a hit is a
+    permuted statistic with ``|r_perm| >= |r|``; ``draw(m)`` returns ``m`` permuted statistics
+    (called in chunks that keep about two million values in memory)."""
+    thr = abs(r) - 1e-12
+    hits = done = 0
+    chunk = max(1, min(int(n_perm), 2_000_000 // max(int(n), 1)))
+    while done < int(n_perm):
+        m = min(chunk, int(n_perm) - done)
+        hits += int((np.abs(draw(m)) >= thr).sum())
+        done += m
+    return (1.0 + hits) / (1.0 + int(n_perm))
+
+
 def correlation(
     x: Sequence[float],
     y: Sequence[float],
@@ -976,11 +1001,7 @@ def correlation(
     if xa.shape != ya.shape:
         raise ConfigError(f"x and y must have the same length, got {xa.size} and {ya.size}")
     n = int(xa.size)
-    out: dict[str, Any] = {
-        "r": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_perm": math.nan,
-        "perm_exact": False, "p_parametric": math.nan, "n": n, "method": method,
-        "level": float(level), "boot_valid": 0, "defined": False, "reason": None,
-    }
+    out = correlation_record(n, method, level)
     if n < 3:
         out["reason"] = f"too few: a correlation needs n >= 3 pairs, got n={n}"
         return out
@@ -1020,15 +1041,10 @@ def correlation(
         out["p_perm"] = float(np.mean(np.abs(rp) >= thr))
         out["perm_exact"] = True
     else:
-        hits = 0
-        done = 0
-        chunk = max(1, min(int(n_perm), 2_000_000 // n))
-        while done < int(n_perm):
-            m = min(chunk, int(n_perm) - done)
-            yp = rng.permuted(np.broadcast_to(ys, (m, n)), axis=1)
-            hits += int((np.abs(_rowwise_pearson(np.broadcast_to(xs, (m, n)), yp)) >= thr).sum())
-            done += m
-        out["p_perm"] = (1.0 + hits) / (1.0 + int(n_perm))
+        out["p_perm"] = monte_carlo_p(
+            r, n, int(n_perm),
+            lambda m: _rowwise_pearson(np.broadcast_to(xs, (m, n)), rng.permuted(np.broadcast_to(ys, (m, n)), axis=1)),
+        )
     if np.isfinite(lo) and np.isfinite(hi):
         out["defined"] = True
     else:
