@@ -32,6 +32,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -201,13 +202,13 @@ def _load_tiny(arch: str, seed: int, dtype: torch.dtype = torch.float32) -> tupl
     # private RNG state: fork_rng leaves the caller's global RNG untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     if dtype != torch.float32:
         # Rebuild in the target dtype rather than model.to(dtype): transformers keeps some
         # buffers (rotary inv_freq) in float32 for half-precision models.
         state = model.state_dict()
         with torch.random.fork_rng(devices=[]):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
         model.load_state_dict(state)
     tokenizer = gpt2_tokenizer(model_max_length=_TINY_CONTEXT)
     meta = {
@@ -634,9 +635,11 @@ def convert_embedded(name: str, cache_dir: str | os.PathLike | None = None, *, f
         with _quiet_progress():
             try:
                 gguf_model = AutoModelForCausalLM.from_pretrained(
-                    str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+                    str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False
                 )
-                tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+                tokenizer = AutoTokenizer.from_pretrained(
+                    str(gguf_path.parent), gguf_file=gguf_path.name, trust_remote_code=False
+                )
             except ImportError as exc:
                 raise ModelLoadError(
                     f"reading {gguf_path.name} needs the 'gguf' and 'accelerate' packages: {exc}. "
@@ -648,7 +651,7 @@ def convert_embedded(name: str, cache_dir: str | os.PathLike | None = None, *, f
             state = gguf_model.state_dict()
             # A plain from_config (transformers' no_init_weights would skip weight tying and
             # save a separate lm_head copy).
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
             result = model.load_state_dict(state, strict=False)
             if result.missing_keys or result.unexpected_keys:
                 raise ModelLoadError(
@@ -735,8 +738,10 @@ def _load_embedded(
     meta = _read_cache_meta(folder) or {}
     try:
         with _quiet_progress():
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=dtype, use_safetensors=True, trust_remote_code=False
+            )
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"the cached conversion of 'embedded:{key}' in {folder} could not be loaded ({exc}); "
@@ -877,6 +882,13 @@ def _load_local(path: Path, spec: str, dtype: torch.dtype) -> tuple[nn.Module, A
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype, trust_remote_code=False, use_safetensors=use_safetensors
         )
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(
+            f"{spec!r}: its .bin weights hold objects other than tensors, and unpickling them could run "
+            "code, so qhelpers refuses them. If you trust the file, convert it to safetensors once, in a "
+            "separate environment: safetensors.torch.save_file(torch.load(p, weights_only=False), "
+            "'model.safetensors')"
+        ) from exc
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"could not load a causal LM from folder {spec!r}: {exc}") from exc
     try:

@@ -1,0 +1,156 @@
+"""Safety: no remote code, no arbitrary unpickling, parameters never run as code.
+
+Two kinds of test: real attacks on the loader (a model folder that ships its own modelling
+code, a ``.bin`` whose pickle runs a command), each of which would leave a marker file if it
+succeeded; and a scan of the package's source for calls that could reopen those doors.
+Parameters as YAML, never code, are tested in tests/test_runner.py.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import pathlib
+
+import pytest
+import torch
+
+from qhelpers.errors import ModelLoadError
+from qhelpers.models import load_model
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SOURCES = sorted([*(REPO / "qhelpers").rglob("*.py"), REPO / "run_all.py", *(REPO / "scripts").glob("*.py")])
+
+
+class _RunsACommand:
+    """Unpickling this object touches ``marker`` (what a malicious checkpoint would do)."""
+
+    def __init__(self, marker: pathlib.Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def _saved_folder(tmp_path: pathlib.Path, tiny_model) -> pathlib.Path:
+    src = tiny_model("gpt2")
+    folder = tmp_path / "model"
+    src.model.save_pretrained(folder)
+    src.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_remote_code_in_a_model_folder_is_never_run(tmp_path, tiny_model):
+    folder = _saved_folder(tmp_path, tiny_model)
+    marker = tmp_path / "remote_code_ran"
+    (folder / "evil_modeling.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from transformers import GPT2LMHeadModel\nclass EvilLM(GPT2LMHeadModel):\n    pass\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil_modeling.EvilLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    try:
+        lm = load_model(str(folder), device="cpu")
+    except ModelLoadError:
+        lm = None  # refusing is as safe as ignoring the auto_map
+    assert not marker.exists(), "the folder's own modelling code was imported"
+    if lm is not None:
+        assert type(lm.model).__name__ == "GPT2LMHeadModel"
+
+
+def test_malicious_pickle_in_bin_weights_is_refused(tmp_path, tiny_model):
+    folder = _saved_folder(tmp_path, tiny_model)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    marker = tmp_path / "pickle_ran"
+    state = dict(tiny_model("gpt2").model.state_dict())
+    state["payload"] = _RunsACommand(marker)
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="objects other than tensors.*safetensors"):
+        load_model(str(folder), device="cpu")
+    assert not marker.exists(), "a pickle in the checkpoint ran code"
+
+
+# ----------------------------------------------------------------------------- source scan
+
+
+def _name(func: ast.expr) -> str:
+    if isinstance(func, ast.Attribute):
+        return f"{_name(func.value)}.{func.attr}"
+    if isinstance(func, ast.Name):
+        return func.id
+    return "?"
+
+
+def _keyword(call: ast.Call, name: str) -> ast.expr | None:
+    return next((k.value for k in call.keywords if k.arg == name), None)
+
+
+def _where(path: pathlib.Path, call: ast.Call) -> str:
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    return f"{shown}:{call.lineno}"
+
+
+FORBIDDEN_CALLS = {"pickle.load", "pickle.loads", "marshal.loads", "eval", "exec", "yaml.load", "yaml.unsafe_load"}
+AUTO_LOADERS = ("AutoModelForCausalLM.from_pretrained", "AutoModelForCausalLM.from_config",
+                "AutoTokenizer.from_pretrained", "AutoConfig.from_pretrained")
+
+
+def _is_const(value: ast.expr | None, const: object) -> bool:
+    return isinstance(value, ast.Constant) and value.value is const
+
+
+def violations(path: pathlib.Path) -> list[str]:
+    """Every call in ``path`` that could run foreign code, one line each."""
+    found = []
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name, where = _name(node.func), _where(path, node)
+            remote = _keyword(node, "trust_remote_code")
+            # A pass-through parameter is allowed; its default is checked below.
+            if remote is not None and not (_is_const(remote, False) or
+                                           (isinstance(remote, ast.Name) and remote.id == "trust_remote_code")):
+                found.append(f"{where} trust_remote_code is not False")
+            if name.endswith(AUTO_LOADERS) and remote is None:
+                found.append(f"{where} {name} without an explicit trust_remote_code=False")
+            if name == "torch.load" and not _is_const(_keyword(node, "weights_only"), True):
+                found.append(f"{where} torch.load without weights_only=True")
+            if name in FORBIDDEN_CALLS:
+                found.append(f"{where} {name}")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            positional = node.args.posonlyargs + node.args.args
+            defaults = [None] * (len(positional) - len(node.args.defaults)) + node.args.defaults
+            for arg, default in zip(positional + node.args.kwonlyargs, defaults + node.args.kw_defaults):
+                if arg.arg == "trust_remote_code" and not _is_const(default, False):
+                    found.append(f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}:"
+                                 f"{node.lineno} {node.name} does not default trust_remote_code to False")
+    return found
+
+
+def test_the_scan_sees_the_package():
+    names = {p.name for p in SOURCES}
+    assert {"models.py", "lora.py", "bnb.py", "run_all.py"} <= names
+
+
+def test_package_source_has_no_door_to_foreign_code():
+    found = [v for path in SOURCES for v in violations(path)]
+    assert not found, "\n".join(found)
+
+
+def test_the_scan_flags_each_kind_of_violation(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import torch, pickle, yaml\n"
+        "torch.load('x')\n"
+        "torch.load('x', weights_only=False)\n"
+        "pickle.loads(b'')\n"
+        "eval('1')\n"
+        "yaml.load('a')\n"
+        "AutoModelForCausalLM.from_pretrained('x', trust_remote_code=True)\n"
+        "AutoTokenizer.from_pretrained('x')\n"
+        "def f(trust_remote_code=True):\n    pass\n"
+    )
+    found = violations(bad)
+    assert len(found) == 8, found
+    assert violations(REPO / "qhelpers" / "models.py") == []
