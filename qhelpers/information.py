@@ -211,7 +211,7 @@ def capture_token_activations(
     2048 on CPU, 16384 on CUDA) and ``max_batch`` texts; the forward stops after the last
     requested layer.
     """
-    from .measure import context_length, encode_corpus, length_batches, pad_batch, progress_bar
+    from .measure import batch_overhead_tokens, context_length, encode_corpus, length_batches, pad_batch, progress_bar
 
     model = as_module(loaded)
     tokenizer = getattr(loaded, "tokenizer", None)
@@ -244,7 +244,7 @@ def capture_token_activations(
     if n_rows == 0:
         raise MeasurementError("no text has two tokens after its first one; use longer texts")
 
-    batches = length_batches([len(t.ids) for t in texts], budget, int(max_batch))
+    batches = length_batches([len(t.ids) for t in texts], budget, int(max_batch), batch_overhead_tokens(device, budget))
     acts: dict[int, np.ndarray] = {}
     it: Iterable = progress_bar(batches, desc="activations", leave=False) if progress else batches
     for batch in it:

@@ -154,7 +154,7 @@ def layer_activation_magnitudes(
     (``n_tokens``: tokens averaged over; ``truncated``: the text was longer than
     ``max_length``), one row per (text, layer), texts in corpus order.
     """
-    from .measure import context_length, encode_corpus, length_batches, pad_batch, progress_bar
+    from .measure import batch_overhead_tokens, context_length, encode_corpus, length_batches, pad_batch, progress_bar
 
     model = as_module(loaded)
     tokenizer = getattr(loaded, "tokenizer", None)
@@ -175,7 +175,7 @@ def layer_activation_magnitudes(
     firsts = [t.first if skip_bos else 0 for t in texts]
 
     results: dict[int, dict[int, float]] = {}
-    batches = length_batches([len(t.ids) for t in texts], budget, max_batch)
+    batches = length_batches([len(t.ids) for t in texts], budget, max_batch, batch_overhead_tokens(device, budget))
     it: Iterable = progress_bar(batches, desc="activations", leave=False) if progress else batches
     for batch in it:
         ids, mask = pad_batch([texts[i].ids for i in batch], pad_id)

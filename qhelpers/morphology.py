@@ -81,7 +81,7 @@ from .archs import ArchSpec, decoder_layers, get_arch, get_module, resolve_layer
 from .corpora import LANGUAGES
 from .engine import QuantEngine, Variant
 from .errors import ConfigError, CorpusError, MeasurementError
-from .measure import LOGIT_BUDGET, encode_text, length_batches, pad_batch, progress_bar
+from .measure import LOGIT_BUDGET, batch_overhead_tokens, encode_text, length_batches, pad_batch, progress_bar
 from .models import as_module
 from .protection import ProtectionSpec
 from .strategies import protocol_settings
@@ -351,8 +351,9 @@ class _Seq:
     first: int  # index (in ids) of the first scored target token
 
 
-def _batches(seqs: list[_Seq], batch_tokens: int, max_batch: int) -> list[list[_Seq]]:
-    return [[seqs[i] for i in group] for group in length_batches([len(s.ids) for s in seqs], batch_tokens, max_batch)]
+def _batches(seqs: list[_Seq], batch_tokens: int, max_batch: int, device: torch.device) -> list[list[_Seq]]:
+    groups = length_batches([len(s.ids) for s in seqs], batch_tokens, max_batch, batch_overhead_tokens(device, batch_tokens))
+    return [[seqs[i] for i in group] for group in groups]
 
 
 def _default_batch_tokens(device: torch.device) -> int:
@@ -379,7 +380,7 @@ def _score_seqs(
     vocab = int(getattr(getattr(head, "weight", None), "shape", (0,))[0] or model.config.vocab_size)
     step = max(1, LOGIT_BUDGET // vocab)  # lens rows per head matmul (bounds the logits' memory)
     n_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    batches: Iterable = _batches(seqs, batch_tokens, 256)
+    batches: Iterable = _batches(seqs, batch_tokens, 256, device)
     if progress:
         batches = progress_bar(list(batches), desc="batches", leave=False)
     for batch in batches:

@@ -75,7 +75,7 @@ from .activations import capture_residual
 from .archs import decoder_layers, get_arch, resolve_layers
 from .engine import QuantEngine, Variant
 from .errors import ConfigError, MeasurementError
-from .measure import context_length, encode_corpus, length_batches, pad_batch
+from .measure import batch_overhead_tokens, context_length, encode_corpus, length_batches, pad_batch
 from .models import as_module
 from .strategies import exp005_variants, quantize_only_variant
 
@@ -421,6 +421,7 @@ class _Runner:
         if self.budget < 1 or max_batch < 1:
             raise ConfigError(f"batch_tokens and max_batch must be >= 1, got {batch_tokens} and {max_batch}")
         self.max_batch = int(max_batch)
+        self.overhead = batch_overhead_tokens(device, self.budget)
         use = prefix and self.model.config.model_type not in UNSUPPORTED_ARCHS
         self.cache = PrefixCache(default_budget(self.model, device)) if use else None
         self.order: list[str] = []
@@ -611,7 +612,7 @@ def residual_propagation(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     layer_rows: list[dict[str, Any]] = []
     logit_rows: list[dict[str, Any]] = []
-    for batch_index, index in enumerate(_progress(length_batches([len(t.ids) for t in texts], runner.budget, runner.max_batch), progress, "T-004 batches")):
+    for batch_index, index in enumerate(_progress(length_batches([len(t.ids) for t in texts], runner.budget, runner.max_batch, runner.overhead), progress, "T-004 batches")):
         batch = _make_batch(texts, index, pad_id)
         fp_acts, fp_logp, _ = runner.run(batch_index, batch, BASELINE, chosen, True)
         fp_parts = [_kl_parts(lp) for lp in fp_logp]
@@ -787,7 +788,7 @@ def error_interaction(
     add_rows: list[dict[str, Any]] = []
     rel_rows: list[dict[str, Any]] = []
     before: dict[int, float] = {i: 0.0 for i in early}
-    for batch_index, index in enumerate(_progress(length_batches([len(t.ids) for t in texts], runner.budget, runner.max_batch), progress, "T-006 batches")):
+    for batch_index, index in enumerate(_progress(length_batches([len(t.ids) for t in texts], runner.budget, runner.max_batch, runner.overhead), progress, "T-006 batches")):
         batch = _make_batch(texts, index, pad_id)
         fp_acts, fp_logp, _ = runner.run(batch_index, batch, BASELINE, early + [last], True)
         hidden: dict[str, torch.Tensor] = {}

@@ -329,7 +329,7 @@ def collect_activations(
     restored afterwards.
     """
     from .archs import decoder_layers
-    from .measure import context_length, encode_corpus, length_batches, pad_batch, progress_bar
+    from .measure import batch_overhead_tokens, context_length, encode_corpus, length_batches, pad_batch, progress_bar
     from .models import as_module
 
     if pooling not in POOLINGS:
@@ -366,7 +366,8 @@ def collect_activations(
         firsts.append(first)
         sampled.append(positions)
 
-    batches = length_batches([len(t.ids) for t in texts], None, int(batch_size))
+    batches = length_batches([len(t.ids) for t in texts], None, int(batch_size),
+                             batch_overhead_tokens(next(model.parameters()).device))
     pooled_rows: dict[int, list[np.ndarray | None]] = {layer: [None] * len(texts) for layer in wanted}
     token_rows: dict[int, list[np.ndarray | None]] = {layer: [None] * len(texts) for layer in wanted}
 

@@ -106,3 +106,71 @@ def test_bad_inputs_raise_clear_errors():
         MeasureConfig(max_length=16, stride=16)
     with pytest.raises(ConfigError, match="max_length"):
         MeasureConfig(max_length=1)
+
+
+# ----------------------------------------------------------------------------- length batching
+
+
+def _padded(lengths, groups):
+    return sum(max(lengths[i] for i in g) * len(g) for g in groups)
+
+
+def _set_partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _set_partitions(rest):
+        for k in range(len(part)):
+            yield part[:k] + [[first] + part[k]] + part[k + 1:]
+        yield [[first]] + part
+
+
+def _feasible(lengths, groups, budget, max_batch):
+    return all(len(g) <= max_batch and (len(g) == 1 or budget is None or max(lengths[i] for i in g) * len(g) <= budget)
+               for g in groups)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_length_batches_is_optimal_over_every_partition(seed):
+    """Against brute force over all set partitions (not only contiguous ones), for small n."""
+    from qhelpers.measure import length_batches
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 8))
+    lengths = [int(x) for x in rng.integers(1, 60, size=n)]
+    budget = [None, 64, 100, 150][seed % 4]
+    max_batch = [2, 3, 64][seed % 3]
+    overhead = [0, 5, 40][seed % 3]
+    groups = length_batches(lengths, budget, max_batch, overhead)
+    assert sorted(i for g in groups for i in g) == list(range(n))
+    assert _feasible(lengths, groups, budget, max_batch)
+    best = min(_padded(lengths, p) + overhead * len(p)
+               for p in _set_partitions(list(range(n))) if _feasible(lengths, p, budget, max_batch))
+    assert _padded(lengths, groups) + overhead * len(groups) == best
+    # longest first, inside each batch and across batches
+    flat = [i for g in groups for i in g]
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+
+
+def test_length_batches_hand_example():
+    from qhelpers.measure import length_batches
+
+    # budget 400: greedy (fill while it fits) takes [100, 100, 10, 10] (400 padded tokens for
+    # 220 real ones); the optimum splits [100, 100] + [10, 10] (240 padded + 2 calls).
+    assert length_batches([100, 10, 100, 10], 400, 64, overhead_tokens=10) == [[0, 2], [1, 3]]
+    # with a dear forward call, one batch is cheaper
+    assert length_batches([100, 10, 100, 10], 400, 64, overhead_tokens=500) == [[0, 2, 1, 3]]
+    # a sequence longer than the budget gets its own batch; ties keep index order
+    assert length_batches([500, 5, 5], 100, 64, overhead_tokens=1000) == [[0], [1, 2]]
+    assert length_batches([], 100) == []
+    with pytest.raises(ConfigError, match="max_batch"):
+        length_batches([3], 100, 0)
+
+
+def test_batch_overhead_tokens_by_device():
+    from qhelpers.measure import CPU_BATCH_OVERHEAD, batch_overhead_tokens
+
+    assert batch_overhead_tokens("cpu", 2048) == CPU_BATCH_OVERHEAD
+    assert batch_overhead_tokens("cuda:0", 8192) == 8192  # a GPU call is priced as a full batch
+    assert batch_overhead_tokens(torch.device("cuda"), None) > CPU_BATCH_OVERHEAD
