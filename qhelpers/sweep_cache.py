@@ -11,19 +11,21 @@ its per-text scores under a key that covers everything the scores depend on:
 * the torch and transformers versions.
 
 Values are stored as JSON with 17 significant digits, so a cache hit returns scores
-bit-identical to the run that wrote them. Files are written atomically; two processes
-computing the same key at once both compute and the last write wins (same content).
+bit-identical to the run that wrote them. Files are written atomically. A process that
+finds another computing the same key (a lock file beside the entry) waits for its result
+rather than computing it twice.
 Default folder: ``$QHELPERS_CACHE/sweeps`` when that variable is set, else
 ``~/.cache/qhelpers/sweeps``; ``cache=False`` turns caching off, a path chooses the folder.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -36,7 +38,7 @@ from .sweep import SweepResult, as_variants, run_sweep
 
 __all__ = ["cached_sweep", "sweep_key", "default_sweep_cache"]
 
-_FORMAT = 1
+_FORMAT = 2  # 2: least-padding batches (measure.length_batches); scores differ from 1 in the last bits
 
 
 def default_sweep_cache() -> Path:
@@ -124,11 +126,42 @@ def cached_sweep(
         return run_sweep(loaded, corpus, ordered, measure, progress=progress, baseline=baseline), False
     folder = default_sweep_cache() if cache is True else Path(cache).expanduser()
     path = folder / f"{sweep_key(loaded, corpus, ordered, measure)}.json"
-    if path.is_file():
-        try:
-            return _decode(path.read_text(encoding="utf-8"), ordered), True
-        except (ValueError, KeyError):
-            pass  # unreadable entry (e.g. an older format): recompute and overwrite it
-    result = run_sweep(loaded, corpus, ordered, measure, progress=progress, baseline=baseline)
-    atomic_write_text(path, _encode(result))
+    hit = _read(path, ordered)
+    if hit is not None:
+        return hit, True
+    # One process computes a key at a time; the others wait for its file instead of
+    # computing the same sweep beside it (notebooks run with run_all.py --workers N).
+    with _key_lock(path):
+        hit = _read(path, ordered)
+        if hit is not None:
+            return hit, True
+        result = run_sweep(loaded, corpus, ordered, measure, progress=progress, baseline=baseline)
+        atomic_write_text(path, _encode(result))
     return result, False
+
+
+def _read(path: Path, variants: dict[str, Variant]) -> SweepResult | None:
+    if not path.is_file():
+        return None
+    try:
+        return _decode(path.read_text(encoding="utf-8"), variants)
+    except (ValueError, KeyError):
+        return None  # unreadable entry (e.g. an older format): recompute and overwrite it
+
+
+@contextlib.contextmanager
+def _key_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``<path>.lock`` (POSIX ``flock``; released if the holder
+    dies). Where ``fcntl`` is missing (Windows) nothing is locked and both compute."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

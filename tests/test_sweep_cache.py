@@ -64,3 +64,36 @@ def test_criticality_reports_reuse(setup, tmp_path):
     b = layer_criticality(loaded, corpus, layers=[0], n_boot=20, cache=tmp_path, progress=False, allow_collapsed=True)
     assert (a.from_cache, b.from_cache) == (False, True)
     pd.testing.assert_frame_equal(a.table, b.table, check_exact=True)
+
+
+def test_concurrent_callers_compute_a_key_once(setup, tmp_path, monkeypatch):
+    """Two callers of the same key at once: one computes, the other waits and gets a hit."""
+    import threading
+    import time
+
+    loaded, corpus, variants = setup
+    real, _ = cached_sweep(loaded, corpus, variants, cache=False, progress=False)
+    calls = []
+
+    def slow_sweep(*args, **kwargs):
+        calls.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the other caller to find no entry yet
+        return real
+
+    monkeypatch.setattr("qhelpers.sweep_cache.run_sweep", slow_sweep)
+    hits: list[bool] = []
+    start = threading.Barrier(2)
+
+    def call():
+        start.wait()
+        result, hit = cached_sweep(loaded, corpus, variants, cache=tmp_path, progress=False)
+        pd.testing.assert_frame_equal(result.scores, real.scores, check_exact=True)
+        hits.append(hit)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(calls) == 1, "both callers computed the sweep"
+    assert sorted(hits) == [False, True]
