@@ -664,8 +664,20 @@ def visible_gpus(env: Mapping[str, str] | None = None, torch_count: int | None =
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 
 
-def _kernel_env(profile: str, gpu: str | None) -> dict[str, str]:
+def cpu_threads_per_worker(workers: int, cpu_count: int | None = None) -> int | None:
+    """BLAS threads for each of ``workers`` notebooks running side by side on the CPU: the
+    cores shared out (at least 1), or None for a single worker (the libraries' default).
+    Oversubscribed threads (2 kernels x all cores) made linear algebra up to 10x slower."""
+    if workers <= 1:
+        return None
+    return max(1, (cpu_count or os.cpu_count() or 1) // workers)
+
+
+def _kernel_env(profile: str, gpu: str | None, threads: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if threads is not None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env.setdefault(var, str(threads))  # the user's own setting wins
     # figures inline in the executed notebooks, whatever the caller's MPLBACKEND
     env["MPLBACKEND"] = INLINE_BACKEND
     env["PYTHONHASHSEED"] = "0"
@@ -1171,6 +1183,7 @@ class Runner:
         self.notes = notes
         self.golden = golden
         self.total = len(plans)
+        self.workers = max(1, getattr(args, "workers", 1))
         self.stop_signal: int | None = None
         self.outcomes: dict[str, str] = {}
         self.log_path = out_dir / "runner.log"
@@ -1290,7 +1303,8 @@ class Runner:
             job_path = self.out_dir / ".jobs" / f"{stem}.json"
             _atomic_write_json(job_path, job)
             log_fh = open(d / "log.txt", "ab")
-            env = _kernel_env(self.profile, gpu)
+            threads = cpu_threads_per_worker(self.workers) if gpu is None else None
+            env = _kernel_env(self.profile, gpu, threads)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "qhelpers.runner", "--worker", str(job_path)],
                 cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
@@ -1376,7 +1390,7 @@ class Runner:
             queue.append((i, plan))
         self.summary("running")
 
-        workers = max(1, args.workers)
+        workers = self.workers
         gpus: list[str] = []
         if workers > 1 and min(workers, len(queue)) > 1 and args.device != "cpu":
             gpus = visible_gpus()

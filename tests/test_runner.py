@@ -503,3 +503,16 @@ def test_sigint_marks_interrupted_and_exits_130(tmp_path):
     assert (out / "c_sleep" / "c_sleep.ipynb").is_file()
     assert "| c_sleep | interrupted |" in (out / "summary.md").read_text()
     assert "interrupted by SIGINT" in (out / "index.html").read_text()
+
+
+def test_cpu_workers_share_the_cores_and_the_users_setting_wins(monkeypatch):
+    assert R.cpu_threads_per_worker(1, cpu_count=16) is None
+    assert R.cpu_threads_per_worker(2, cpu_count=2) == 1
+    assert R.cpu_threads_per_worker(3, cpu_count=16) == 5
+    assert R.cpu_threads_per_worker(4, cpu_count=2) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "7")
+    env = R._kernel_env("quick", None, threads=1)
+    assert env["OMP_NUM_THREADS"] == "1" and env["OPENBLAS_NUM_THREADS"] == "1"
+    assert env["MKL_NUM_THREADS"] == "7"
+    assert "OMP_NUM_THREADS" not in R._kernel_env("quick", None, threads=None)
