@@ -458,6 +458,29 @@ def _windows(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list
     return out
 
 
+#: Parameter dtypes too narrow to backpropagate through: float16's range (max 65504) is
+#: exceeded by the gradients of real models (SmolLM2 on a T4-like fp16 GPU gave NaN at step 1).
+UPCAST_FOR_TRAINING = (torch.float16,)
+
+
+@contextlib.contextmanager
+def training_precision(model: nn.Module) -> Iterator[torch.dtype | None]:
+    """Train through a float16 model in float32, then give it back bit-identical.
+
+    Parameters in :data:`UPCAST_FOR_TRAINING` are cast to float32 for the duration (buffers,
+    such as rotary frequencies, are left alone) and cast back afterwards; float16 -> float32
+    -> float16 is exact. Yields the dtype that was upcast, or None when nothing was.
+    """
+    narrow = [(p, p.dtype) for p in model.parameters() if p.dtype in UPCAST_FOR_TRAINING]
+    try:
+        for p, _ in narrow:
+            p.data = p.data.to(torch.float32)
+        yield narrow[0][1] if narrow else None
+    finally:
+        for p, dtype in narrow:
+            p.data = p.data.to(dtype)
+
+
 def train_adapter(
     loaded: Any,
     texts: Sequence[str],
@@ -475,7 +498,9 @@ def train_adapter(
     windows of at most ``max_length`` tokens; each step takes the next ``batch_size``
     windows of a seeded shuffle (reshuffled every pass). AdamW (no weight decay) updates the
     LoRA matrices only; the base model stays frozen and in eval mode (no dropout), and is
-    bit-identical afterwards. Same inputs and ``seed`` -> identical tensors (on one device).
+    bit-identical afterwards. A float16 model is trained through in float32
+    (:func:`training_precision`): float16 gradients overflow. Same inputs and ``seed`` ->
+    identical tensors (on one device).
     """
     _check_loaded(loaded)
     if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
@@ -502,7 +527,7 @@ def train_adapter(
     try:
         model.requires_grad_(False)
         model.eval()
-        with attach_lora(loaded, lora, seed=seed) as wrappers, torch.enable_grad():
+        with training_precision(model), attach_lora(loaded, lora, seed=seed) as wrappers, torch.enable_grad():
             params = [p for w in wrappers.values() for p in (w.lora_A, w.lora_B)]
             for p in params:
                 p.requires_grad_(True)
@@ -621,7 +646,7 @@ def _fingerprint(loaded: Any, config: ZooConfig, item: AdapterPlan) -> dict[str,
         "label": item.label,
         "text_ids": list(item.text_ids),
         "texts_sha256": _texts_sha(item.texts),
-    }
+    } | ({"train_dtype": "float32"} if loaded.dtype in UPCAST_FOR_TRAINING else {})
 
 
 def _manifest_key(manifest: Mapping[str, Any]) -> dict[str, Any]:

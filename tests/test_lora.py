@@ -484,3 +484,35 @@ def test_pickle_bin_instead_of_safetensors(tmp_path):
     (root / "b2" / "adapter_model.safetensors").rename(root / "b2" / "adapter_model.bin")
     with pytest.raises(L.ZooError, match=r"adapters b2 store adapter_model.bin.*never loads; convert.*adapter_model.safetensors"):
         L.load_zoo(root)
+
+
+def test_training_precision_upcasts_fp16_and_restores_bit_identically():
+    from qhelpers.lora import training_precision
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)).half()
+    model.register_buffer("freq", torch.arange(3, dtype=torch.float32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    with training_precision(model) as upcast:
+        assert upcast == torch.float16
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert model.freq.dtype == torch.float32  # buffers are left alone
+        # float16 overflows where float32 does not: the reason for the upcast
+        assert torch.isinf(torch.tensor(300.0, dtype=torch.float16) ** 2)
+    assert list(model.parameters()) == params  # the same Parameter objects
+    after = model.state_dict()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+    fp32 = torch.nn.Linear(2, 2)
+    with training_precision(fp32) as upcast:
+        assert upcast is None
+
+
+def test_fp16_model_trains_finite_adapters_and_stays_bit_identical(tiny_model):
+    tiny_fp16 = tiny_model("llama", fresh=True, dtype="fp16")
+    before = {k: v.clone() for k, v in tiny_fp16.model.state_dict().items()}
+    trained = L.train_adapter(tiny_fp16, ["The quick brown fox jumps over the lazy dog. " * 4], steps=3, max_length=32)
+    assert all(np.isfinite(x) for x in trained.losses)
+    assert all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in trained.tensors.values())
+    for k, v in tiny_fp16.model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
