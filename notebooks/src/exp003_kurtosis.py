@@ -53,6 +53,7 @@ NF4_PATH = "auto"                 # "auto" (bitsandbytes if it runs here), "simu
 CLIPPING = ["absmax", "kurtosis_heuristic", "banner_gaussian", "banner_laplace", "mse"]
 MAX_LENGTH = 512                  # tokens per forward window
 DEVICE = None                     # None: cuda if available, else cpu
+DTYPE = None                      # None: fp32 on CPU, bf16 on CUDA (fp16 on a T4); "fp32" everywhere for reference numbers
 SEED = 0
 N_BOOT = 2000
 OUTPUT_DIR = "results/exp003_kurtosis"
@@ -79,7 +80,7 @@ pd.set_option("display.width", 160)
 # ## Model and texts
 
 # %%
-loaded = load_model(MODEL, device=DEVICE)
+loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 corpus = load_corpus(CORPUS, langs=LANGS, n_texts=N_TEXTS, seed=SEED)
 measure = MeasureConfig(max_length=MAX_LENGTH)
 print(loaded.describe())
@@ -283,7 +284,7 @@ metrics = {
     "seconds": {**sweep.seconds, "nf4": nf4.seconds},
 }
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, N_TEXTS=N_TEXTS, BITS=BITS, NF4_PATH=NF4_PATH, CLIPPING=CLIPPING,
-                  MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), SEED=SEED, N_BOOT=N_BOOT)
+                  MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "exp003_kurtosis", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

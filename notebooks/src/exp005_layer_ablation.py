@@ -40,6 +40,7 @@ PROTOCOL = "sound"                # "sound" or "seed"
 BITS = 4
 MAX_LENGTH = 512                  # tokens per forward window
 DEVICE = None                     # None: cuda if available, else cpu
+DTYPE = None                      # None: fp32 on CPU, bf16 on CUDA (fp16 on a T4); "fp32" everywhere for reference numbers
 SEED = 0
 N_BOOT = 2000
 OUTPUT_DIR = "results/exp005_layer_ablation"
@@ -64,7 +65,7 @@ pd.set_option("display.width", 160)
 # The model is loaded once; every configuration is applied to it and restored.
 
 # %%
-loaded = load_model(MODEL, device=DEVICE)
+loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 corpus = load_corpus(CORPUS, langs=LANGS, n_texts=N_TEXTS, seed=SEED)
 print(loaded.describe())
 print("baseline:", loaded.metadata["baseline"])
@@ -172,7 +173,7 @@ metrics = {
     "seconds": sweep.seconds,
 }
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
-                  PROTOCOL=PROTOCOL, BITS=BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), SEED=SEED, N_BOOT=N_BOOT)
+                  PROTOCOL=PROTOCOL, BITS=BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "exp005_layer_ablation", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

@@ -50,6 +50,7 @@ N_RUNS = 3                        # splits (runs) per classifier; seed 001 uses 
 REPRESENTATIONS = ["flat", "stats", "spectral", "norms", "distribution", "frequency", "information", "ensemble", "coupling"]
 BASELINE_REPR = "stats"           # Phase 1 representation
 DEVICE = None                     # None: cuda if available, else cpu
+DTYPE = None                      # None: fp32 on CPU, bf16 on CUDA (fp16 on a T4); "fp32" everywhere for reference numbers
 SEED = 0
 N_BOOT = 2000
 OUTPUT_DIR = "results/lora_ablation"
@@ -79,7 +80,7 @@ pd.set_option("display.width", 160)
 # NBVAL_IGNORE_OUTPUT
 zoo_config = ZooConfig(langs=tuple(LANGS), adapters_per_lang=ADAPTERS_PER_LANG, texts_per_adapter=TEXTS_PER_ADAPTER,
                        steps=STEPS, max_length=MAX_LENGTH, lora=LoraConfig(rank=RANK, targets=tuple(TARGETS)), seed=SEED)
-loaded = None if ZOO else load_model(MODEL, device=DEVICE)
+loaded = None if ZOO else load_model(MODEL, device=DEVICE, dtype=DTYPE)
 corpus = None if ZOO else load_corpus(CORPUS, langs=LANGS, n_texts=N_TEXTS, seed=SEED)
 zoo = load_zoo(ZOO) if ZOO else build_zoo(loaded, corpus, default_zoo_dir(loaded, corpus, zoo_config), zoo_config)
 
@@ -230,7 +231,8 @@ metrics = {
 parameters = dict(MODEL=MODEL, ZOO=ZOO, CORPUS=CORPUS, LANGS=LANGS, N_TEXTS=N_TEXTS, ADAPTERS_PER_LANG=ADAPTERS_PER_LANG,
                   TEXTS_PER_ADAPTER=TEXTS_PER_ADAPTER, STEPS=STEPS, MAX_LENGTH=MAX_LENGTH, RANK=RANK, TARGETS=TARGETS,
                   TOP_K=TOP_K, N_RUNS=N_RUNS, REPRESENTATIONS=REPRESENTATIONS, BASELINE_REPR=BASELINE_REPR,
-                  DEVICE=DEVICE if loaded is None else str(loaded.device), SEED=SEED, N_BOOT=N_BOOT)
+                  DEVICE=DEVICE if loaded is None else str(loaded.device),
+                  DTYPE=DTYPE if loaded is None else str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "lora_ablation", parameters, metrics, hypotheses, figures,
                      loaded.metadata if loaded is not None else {"zoo_manifest": zoo.manifest})
 print("wrote", path)

@@ -63,12 +63,13 @@ PROTOCOL = "sound"                # "sound" or "seed" (the seeds' exact protocol
 BITS = 4
 STRATEGIES = None                 # None: the built-in set; or a dict name -> protection that replaces it
 LAYER_SWEEP = ["layer"]           # per-layer sweeps: "layer", "mlp", "attn"
-MAX_SWEEP_LAYERS = 10             # layers visited per sweep, evenly spaced (None: every layer)
+MAX_SWEEP_LAYERS = 6              # layers visited per sweep, evenly spaced (None: every layer, as in the full profile)
 DETAIL = "quick"                  # "quick" or "full" (adds layer-0 parts and the index's norm/bias combinations)
 RANDOM_DRAWS = 2                  # random layer pairs at the overhead of L0 + L_last
 PRECISION_BITS = [2, 3, 4, 6, 8]  # the precision axis
 MAX_LENGTH = 512                  # tokens per forward window (sound protocol)
 DEVICE = None                     # None: cuda if available, else cpu
+DTYPE = None                      # None: fp32 on CPU, bf16 on CUDA (fp16 on a T4); "fp32" everywhere for reference numbers
 SEED = 0
 N_BOOT = 2000
 OUTPUT_DIR = "results/protection_strategies"
@@ -99,7 +100,7 @@ hypotheses, figures = [], []
 # parameters left in full precision (the index's "overhead").
 
 # %%
-loaded = load_model(MODEL, device=DEVICE)
+loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 corpus, corpus_note = index_study.load_study_corpus(CORPUS, LANGS, N_TEXTS, seed=SEED)
 print(loaded.describe())
 print("baseline:", loaded.metadata["baseline"])
@@ -416,7 +417,7 @@ metrics = {
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
                   PROTOCOL=PROTOCOL, BITS=BITS, STRATEGIES=STRATEGIES, LAYER_SWEEP=LAYER_SWEEP,
                   MAX_SWEEP_LAYERS=MAX_SWEEP_LAYERS, DETAIL=DETAIL, RANDOM_DRAWS=RANDOM_DRAWS,
-                  PRECISION_BITS=PRECISION_BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), SEED=SEED, N_BOOT=N_BOOT)
+                  PRECISION_BITS=PRECISION_BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "protection_strategies", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

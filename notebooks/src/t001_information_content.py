@@ -74,6 +74,7 @@ VAL_FRAC = 0.2                    # share of the remaining texts used to choose 
 BITS = 4                          # bit width of the criticality sweep
 MAX_LENGTH = 256                  # tokens per text (longer texts are cut)
 DEVICE = None                     # None: cuda if available, else cpu
+DTYPE = None                      # None: fp32 on CPU, bf16 on CUDA (fp16 on a T4); "fp32" everywhere for reference numbers
 SEED = 0
 N_BOOT = 2000
 OUTPUT_DIR = "results/t001_information_content"
@@ -99,7 +100,7 @@ pd.set_option("display.max_columns", 30)
 # ## Model, texts and token activations
 
 # %%
-loaded = load_model(MODEL, device=DEVICE)
+loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 corpus = load_corpus(CORPUS, langs=LANGS, n_texts=N_TEXTS, seed=SEED)
 crit_corpus = load_corpus(CORPUS, langs=LANGS, n_texts=CRIT_N_TEXTS, seed=SEED)
 print(loaded.describe())
@@ -231,7 +232,7 @@ metrics = {
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
                   CRIT_N_TEXTS=CRIT_N_TEXTS,
                   MAX_TOKENS_PER_TEXT=MAX_TOKENS_PER_TEXT, K_CLASSES=K_CLASSES, TEST_FRAC=TEST_FRAC, VAL_FRAC=VAL_FRAC,
-                  BITS=BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), SEED=SEED, N_BOOT=N_BOOT)
+                  BITS=BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "t001_information_content", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

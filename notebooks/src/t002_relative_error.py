@@ -61,6 +61,7 @@ BITS = 4
 COMPONENTS = "linear"             # registry components or groups: "linear", "attn", "mlp", ...
 MAX_LENGTH = 256                  # tokens per forward window of the criticality sweep
 DEVICE = None                     # None: cuda if available, else cpu
+DTYPE = None                      # None: fp32 on CPU, bf16 on CUDA (fp16 on a T4); "fp32" everywhere for reference numbers
 SEED = 0
 N_BOOT = 2000
 OUTPUT_DIR = "results/t002_relative_error"
@@ -85,7 +86,7 @@ pd.set_option("display.max_columns", 20)
 # ## Model, texts and quantizers
 
 # %%
-loaded = load_model(MODEL, device=DEVICE)
+loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 corpus = load_corpus(CORPUS, langs=LANGS, n_texts=N_TEXTS, seed=SEED)
 quantizers = {name: strategies.protocol_settings(name, BITS)[0] for name in dict.fromkeys([*QUANTIZERS, PROTOCOL])}
 print(loaded.describe())
@@ -240,7 +241,7 @@ metrics = {
 }
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
                   QUANTIZERS=QUANTIZERS, PROTOCOL=PROTOCOL, BITS=BITS, COMPONENTS=COMPONENTS, MAX_LENGTH=MAX_LENGTH,
-                  DEVICE=str(loaded.device), SEED=SEED, N_BOOT=N_BOOT)
+                  DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "t002_relative_error", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

@@ -58,6 +58,7 @@ MAX_TOKENS_PER_TEXT = 32          # token rows sampled per text for the variance
 BATCH_SIZE = 16                   # texts per forward pass of the activation capture
 MASSIVE_RATIO = 5.0               # a token row is "massive" above this multiple of the median token norm
 DEVICE = None                     # None: cuda if available, else cpu
+DTYPE = None                      # None: fp32 on CPU, bf16 on CUDA (fp16 on a T4); "fp32" everywhere for reference numbers
 SEED = 0
 N_BOOT = 1000
 OUTPUT_DIR = "results/t003_language_activation_variance"
@@ -82,7 +83,7 @@ pd.set_option("display.width", 160)
 # ## Model, texts and activations
 
 # %%
-loaded = load_model(MODEL, device=DEVICE)
+loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 corpus = load_corpus(CORPUS, langs=LANGS, n_texts=N_TEXTS, seed=SEED)
 print(loaded.describe())
 print("baseline:", loaded.metadata["baseline"])
@@ -215,7 +216,7 @@ metrics = {
 }
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
                   BITS=BITS, MAX_LENGTH=MAX_LENGTH, MAX_TOKENS_PER_TEXT=MAX_TOKENS_PER_TEXT, BATCH_SIZE=BATCH_SIZE,
-                  MASSIVE_RATIO=MASSIVE_RATIO, DEVICE=str(loaded.device), SEED=SEED, N_BOOT=N_BOOT)
+                  MASSIVE_RATIO=MASSIVE_RATIO, DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "t003_language_activation_variance", parameters, metrics, hypotheses, figures,
                      loaded.metadata)
 print("wrote", path)

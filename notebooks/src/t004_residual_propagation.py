@@ -49,6 +49,7 @@ PROTOCOL = "sound"                # "sound" (per-channel, linear weights) or "se
 BITS = 4
 MAX_LENGTH = 96                   # tokens per text, BOS included (longer texts are cut)
 DEVICE = None                     # None: cuda if available, else cpu
+DTYPE = None                      # None: fp32 on CPU, bf16 on CUDA (fp16 on a T4); "fp32" everywhere for reference numbers
 SEED = 0
 N_BOOT = 2000
 OUTPUT_DIR = "results/t004_residual_propagation"
@@ -73,7 +74,7 @@ pd.set_option("display.max_rows", 200)
 # overwritten).
 
 # %%
-loaded = load_model(MODEL, device=DEVICE)
+loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 corpus = load_corpus(CORPUS, langs=LANGS, n_texts=N_TEXTS, seed=SEED)
 LAST = loaded.n_layers - 1
 print(loaded.describe())
@@ -220,7 +221,7 @@ metrics = {
     "seconds": prop.seconds,
 }
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
-                  PROTOCOL=PROTOCOL, BITS=BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), SEED=SEED, N_BOOT=N_BOOT)
+                  PROTOCOL=PROTOCOL, BITS=BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "t004_residual_propagation", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

@@ -57,6 +57,7 @@ FEATURES = ["count_rank", "effective_rank", "stable_rank", "log10_condition", "l
 ALPHA = 0.05                      # level of the gateway permutation test
 MAX_LENGTH = 256                  # tokens per forward window of the criticality sweep
 DEVICE = None                     # None: cuda if available, else cpu
+DTYPE = None                      # None: fp32 on CPU, bf16 on CUDA (fp16 on a T4); "fp32" everywhere for reference numbers
 SEED = 0
 N_BOOT = 2000
 OUTPUT_DIR = "results/t005_gateway_structure"
@@ -82,7 +83,7 @@ pd.set_option("display.max_columns", 20)
 # ## Model and texts
 
 # %%
-loaded = load_model(MODEL, device=DEVICE)
+loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 corpus = load_corpus(CORPUS, langs=LANGS, n_texts=N_TEXTS, seed=SEED)
 print(loaded.describe())
 print("baseline:", loaded.metadata["baseline"])
@@ -207,7 +208,7 @@ metrics = {
 }
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
                   PROTOCOL=PROTOCOL, BITS=BITS, COMPONENTS=COMPONENTS, FEATURES=FEATURES, ALPHA=ALPHA,
-                  MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), SEED=SEED, N_BOOT=N_BOOT)
+                  MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "t005_gateway_structure", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

@@ -51,6 +51,7 @@ MAX_LENGTH = 96                   # tokens per text, BOS included (longer texts 
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]  # fractions of depth for the correlation matrix
 PAIR = [0, -1]                    # the two layers of H2.3 (negative: from the end)
 DEVICE = None                     # None: cuda if available, else cpu
+DTYPE = None                      # None: fp32 on CPU, bf16 on CUDA (fp16 on a T4); "fp32" everywhere for reference numbers
 SEED = 0
 N_BOOT = 2000
 OUTPUT_DIR = "results/t006_error_correlation"
@@ -74,7 +75,7 @@ pd.set_option("display.max_rows", 200)
 # The model is loaded once; each configuration is applied to it and restored.
 
 # %%
-loaded = load_model(MODEL, device=DEVICE)
+loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 corpus = load_corpus(CORPUS, langs=LANGS, n_texts=N_TEXTS, seed=SEED)
 LAYERS = propagation.depth_layers(loaded.n_layers, DEPTHS)
 print(loaded.describe())
@@ -201,7 +202,7 @@ metrics = {
 }
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
                   PROTOCOL=PROTOCOL, BITS=BITS, MAX_LENGTH=MAX_LENGTH, DEPTHS=DEPTHS, PAIR=PAIR,
-                  DEVICE=str(loaded.device), SEED=SEED, N_BOOT=N_BOOT)
+                  DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "t006_error_correlation", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

@@ -65,6 +65,7 @@ SEARCH_FROM_LAYER = 1             # first layer searched for the minimum (0: inc
 N_BOOT_SPECTRUM = 50              # bootstrap replicates of the effective dimension (slow on CPU)
 MASSIVE_RATIO = 5.0               # a token row is "massive" above this multiple of the median token norm
 DEVICE = None                     # None: cuda if available, else cpu
+DTYPE = None                      # None: fp32 on CPU, bf16 on CUDA (fp16 on a T4); "fp32" everywhere for reference numbers
 SEED = 0
 N_BOOT = 1000
 OUTPUT_DIR = "results/t007_bottleneck"
@@ -89,7 +90,7 @@ pd.set_option("display.width", 160)
 # ## Model, texts and activations
 
 # %%
-loaded = load_model(MODEL, device=DEVICE)
+loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 corpus = load_corpus(CORPUS, langs=LANGS, n_texts=N_TEXTS, seed=SEED)
 print(loaded.describe())
 print("baseline:", loaded.metadata["baseline"])
@@ -249,7 +250,7 @@ metrics = {
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
                   BITS=BITS, MAX_LENGTH=MAX_LENGTH, MAX_TOKENS_PER_TEXT=MAX_TOKENS_PER_TEXT, BATCH_SIZE=BATCH_SIZE,
                   THRESHOLD=THRESHOLD, TARGET_DEPTH=TARGET_DEPTH, TOLERANCE=TOLERANCE, SEARCH_FROM_LAYER=SEARCH_FROM_LAYER,
-                  N_BOOT_SPECTRUM=N_BOOT_SPECTRUM, MASSIVE_RATIO=MASSIVE_RATIO, DEVICE=str(loaded.device), SEED=SEED, N_BOOT=N_BOOT)
+                  N_BOOT_SPECTRUM=N_BOOT_SPECTRUM, MASSIVE_RATIO=MASSIVE_RATIO, DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "t007_bottleneck", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

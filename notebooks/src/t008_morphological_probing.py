@@ -72,6 +72,7 @@ DEPTH_TOLERANCE = 0.10            # H3.2a: the peak's CI must lie within PEAK_DE
 TIE = "first"                     # several layers at the top accuracy: "first", "last" or "mean"
 BATCH_TOKENS = None               # tokens per forward batch (None: 2048 on CPU, 16384 on CUDA)
 DEVICE = None                     # None: cuda if available, else cpu
+DTYPE = None                      # None: fp32 on CPU, bf16 on CUDA (fp16 on a T4); "fp32" everywhere for reference numbers
 SEED = 0
 N_BOOT = 2000
 OUTPUT_DIR = "results/t008_morphological_probing"
@@ -93,7 +94,7 @@ pd.set_option("display.max_colwidth", 60)
 # ## Model and minimal pairs
 
 # %%
-loaded = load_model(MODEL, device=DEVICE)
+loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 pairs = morphology.load_minimal_pairs(LANGS, n_pairs=N_TEXTS, seed=SEED)
 last = loaded.n_layers - 1
 bottleneck = morphology.depth_layer(loaded.n_layers, PEAK_DEPTH)
@@ -242,7 +243,7 @@ metrics = {
 }
 parameters = dict(MODEL=MODEL, LANGS=LANGS, MRL_LANGS=MRL_LANGS, HR_LANGS=HR_LANGS, N_TEXTS=N_TEXTS, PROTOCOL=PROTOCOL, BITS=BITS,
                   PEAK_DEPTH=PEAK_DEPTH, DEPTH_TOLERANCE=DEPTH_TOLERANCE, TIE=TIE, BATCH_TOKENS=BATCH_TOKENS,
-                  DEVICE=str(loaded.device), SEED=SEED, N_BOOT=N_BOOT)
+                  DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "t008_morphological_probing", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

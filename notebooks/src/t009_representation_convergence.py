@@ -57,6 +57,7 @@ BATCH_SIZE = 16                   # texts per forward pass
 TARGET_DEPTH = 0.75               # hypothesised depth of the peak
 TOLERANCE = 0.10                  # half-width of the depth window
 DEVICE = None                     # None: cuda if available, else cpu
+DTYPE = None                      # None: fp32 on CPU, bf16 on CUDA (fp16 on a T4); "fp32" everywhere for reference numbers
 SEED = 0
 N_BOOT = 1000
 OUTPUT_DIR = "results/t009_representation_convergence"
@@ -79,7 +80,7 @@ pd.set_option("display.width", 160)
 # ## Model, texts and activations
 
 # %%
-loaded = load_model(MODEL, device=DEVICE)
+loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 corpus = load_corpus(CORPUS, langs=LANGS, n_texts=N_TEXTS, seed=SEED)
 print(loaded.describe())
 print("baseline:", loaded.metadata["baseline"])
@@ -196,7 +197,7 @@ metrics = {
 }
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, REF_LANG=REF_LANG, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS,
                   N_TEXTS=N_TEXTS, MAX_LENGTH=MAX_LENGTH, BATCH_SIZE=BATCH_SIZE, TARGET_DEPTH=TARGET_DEPTH,
-                  TOLERANCE=TOLERANCE, DEVICE=str(loaded.device), SEED=SEED, N_BOOT=N_BOOT)
+                  TOLERANCE=TOLERANCE, DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "t009_representation_convergence", parameters, metrics, hypotheses, figures,
                      loaded.metadata)
 print("wrote", path)

@@ -62,6 +62,7 @@ LOO_MARGIN_PCT = 10               # H4.1-iii: the seed law's LOO RMSE may exceed
 N_FIT_BOOT = 200                  # bootstrap replicates refitted (LOO refits make each one costly)
 MAX_LENGTH = 512                  # tokens per forward window
 DEVICE = None                     # None: cuda if available, else cpu
+DTYPE = None                      # None: fp32 on CPU, bf16 on CUDA (fp16 on a T4); "fp32" everywhere for reference numbers
 SEED = 0
 N_BOOT = 2000
 OUTPUT_DIR = "results/t010_rate_distortion"
@@ -87,7 +88,7 @@ pd.set_option("display.width", 160)
 # ## Model and texts
 
 # %%
-loaded = load_model(MODEL, device=DEVICE)
+loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 corpus = load_corpus(CORPUS, langs=LANGS, n_texts=N_TEXTS, seed=SEED)
 print(loaded.describe())
 print({lang: corpus.n_texts(lang) for lang in corpus.langs}, "texts per language")
@@ -253,7 +254,7 @@ metrics = {
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
                   PROTOCOL=PROTOCOL, BITS_LIST=BITS_LIST, PROTECT_PCTS=PROTECT_PCTS, POLICY=POLICY,
                   LAYER_ORDER=LAYER_ORDER, RULE=RULE, BITS=BITS, MODELS=MODELS, LOO_MARGIN_PCT=LOO_MARGIN_PCT,
-                  N_FIT_BOOT=N_FIT_BOOT, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), SEED=SEED, N_BOOT=N_BOOT)
+                  N_FIT_BOOT=N_FIT_BOOT, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "t010_rate_distortion", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 
