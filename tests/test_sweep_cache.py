@@ -66,7 +66,7 @@ def test_criticality_reports_reuse(setup, tmp_path):
     pd.testing.assert_frame_equal(a.table, b.table, check_exact=True)
 
 
-def test_concurrent_callers_compute_a_key_once(setup, tmp_path, monkeypatch):
+def test_concurrent_callers_compute_a_key_once(setup, tmp_path, monkeypatch, capsys):
     """Two callers of the same key at once: one computes, the other waits and gets a hit."""
     import threading
     import time
@@ -97,3 +97,4 @@ def test_concurrent_callers_compute_a_key_once(setup, tmp_path, monkeypatch):
         t.join(timeout=30)
     assert len(calls) == 1, "both callers computed the sweep"
     assert sorted(hits) == [False, True]
+    assert "another process is computing this sweep; waiting" in capsys.readouterr().out
