@@ -211,7 +211,10 @@ def capture_token_activations(
     2048 on CPU, 16384 on CUDA) and ``max_batch`` texts; the forward stops after the last
     requested layer.
     """
-    from .measure import batch_overhead_tokens, context_length, encode_corpus, length_batches, pad_batch, progress_bar
+    from .measure import (
+        batch_overhead_tokens, context_length, default_batch_tokens, encode_corpus, length_batches, pad_batch,
+        progress_bar,
+    )
 
     model = as_module(loaded)
     tokenizer = getattr(loaded, "tokenizer", None)
@@ -228,7 +231,7 @@ def capture_token_activations(
     limit = context_length(model)
     max_len = limit if max_length is None else min(int(max_length), limit)
     device = next(model.parameters()).device
-    budget = int(batch_tokens or (16384 if device.type == "cuda" else 2048))
+    budget = int(batch_tokens or default_batch_tokens(device))
     if budget < 1:
         raise ConfigError(f"batch_tokens must be >= 1, got {batch_tokens}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -154,7 +154,10 @@ def layer_activation_magnitudes(
     (``n_tokens``: tokens averaged over; ``truncated``: the text was longer than
     ``max_length``), one row per (text, layer), texts in corpus order.
     """
-    from .measure import batch_overhead_tokens, context_length, encode_corpus, length_batches, pad_batch, progress_bar
+    from .measure import (
+        batch_overhead_tokens, context_length, default_batch_tokens, encode_corpus, length_batches, pad_batch,
+        progress_bar,
+    )
 
     model = as_module(loaded)
     tokenizer = getattr(loaded, "tokenizer", None)
@@ -167,7 +170,7 @@ def layer_activation_magnitudes(
     limit = context_length(model)
     max_length = limit if max_length is None else min(int(max_length), limit)
     device = next(model.parameters()).device
-    budget = batch_tokens or (16384 if device.type == "cuda" else 2048)
+    budget = batch_tokens or default_batch_tokens(device)
     if budget < 1:
         raise ConfigError(f"batch_tokens must be >= 1, got {batch_tokens}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

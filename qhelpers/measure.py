@@ -26,7 +26,7 @@ MAX_DEFAULT_CONTEXT = 1024
 LOGIT_BUDGET = 1 << 25  # logits elements materialised at once (128 MB in fp32)
 CPU_BATCH_TOKENS = 2048
 CPU_BATCH_OVERHEAD = 64  # padded tokens one more forward call is worth on CPU (see batch_overhead_tokens)
-GPU_BATCH_OVERHEAD = 16384
+GPU_BATCH_TOKENS = 16384  # default token budget of the capture loops on CUDA (Scorer sizes its own)
 #: Share of the free GPU memory (at Scorer creation) that automatic batch sizing may fill with
 #: activations; the prefix cache's default budget takes another quarter (qhelpers.prefix).
 CUDA_ACTIVATION_FRACTION = 0.5
@@ -205,7 +205,12 @@ def batch_overhead_tokens(device: torch.device | str, batch_tokens: int | None =
     """
     if torch.device(device).type == "cpu":
         return CPU_BATCH_OVERHEAD
-    return int(batch_tokens) if batch_tokens else GPU_BATCH_OVERHEAD
+    return int(batch_tokens or default_batch_tokens(device))
+
+
+def default_batch_tokens(device: torch.device | str) -> int:
+    """Token budget of one padded batch when the caller gives none: 2048 on CPU, 16384 on CUDA."""
+    return CPU_BATCH_TOKENS if torch.device(device).type == "cpu" else GPU_BATCH_TOKENS
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

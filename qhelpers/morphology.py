@@ -81,7 +81,7 @@ from .archs import ArchSpec, decoder_layers, get_arch, get_module, resolve_layer
 from .corpora import LANGUAGES
 from .engine import QuantEngine, Variant
 from .errors import ConfigError, CorpusError, MeasurementError
-from .measure import LOGIT_BUDGET, batch_overhead_tokens, encode_text, length_batches, pad_batch, progress_bar
+from .measure import LOGIT_BUDGET, batch_overhead_tokens, default_batch_tokens, encode_text, length_batches, pad_batch, progress_bar
 from .models import as_module
 from .protection import ProtectionSpec
 from .strategies import protocol_settings
@@ -356,10 +356,6 @@ def _batches(seqs: list[_Seq], batch_tokens: int, max_batch: int, device: torch.
     return [[seqs[i] for i in group] for group in groups]
 
 
-def _default_batch_tokens(device: torch.device) -> int:
-    return 16384 if device.type == "cuda" else 2048
-
-
 def _score_seqs(
     model: nn.Module,
     seqs: list[_Seq],
@@ -372,7 +368,7 @@ def _score_seqs(
     ``[n_seqs, len(layers)]`` float64."""
     arch = get_arch(model)
     device = next(model.parameters()).device
-    batch_tokens = int(batch_tokens or _default_batch_tokens(device))
+    batch_tokens = int(batch_tokens or default_batch_tokens(device))
     if batch_tokens < 2:
         raise ConfigError(f"batch_tokens must be >= 2, got {batch_tokens}")
     out = np.zeros((len(seqs), len(layers)), dtype=np.float64)

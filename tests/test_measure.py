@@ -173,4 +173,11 @@ def test_batch_overhead_tokens_by_device():
 
     assert batch_overhead_tokens("cpu", 2048) == CPU_BATCH_OVERHEAD
     assert batch_overhead_tokens("cuda:0", 8192) == 8192  # a GPU call is priced as a full batch
-    assert batch_overhead_tokens(torch.device("cuda"), None) > CPU_BATCH_OVERHEAD
+    assert batch_overhead_tokens(torch.device("cuda"), None) == 16384 > CPU_BATCH_OVERHEAD
+
+
+def test_default_batch_tokens_by_device():
+    from qhelpers.measure import default_batch_tokens
+
+    assert default_batch_tokens("cpu") == 2048
+    assert default_batch_tokens(torch.device("cuda:1")) == 16384
