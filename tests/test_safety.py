@@ -86,9 +86,9 @@ def _keyword(call: ast.Call, name: str) -> ast.expr | None:
     return next((k.value for k in call.keywords if k.arg == name), None)
 
 
-def _where(path: pathlib.Path, call: ast.Call) -> str:
+def _where(path: pathlib.Path, node: ast.stmt | ast.expr) -> str:
     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
-    return f"{shown}:{call.lineno}"
+    return f"{shown}:{node.lineno}"
 
 
 FORBIDDEN_CALLS = {"pickle.load", "pickle.loads", "marshal.loads", "eval", "exec", "yaml.load", "yaml.unsafe_load"}
@@ -123,8 +123,7 @@ def violations(path: pathlib.Path) -> list[str]:
             defaults = [None] * (len(positional) - len(node.args.defaults)) + node.args.defaults
             for arg, default in zip(positional + node.args.kwonlyargs, defaults + node.args.kw_defaults):
                 if arg.arg == "trust_remote_code" and not _is_const(default, False):
-                    found.append(f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}:"
-                                 f"{node.lineno} {node.name} does not default trust_remote_code to False")
+                    found.append(f"{_where(path, node)} {node.name} does not default trust_remote_code to False")
     return found
 
 
