@@ -62,7 +62,7 @@ from .archs import COMPONENT_GROUPS, get_module, resolve_layers, weight_out_dim
 from .atomic import atomic_write_text
 from .errors import ConfigError
 from .measure import pad_batch
-from .models import qhelpers_cache_dir
+from .models import dtype_name, qhelpers_cache_dir
 
 __all__ = [
     "TARGET_ALIASES",
@@ -635,7 +635,7 @@ def _fingerprint(loaded: Any, config: ZooConfig, item: AdapterPlan) -> dict[str,
     """Everything that determines an adapter's weights (compared when resuming)."""
     return {
         "model": loaded.spec,
-        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "dtype": dtype_name(loaded.dtype),
         "lora": asdict(config.lora) | {"targets": list(config.lora.targets),
                                        "layers": None if config.lora.layers is None else list(config.lora.layers)},
         "steps": config.steps,
@@ -770,7 +770,7 @@ def default_zoo_dir(loaded: Any, corpus: Any, config: ZooConfig = ZooConfig()) -
     key = {
         "format": FORMAT,
         "model": loaded.spec,
-        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "dtype": dtype_name(loaded.dtype),
         "zoo_config": config.to_dict(),
         "texts": [(item.adapter, list(item.text_ids), _texts_sha(item.texts)) for item in plan],
     }
@@ -811,7 +811,7 @@ def build_zoo(
         "model": loaded.spec,
         "model_type": loaded.arch.model_type,
         "n_layers": loaded.n_layers,
-        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "dtype": dtype_name(loaded.dtype),
         "corpus": getattr(corpus, "name", None),
         "zoo_config": config.to_dict(),
         "modules": [p for _, p in targets],

@@ -280,7 +280,8 @@ def resolve_dtype(dtype: str | torch.dtype | None = None, device: str | torch.de
     )
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (as results and zoo manifests record it)."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -341,7 +342,7 @@ class LoadedModel:
             extra = f", random init (seed {m.get('seed')})"
         return (
             f"{self.spec}: {self.arch.model_type}, {self.n_layers} layers, "
-            f"{self.n_params / 1e6:.1f}M params, {_dtype_name(self.dtype)} on {self.device}, "
+            f"{self.n_params / 1e6:.1f}M params, {dtype_name(self.dtype)} on {self.device}, "
             f"source={m.get('source', 'unknown')}{extra}"
         )
 
@@ -435,7 +436,7 @@ def _finish(
     if bad is not None:
         raise ModelLoadError(
             f"{spec!r} has non-finite weights (NaN or inf) in parameter {bad!r} after loading as "
-            f"{_dtype_name(dtype)}. The checkpoint is corrupt (or overflows {_dtype_name(dtype)}; "
+            f"{dtype_name(dtype)}. The checkpoint is corrupt (or overflows {dtype_name(dtype)}; "
             "then try dtype='fp32')."
         )
 
@@ -463,7 +464,7 @@ def _finish(
         "model_type": arch.model_type,
         "n_layers": loaded.n_layers,
         "n_params": loaded.n_params,
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         "device": str(device),
         "baseline": meta.get("baseline", "pretrained weights as loaded"),
         "context_length": loaded.context_length,
@@ -974,7 +975,7 @@ def _load_hub(spec: str, dtype: torch.dtype) -> tuple[nn.Module, Any, dict[str, 
     meta = {
         "source": "hub",
         "hub_id": spec,
-        "baseline": f"pretrained weights as published on the hub (loaded as {_dtype_name(dtype)})",
+        "baseline": f"pretrained weights as published on the hub (loaded as {dtype_name(dtype)})",
         "revision": getattr(model.config, "_commit_hash", None),
         "offline_cache": offline,
     }

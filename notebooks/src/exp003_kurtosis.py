@@ -284,7 +284,7 @@ metrics = {
     "seconds": {**sweep.seconds, "nf4": nf4.seconds},
 }
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, N_TEXTS=N_TEXTS, BITS=BITS, NF4_PATH=NF4_PATH, CLIPPING=CLIPPING,
-                  MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
+                  MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "exp003_kurtosis", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

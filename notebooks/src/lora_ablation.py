@@ -232,7 +232,7 @@ parameters = dict(MODEL=MODEL, ZOO=ZOO, CORPUS=CORPUS, LANGS=LANGS, N_TEXTS=N_TE
                   TEXTS_PER_ADAPTER=TEXTS_PER_ADAPTER, STEPS=STEPS, MAX_LENGTH=MAX_LENGTH, RANK=RANK, TARGETS=TARGETS,
                   TOP_K=TOP_K, N_RUNS=N_RUNS, REPRESENTATIONS=REPRESENTATIONS, BASELINE_REPR=BASELINE_REPR,
                   DEVICE=DEVICE if loaded is None else str(loaded.device),
-                  DTYPE=DTYPE if loaded is None else str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
+                  DTYPE=DTYPE if loaded is None else loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "lora_ablation", parameters, metrics, hypotheses, figures,
                      loaded.metadata if loaded is not None else {"zoo_manifest": zoo.manifest})
 print("wrote", path)

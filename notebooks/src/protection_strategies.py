@@ -417,7 +417,7 @@ metrics = {
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
                   PROTOCOL=PROTOCOL, BITS=BITS, STRATEGIES=STRATEGIES, LAYER_SWEEP=LAYER_SWEEP,
                   MAX_SWEEP_LAYERS=MAX_SWEEP_LAYERS, DETAIL=DETAIL, RANDOM_DRAWS=RANDOM_DRAWS,
-                  PRECISION_BITS=PRECISION_BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
+                  PRECISION_BITS=PRECISION_BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "protection_strategies", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

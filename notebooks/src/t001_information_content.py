@@ -232,7 +232,7 @@ metrics = {
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
                   CRIT_N_TEXTS=CRIT_N_TEXTS,
                   MAX_TOKENS_PER_TEXT=MAX_TOKENS_PER_TEXT, K_CLASSES=K_CLASSES, TEST_FRAC=TEST_FRAC, VAL_FRAC=VAL_FRAC,
-                  BITS=BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
+                  BITS=BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "t001_information_content", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

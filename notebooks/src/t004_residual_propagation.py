@@ -221,7 +221,7 @@ metrics = {
     "seconds": prop.seconds,
 }
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
-                  PROTOCOL=PROTOCOL, BITS=BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
+                  PROTOCOL=PROTOCOL, BITS=BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "t004_residual_propagation", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

@@ -202,7 +202,7 @@ metrics = {
 }
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
                   PROTOCOL=PROTOCOL, BITS=BITS, MAX_LENGTH=MAX_LENGTH, DEPTHS=DEPTHS, PAIR=PAIR,
-                  DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
+                  DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "t006_error_correlation", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

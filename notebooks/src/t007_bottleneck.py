@@ -250,7 +250,7 @@ metrics = {
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
                   BITS=BITS, MAX_LENGTH=MAX_LENGTH, MAX_TOKENS_PER_TEXT=MAX_TOKENS_PER_TEXT, BATCH_SIZE=BATCH_SIZE,
                   THRESHOLD=THRESHOLD, TARGET_DEPTH=TARGET_DEPTH, TOLERANCE=TOLERANCE, SEARCH_FROM_LAYER=SEARCH_FROM_LAYER,
-                  N_BOOT_SPECTRUM=N_BOOT_SPECTRUM, MASSIVE_RATIO=MASSIVE_RATIO, DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
+                  N_BOOT_SPECTRUM=N_BOOT_SPECTRUM, MASSIVE_RATIO=MASSIVE_RATIO, DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "t007_bottleneck", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

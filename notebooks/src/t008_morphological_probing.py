@@ -243,7 +243,7 @@ metrics = {
 }
 parameters = dict(MODEL=MODEL, LANGS=LANGS, MRL_LANGS=MRL_LANGS, HR_LANGS=HR_LANGS, N_TEXTS=N_TEXTS, PROTOCOL=PROTOCOL, BITS=BITS,
                   PEAK_DEPTH=PEAK_DEPTH, DEPTH_TOLERANCE=DEPTH_TOLERANCE, TIE=TIE, BATCH_TOKENS=BATCH_TOKENS,
-                  DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
+                  DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "t008_morphological_probing", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

@@ -197,7 +197,7 @@ metrics = {
 }
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, REF_LANG=REF_LANG, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS,
                   N_TEXTS=N_TEXTS, MAX_LENGTH=MAX_LENGTH, BATCH_SIZE=BATCH_SIZE, TARGET_DEPTH=TARGET_DEPTH,
-                  TOLERANCE=TOLERANCE, DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
+                  TOLERANCE=TOLERANCE, DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "t009_representation_convergence", parameters, metrics, hypotheses, figures,
                      loaded.metadata)
 print("wrote", path)

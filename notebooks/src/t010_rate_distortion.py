@@ -254,7 +254,7 @@ metrics = {
 parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
                   PROTOCOL=PROTOCOL, BITS_LIST=BITS_LIST, PROTECT_PCTS=PROTECT_PCTS, POLICY=POLICY,
                   LAYER_ORDER=LAYER_ORDER, RULE=RULE, BITS=BITS, MODELS=MODELS, LOO_MARGIN_PCT=LOO_MARGIN_PCT,
-                  N_FIT_BOOT=N_FIT_BOOT, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=str(loaded.dtype).removeprefix("torch."), SEED=SEED, N_BOOT=N_BOOT)
+                  N_FIT_BOOT=N_FIT_BOOT, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
 path = write_results(OUTPUT_DIR, "t010_rate_distortion", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 
