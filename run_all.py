@@ -6,14 +6,14 @@
                       [--device cpu|cuda] [--out DIR | --resume DIR] [--workers N]
                       [--cell-timeout SECONDS] [--write-goldens DIR] [--kernel NAME]
 
-Everything lives in :mod:`qhelpers.runner` (``python run_all.py --help`` for details).
+Everything lives in :mod:`qhelpers.runner.cli` (``python run_all.py --help`` for details).
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qhelpers.runner import main  # noqa: E402
+from qhelpers.runner.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,10 +13,10 @@ Ways (see benchmarks/README.md):
 
 * ``seed``: the seeds' style. Restore the whole state dict from an in-memory clone
   (``model.load_state_dict(clone)``), re-quantize every in-scope tensor with
-  :func:`qhelpers.quant.fake_quantize` written into the parameters, then one forward pass
+  :func:`qhelpers.quant.quantizers.fake_quantize` written into the parameters, then one forward pass
   per text (``model(ids, labels=ids)``, batch 1).
-* ``engine``: :func:`qhelpers.sweep.run_sweep` with its default, fresh
-  :class:`~qhelpers.engine.QuantEngine` (streaming on CPU, resident on CUDA), prefix caching off.
+* ``engine``: :func:`qhelpers.measure.sweep.run_sweep` with its default, fresh
+  :class:`~qhelpers.quant.engine.QuantEngine` (streaming on CPU, resident on CUDA), prefix caching off.
 * ``engine+prefix``: the same with prefix caching on.
 
 Reference lines:
@@ -65,14 +65,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qhelpers.archs import decoder_layers, get_arch, get_module  # noqa: E402
-from qhelpers.corpora import load_corpus  # noqa: E402
-from qhelpers.engine import Variant  # noqa: E402
-from qhelpers.measure import MeasureConfig, Scorer, corpus_scorer  # noqa: E402
-from qhelpers.models import LoadedModel, gpt2_tokenizer, load_model, resolve_device, resolve_dtype  # noqa: E402
-from qhelpers.protection import ProtectionSpec, resolve_plan  # noqa: E402
-from qhelpers.quant import QuantConfig, fake_quantize  # noqa: E402
-from qhelpers.sweep import run_sweep  # noqa: E402
+from qhelpers.measure.scoring import MeasureConfig, Scorer, corpus_scorer  # noqa: E402
+from qhelpers.measure.sweep import run_sweep  # noqa: E402
+from qhelpers.models.archs import decoder_layers, get_arch, get_module  # noqa: E402
+from qhelpers.models.loaded import LoadedModel  # noqa: E402
+from qhelpers.models.loading import (
+    gpt2_tokenizer,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
+from qhelpers.quant.engine import Variant  # noqa: E402
+from qhelpers.quant.protection import ProtectionSpec, resolve_plan  # noqa: E402
+from qhelpers.quant.quantizers import QuantConfig, fake_quantize  # noqa: E402
+from qhelpers.text.corpora import load_corpus  # noqa: E402
 
 #: Randomly initialised models of real architectures and sizes (no download: configs only,
 #: with the packaged GPT-2 tokenizer). Config values are those of the hub checkpoints.

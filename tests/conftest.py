@@ -28,10 +28,10 @@ def pytest_configure(config: pytest.Config) -> None:
 def tiny_model():
     """Factory: ``tiny_model("gpt2")`` -> a cached ``LoadedModel`` of ``tiny:gpt2`` on CPU.
 
-    Extra keyword arguments go to :func:`qhelpers.models.load_model` (``dtype``, ``seed``).
+    Extra keyword arguments go to :func:`qhelpers.models.loading.load_model` (``dtype``, ``seed``).
     ``fresh=True`` returns a new, uncached load that the test may modify.
     """
-    from qhelpers.models import load_model
+    from qhelpers.models.loading import load_model
 
     cache: dict[tuple, object] = {}
 
@@ -52,9 +52,9 @@ def qhelpers_cache_dir() -> Path:
     """Folder of converted embedded models: the same one ``load_model`` uses by default
     (``$QHELPERS_CACHE``, else ``~/.cache/qhelpers/models``), so a conversion done by the
     tests also serves the README example and the notebooks (and vice versa)."""
-    from qhelpers import models
+    from qhelpers.models import loading as models
 
-    return models._cache_root(None)
+    return models.models_cache_root(None)
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +64,7 @@ def embedded_smollm(qhelpers_cache_dir: Path):
     Skipped (with the install command) only where the package is absent and no converted
     cache exists, e.g. on a GPU machine without registry access.
     """
-    from qhelpers import models
+    from qhelpers.models import loading as models
 
     info = models.EMBEDDED_MODELS["smollm2-135m"]
     if models._package_dir(info["import_name"]) is None and models._read_cache_meta(

@@ -1,4 +1,4 @@
-"""Tests of qhelpers.activations: capture against hidden_states, masks, and known answers."""
+"""Tests of qhelpers.measure.activations: capture against hidden_states, masks, and known answers."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from qhelpers.activations import (
+from qhelpers.measure.activations import (
     ActivationStats,
     activation_entropy,
     capture_residual,
@@ -21,8 +21,8 @@ from qhelpers.activations import (
     pooled,
     residual_divergence,
 )
-from qhelpers.archs import decoder_layers, get_arch, get_module
-from qhelpers.errors import ConfigError, MeasurementError
+from qhelpers.models.archs import decoder_layers, get_arch, get_module
+from qhelpers.util.errors import ConfigError, MeasurementError
 
 VOCAB = 1000
 N_LAYERS = 3

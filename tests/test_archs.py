@@ -1,4 +1,4 @@
-"""The architecture registry (qhelpers/archs.py) checked against real transformers module trees.
+"""The architecture registry (qhelpers/models/archs.py) checked against real transformers module trees.
 
 Every architecture is instantiated as a ``tiny:<arch>`` model (random weights, the real
 module classes of transformers), and every path of its ArchSpec is resolved.
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from qhelpers.archs import (
+from qhelpers.models.archs import (
     GLOBAL_COMPONENTS,
     LINEAR_COMPONENTS,
     decoder_layers,
@@ -24,7 +24,7 @@ from qhelpers.archs import (
     supported_architectures,
     weight_out_dim,
 )
-from qhelpers.errors import ConfigError, UnknownArchitectureError
+from qhelpers.util.errors import ConfigError, UnknownArchitectureError
 
 # Canonical model types (aliases such as "gemma3" resolve to one of these).
 ARCHS = sorted({get_arch(t).model_type for t in supported_architectures()})

@@ -5,14 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qhelpers.archs import get_arch
-from qhelpers.corpora import Corpus, load_corpus
-from qhelpers.engine import QuantEngine, Variant
-from qhelpers.errors import ConfigError, CorpusError, MeasurementError, ModelLoadError, UnknownArchitectureError
-from qhelpers.measure import Scorer
-from qhelpers.models import load_model
-from qhelpers.protection import ProtectionSpec, resolve_plan
-from qhelpers.quant import QuantConfig, quantize
+from qhelpers.measure.scoring import Scorer
+from qhelpers.models.archs import get_arch
+from qhelpers.models.loading import load_model
+from qhelpers.quant.engine import QuantEngine, Variant
+from qhelpers.quant.protection import ProtectionSpec, resolve_plan
+from qhelpers.quant.quantizers import QuantConfig, quantize
+from qhelpers.text.corpora import Corpus, load_corpus
+from qhelpers.util.errors import (
+    ConfigError,
+    CorpusError,
+    MeasurementError,
+    ModelLoadError,
+    UnknownArchitectureError,
+)
 
 
 @pytest.fixture(scope="module")

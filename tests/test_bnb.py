@@ -1,4 +1,4 @@
-"""Tests of qhelpers.bnb: the real bitsandbytes path, on a tiny random Llama on CPU."""
+"""Tests of qhelpers.quant.bnb: the real bitsandbytes path, on a tiny random Llama on CPU."""
 from __future__ import annotations
 
 import sys
@@ -6,13 +6,18 @@ import sys
 import pytest
 import torch
 
-from qhelpers.errors import ConfigError, ModelLoadError
-from qhelpers.quant import NF4_CODE, QuantConfig, fake_quantize, quantize
+from qhelpers.quant.quantizers import NF4_CODE, QuantConfig, fake_quantize, quantize
+from qhelpers.util.errors import ConfigError, ModelLoadError
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed; the real NF4 path cannot be tested")
 transformers = pytest.importorskip("transformers")
 
-from qhelpers.bnb import bnb_available, dequantized_weights, load_bnb_model, resolve_skip_modules  # noqa: E402
+from qhelpers.quant.bnb import (  # noqa: E402
+    bnb_available,
+    dequantized_weights,
+    load_bnb_model,
+    resolve_skip_modules,
+)
 
 KEPT = {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"}
 

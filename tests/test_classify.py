@@ -1,4 +1,4 @@
-"""Classifiers on LoRA weight spaces (qhelpers.classify): metrics against hand computation,
+"""Classifiers on LoRA weight spaces (qhelpers.experiments.lora.classify): metrics against hand computation,
 the batched trainer against a plain torch reference (Adam, ReduceLROnPlateau, early
 stopping), and a synthetic zoo with class information planted in 2 of 8 matrices."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qhelpers import classify as C
-from qhelpers import lora_features as lf
-from qhelpers.errors import ConfigError
+from qhelpers.experiments.lora import classify as C
+from qhelpers.experiments.lora import features as lf
+from qhelpers.util.errors import ConfigError
 
 FAST = dict(hidden=64, max_epochs=300, patience=10, lr_patience=5, n_boot=1000)  # small and quick; logic as default
 

@@ -1,11 +1,11 @@
-"""Tests of qhelpers.corpora and its packaged data (known answers, not re-derivations)."""
+"""Tests of qhelpers.text.corpora and its packaged data (known answers, not re-derivations)."""
 from __future__ import annotations
 
 import re
 
 import pytest
 
-from qhelpers.corpora import (
+from qhelpers.text.corpora import (
     LANGUAGES,
     Corpus,
     available_corpora,
@@ -14,7 +14,7 @@ from qhelpers.corpora import (
     gpt2_tokenizer_dir,
     load_corpus,
 )
-from qhelpers.errors import CorpusError
+from qhelpers.util.errors import CorpusError
 
 SEVEN = ("en", "de", "fr", "zh", "ar", "he", "sw")
 
@@ -254,8 +254,8 @@ def test_gpt2_tokenizer_known_ids():
 
 
 def test_corpus_items_lists_triples_and_rejects_bad_input():
-    from qhelpers.corpora import corpus_items
-    from qhelpers.errors import ConfigError, MeasurementError
+    from qhelpers.text.corpora import corpus_items
+    from qhelpers.util.errors import ConfigError, MeasurementError
 
     corpus = Corpus.from_texts("two", {"en": ["a", "b"], "sw": ["c"]})
     assert corpus_items(corpus) == [("en", "t0", "a"), ("en", "t1", "b"), ("sw", "t0", "c")]

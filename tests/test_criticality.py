@@ -1,4 +1,4 @@
-"""qhelpers.criticality: planted per-layer effects recovered exactly; a real sweep is consistent."""
+"""qhelpers.measure.criticality: planted per-layer effects recovered exactly; a real sweep is consistent."""
 from __future__ import annotations
 
 import math
@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 
 from qhelpers import stats
-from qhelpers.corpora import load_corpus
-from qhelpers.criticality import criticality_variants, layer_criticality
-from qhelpers.errors import ConfigError
-from qhelpers.models import load_model
-from qhelpers.sweep import SweepResult
+from qhelpers.measure.criticality import criticality_variants, layer_criticality
+from qhelpers.measure.sweep import SweepResult
+from qhelpers.models.loading import load_model
+from qhelpers.text.corpora import load_corpus
+from qhelpers.util.errors import ConfigError
 
 LN2 = math.log(2.0)
 N_LAYERS = 4
@@ -97,7 +97,7 @@ def test_real_sweep_on_tiny_model_matches_stats_directly():
 
 @pytest.mark.parametrize("protocol", ["sound", "seed"])
 def test_quantize_mode_touches_only_that_layer_under_either_protocol(protocol):
-    from qhelpers.engine import QuantEngine
+    from qhelpers.quant.engine import QuantEngine
 
     loaded = load_model("tiny:gpt2", device="cpu")
     variant = criticality_variants(loaded.n_layers, mode="quantize", protocol=protocol, layers=[1])["quantize_L1"]

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from qhelpers.corpora import load_corpus
-from qhelpers.engine import QuantEngine, Variant
-from qhelpers.errors import ConfigError
-from qhelpers.measure import MeasureConfig, Scorer, corpus_scorer
-from qhelpers.models import load_model
-from qhelpers.protection import ProtectionSpec
-from qhelpers.quant import QuantConfig, fake_quantize
 from seed_reference import quantize_tensor_symmetric  # seed 000's quantizer, verbatim
+
+from qhelpers.measure.scoring import MeasureConfig, corpus_scorer
+from qhelpers.models.loading import load_model
+from qhelpers.quant.engine import QuantEngine, Variant
+from qhelpers.quant.protection import ProtectionSpec
+from qhelpers.quant.quantizers import QuantConfig, fake_quantize
+from qhelpers.text.corpora import load_corpus
+from qhelpers.util.errors import ConfigError
 
 INT4 = QuantConfig(bits=4, granularity="channel")
 

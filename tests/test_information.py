@@ -1,4 +1,4 @@
-"""qhelpers.information (T-001): entropy estimators, ridge decoding probe, text split, capture.
+"""qhelpers.experiments.information_content (T-001): entropy estimators, ridge decoding probe, text split, capture.
 
 Every quantity is checked against an independent known answer: closed-form Gaussian
 entropies (by hand and scipy), hand-computed spectra, Wishart moments, planted linear
@@ -16,10 +16,10 @@ import torch
 from scipy import stats as sps
 from scipy.special import digamma
 
-from qhelpers import information as inf
 from qhelpers import stats
-from qhelpers.corpora import Corpus
-from qhelpers.errors import ConfigError, MeasurementError
+from qhelpers.experiments import information_content as inf
+from qhelpers.text.corpora import Corpus
+from qhelpers.util.errors import ConfigError, MeasurementError
 
 COV = np.array([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 0.5]])
 

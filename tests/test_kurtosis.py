@@ -1,4 +1,4 @@
-"""Tests of qhelpers.kurtosis (EXP-003): known answers computed by hand or by a direct route."""
+"""Tests of qhelpers.experiments.kurtosis (EXP-003): known answers computed by hand or by a direct route."""
 from __future__ import annotations
 
 import math
@@ -8,11 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from qhelpers import kurtosis as K
-from qhelpers.activations import capture_residual
-from qhelpers.corpora import Corpus
-from qhelpers.errors import ConfigError
-from qhelpers.measure import MeasureConfig, encode_text
+from qhelpers.experiments import kurtosis as K
+from qhelpers.measure.activations import capture_residual
+from qhelpers.measure.scoring import MeasureConfig
+from qhelpers.text.corpora import Corpus
+from qhelpers.text.encoding import encode_text
+from qhelpers.util.errors import ConfigError
 
 LN2 = math.log(2.0)
 
@@ -178,7 +179,7 @@ def test_config_difference_is_undefined_for_a_collapsed_model():
 
 
 def test_correlation_table_rows_feed_hypotheses():
-    from qhelpers.results import Hypothesis
+    from qhelpers.report.results import Hypothesis
 
     frame = pd.DataFrame({"lang": list("abcde"), "k_eff": [1, 2, 3, 4, 5.0], "degradation": [2, 4, 6, 8, 10.0],
                           "delta_bpb": [5, 4, 3, 2, 1.0]})
@@ -197,7 +198,7 @@ def test_choose_nf4_path(monkeypatch):
     assert K.choose_nf4_path("simulated")[0] == "simulated"
     with pytest.raises(ConfigError):
         K.choose_nf4_path("gpu")
-    import qhelpers.bnb as qbnb
+    import qhelpers.quant.bnb as qbnb
 
     monkeypatch.setattr(qbnb, "bnb_available", lambda device=None: (False, "no kernel"))
     path, reason = K.choose_nf4_path("auto", "cpu")
@@ -208,7 +209,7 @@ def test_choose_nf4_path(monkeypatch):
 
 def test_real_bitsandbytes_nf4_scores_equal_the_simulation(tiny_model, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from qhelpers.bnb import bnb_available
+    from qhelpers.quant.bnb import bnb_available
 
     ok, why = bnb_available("cpu")
     if not ok:
@@ -269,8 +270,8 @@ def test_language_means_by_hand():
 
 
 def test_weight_error_table_matches_a_direct_computation(tiny_model):
-    from qhelpers.engine import Variant
-    from qhelpers.quant import QuantConfig, fake_quantize
+    from qhelpers.quant.engine import Variant
+    from qhelpers.quant.quantizers import QuantConfig, fake_quantize
 
     lm = tiny_model("llama")
     variants = {"abs": Variant("abs", QuantConfig(bits=4)), "clip": Variant("clip", QuantConfig(bits=4, clipping="kurtosis_heuristic")),

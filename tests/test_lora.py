@@ -1,4 +1,4 @@
-"""LoRA adapters and the adapter zoo (qhelpers.lora).
+"""LoRA adapters and the adapter zoo (qhelpers.experiments.lora.zoo).
 
 Known answers: the LoRA formula computed by hand in float64 numpy from the base weights
 (nn.Linear [out, in] and GPT-2 Conv1D [in, out]); the base model's own loss for the first
@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import save_file as save_np
 from safetensors import safe_open
+from safetensors.numpy import save_file as save_np
 
-from qhelpers import lora as L
-from qhelpers.archs import get_module
-from qhelpers.corpora import load_corpus
-from qhelpers.errors import ConfigError
+from qhelpers.experiments.lora import zoo as L
+from qhelpers.models.archs import get_module
+from qhelpers.text.corpora import load_corpus
+from qhelpers.util.errors import ConfigError
 
 TEXT_EN = (
     "All human beings are born free and equal in dignity and rights. They are endowed with "
@@ -487,7 +487,7 @@ def test_pickle_bin_instead_of_safetensors(tmp_path):
 
 
 def test_training_precision_upcasts_fp16_and_restores_bit_identically():
-    from qhelpers.lora import training_precision
+    from qhelpers.experiments.lora.zoo import training_precision
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)).half()
     model.register_buffer("freq", torch.arange(3, dtype=torch.float32))

@@ -1,4 +1,4 @@
-"""LoRA weight-space representations (qhelpers.lora_features) against independent answers:
+"""LoRA weight-space representations (qhelpers.experiments.lora.features) against independent answers:
 numpy/scipy references, hand-computed spectra of diagonal matrices, planted FFT peaks,
 histogram entropies of known distributions, and no-leakage checks of the learned codes."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from qhelpers import lora_features as lf
-from qhelpers.errors import ConfigError
+from qhelpers.experiments.lora import features as lf
+from qhelpers.util.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +293,7 @@ def _cluster_zoo(n_per=8, seed=0):
 
 
 def _splits(y):
-    from qhelpers.classify import ClassifierConfig, make_splits
+    from qhelpers.experiments.lora.classify import ClassifierConfig, make_splits
 
     return make_splits(y, ClassifierConfig(n_runs=2, seed=0))
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from qhelpers.errors import ConfigError, MeasurementError
-from qhelpers.measure import MeasureConfig, Scorer, bits_per_byte, encode_text, perplexity
-from qhelpers.models import load_model
+from qhelpers.measure.scoring import MeasureConfig, Scorer, bits_per_byte, perplexity
+from qhelpers.models.loading import load_model
+from qhelpers.text.encoding import encode_text
+from qhelpers.util.errors import ConfigError, MeasurementError
 
 ARCHS = ["gpt2", "opt", "bloom", "gpt_neox", "llama", "gemma3_text", "qwen2"]
 TEXTS = [
@@ -134,7 +135,7 @@ def _feasible(lengths, groups, budget, max_batch):
 @pytest.mark.parametrize("seed", range(40))
 def test_length_batches_is_optimal_over_every_partition(seed):
     """Against brute force over all set partitions (not only contiguous ones), for small n."""
-    from qhelpers.measure import length_batches
+    from qhelpers.text.encoding import length_batches
 
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 8))
@@ -154,7 +155,7 @@ def test_length_batches_is_optimal_over_every_partition(seed):
 
 
 def test_length_batches_hand_example():
-    from qhelpers.measure import length_batches
+    from qhelpers.text.encoding import length_batches
 
     # budget 400: greedy (fill while it fits) takes [100, 100, 10, 10] (400 padded tokens for
     # 220 real ones); the optimum splits [100, 100] + [10, 10] (240 padded + 2 calls).
@@ -169,7 +170,7 @@ def test_length_batches_hand_example():
 
 
 def test_batch_overhead_tokens_by_device():
-    from qhelpers.measure import CPU_BATCH_OVERHEAD, batch_overhead_tokens
+    from qhelpers.text.encoding import CPU_BATCH_OVERHEAD, batch_overhead_tokens
 
     assert batch_overhead_tokens("cpu", 2048) == CPU_BATCH_OVERHEAD
     assert batch_overhead_tokens("cuda:0", 8192) == 8192  # a GPU call is priced as a full batch
@@ -177,7 +178,7 @@ def test_batch_overhead_tokens_by_device():
 
 
 def test_default_batch_tokens_by_device():
-    from qhelpers.measure import default_batch_tokens
+    from qhelpers.text.encoding import default_batch_tokens
 
     assert default_batch_tokens("cpu") == 2048
     assert default_batch_tokens(torch.device("cuda:1")) == 16384

@@ -1,4 +1,4 @@
-"""qhelpers.models: tiny, embedded, local and hub model loading."""
+"""qhelpers.models.loading: tiny, embedded, local and hub model loading."""
 from __future__ import annotations
 
 import json
@@ -8,17 +8,17 @@ import time
 import pytest
 import torch
 
-import qhelpers.models as models
-from qhelpers.archs import supported_architectures
-from qhelpers.errors import ConfigError, ModelLoadError, UnknownArchitectureError
-from qhelpers.models import (
+import qhelpers.models.loading as models
+from qhelpers.models.archs import supported_architectures
+from qhelpers.models.loaded import LoadedModel
+from qhelpers.models.loading import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
-    LoadedModel,
     load_model,
     resolve_device,
     resolve_dtype,
 )
+from qhelpers.util.errors import ConfigError, ModelLoadError, UnknownArchitectureError
 
 TINY_ARCHS = ["gpt2", "opt", "bloom", "gpt_neox", "llama", "qwen2", "gemma3_text"]
 REQUIRED_METADATA = {"spec", "source", "model_type", "n_layers", "n_params", "dtype", "device", "baseline"}
@@ -73,7 +73,7 @@ def test_tiny_models_load(tiny_model, arch):
 
 
 def test_tiny_covers_every_registry_architecture():
-    from qhelpers.archs import get_arch
+    from qhelpers.models.archs import get_arch
 
     assert {get_arch(t).model_type for t in supported_architectures()} <= set(models.TINY_CONFIGS)
 

@@ -1,4 +1,4 @@
-"""Tests of qhelpers.morphology: minimal-pair data, sentence log-probabilities, the logit lens,
+"""Tests of qhelpers.experiments.morphology: minimal-pair data, sentence log-probabilities, the logit lens,
 agreement statistics (T-008), each against an independent known answer."""
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 from matplotlib import pyplot as plt
 
-from qhelpers import morphology as mo
-from qhelpers.activations import capture_residual
-from qhelpers.engine import QuantEngine
-from qhelpers.errors import ConfigError, CorpusError, MeasurementError
-from qhelpers.measure import encode_text
+from qhelpers.experiments import morphology as mo
+from qhelpers.measure.activations import capture_residual
+from qhelpers.quant.engine import QuantEngine
+from qhelpers.text.encoding import encode_text
+from qhelpers.util.errors import ConfigError, CorpusError, MeasurementError
 
 TEXTS = ["The children play", "Die Kinder spielen im Garten heute", "הילדים צוחקים בחצר", "Watoto"]
 PAIRS = pd.DataFrame({

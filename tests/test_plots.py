@@ -1,4 +1,4 @@
-"""Tests of qhelpers.plots: the Pareto frontier as a pure function, headless figures."""
+"""Tests of qhelpers.report.plots: the Pareto frontier as a pure function, headless figures."""
 from __future__ import annotations
 
 import os
@@ -15,8 +15,8 @@ from matplotlib.collections import PathCollection  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from qhelpers import plots  # noqa: E402
-from qhelpers.errors import ConfigError  # noqa: E402
+from qhelpers.report import plots  # noqa: E402
+from qhelpers.util.errors import ConfigError  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +128,7 @@ def test_save_figure(tmp_path):
 
 
 def test_estimate_bars_draws_one_bar_per_row_and_marks_undefined():
-    from qhelpers.plots import estimate_bars
+    from qhelpers.report.plots import estimate_bars
 
     table = pd.DataFrame(
         {"config": ["a", "b", "c"], "d": [1.0, float("nan"), 2.0], "d_ci_low": [0.5, float("nan"), 1.5], "d_ci_high": [1.5, float("nan"), 2.5]}
@@ -141,7 +141,7 @@ def test_estimate_bars_draws_one_bar_per_row_and_marks_undefined():
 
 
 def test_hr_lr_scatter_labels_points():
-    from qhelpers.plots import hr_lr_scatter
+    from qhelpers.report.plots import hr_lr_scatter
 
     table = pd.DataFrame({"config": ["x", "y"], "hr": [0.1, 0.2], "lr": [0.3, float("nan")]})
     fig = hr_lr_scatter(table)

@@ -1,4 +1,4 @@
-"""Prefix caching (qhelpers.prefix): cached sweeps equal uncached ones; planning, guards,
+"""Prefix caching (qhelpers.quant.prefix_cache): cached sweeps equal uncached ones; planning, guards,
 budgets; out-of-memory retry and CUDA batch sizing in the Scorer."""
 from __future__ import annotations
 
@@ -8,15 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from qhelpers import prefix as prefix_mod
-from qhelpers.archs import decoder_layers
-from qhelpers.corpora import Corpus
-from qhelpers.engine import QuantEngine, Variant
-from qhelpers.measure import MeasureConfig, Scorer, auto_batch_tokens, corpus_scorer
-from qhelpers.prefix import PrefixCache, PrefixSignature, run_order
-from qhelpers.protection import ProtectionSpec
-from qhelpers.quant import QuantConfig
-from qhelpers.sweep import run_sweep
+from qhelpers.measure.scoring import (
+    MeasureConfig,
+    Scorer,
+    auto_batch_tokens,
+    corpus_scorer,
+)
+from qhelpers.measure.sweep import run_sweep
+from qhelpers.models.archs import decoder_layers
+from qhelpers.quant import prefix_cache as prefix_mod
+from qhelpers.quant.engine import QuantEngine, Variant
+from qhelpers.quant.prefix_cache import PrefixCache, PrefixSignature, run_order
+from qhelpers.quant.protection import ProtectionSpec
+from qhelpers.quant.quantizers import QuantConfig
+from qhelpers.text.corpora import Corpus
 
 ARCHS = ["gpt2", "opt", "bloom", "gpt_neox", "llama", "qwen2", "gemma3_text"]
 INT4 = QuantConfig(bits=4, granularity="channel")
@@ -306,7 +311,7 @@ def test_oom_with_single_window_batches_is_raised(tiny_model, corpus):
 
 
 def test_auto_batch_tokens_from_free_memory(tiny_model, monkeypatch):
-    from qhelpers import measure
+    from qhelpers.measure import scoring as measure
 
     loaded = tiny_model("llama")
     model = loaded.model
@@ -335,7 +340,7 @@ def test_cpu_batch_budget_unchanged(tiny_model):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bloom"])
 def test_cached_sweep_equals_uncached_on_cuda(arch, corpus):
-    from qhelpers.models import load_model
+    from qhelpers.models.loading import load_model
 
     loaded = load_model(f"tiny:{arch}", device="cuda", dtype="fp32")
     variants = sweep_variants(loaded.n_layers)

@@ -1,4 +1,4 @@
-"""qhelpers.propagation (seed 004, T-004 / T-006): metrics against hand computations and
+"""qhelpers.experiments.error_propagation (seed 004, T-004 / T-006): metrics against hand computations and
 references, planted error correlations and additivity recovered, and on tiny:gpt2 the exact
 facts the experiments rest on (nothing quantized -> cosine 1 and error 0; only the last layer
 quantized -> earlier layers bit-identical; the model restored exactly)."""
@@ -13,15 +13,15 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import entropy
 
-from qhelpers import propagation as P
 from qhelpers import stats
-from qhelpers.activations import capture_residual, residual_divergence
-from qhelpers.corpora import Corpus
-from qhelpers.engine import QuantEngine, Variant
-from qhelpers.errors import ConfigError, MeasurementError
-from qhelpers.measure import encode_text
-from qhelpers.protection import ProtectionSpec
-from qhelpers.strategies import protocol_settings
+from qhelpers.experiments import error_propagation as P
+from qhelpers.measure.activations import capture_residual, residual_divergence
+from qhelpers.quant.engine import QuantEngine, Variant
+from qhelpers.quant.protection import ProtectionSpec
+from qhelpers.quant.strategies import protocol_settings
+from qhelpers.text.corpora import Corpus
+from qhelpers.text.encoding import encode_text
+from qhelpers.util.errors import ConfigError, MeasurementError
 
 EN = "All human beings are born free and equal in dignity and rights."
 DE = "Alle Menschen sind frei und gleich an Würde und Rechten geboren."

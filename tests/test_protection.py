@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qhelpers.errors import ConfigError
-from qhelpers.models import load_model
-from qhelpers.protection import ProtectionSpec, resolve_plan, scope_names
+from qhelpers.models.loading import load_model
+from qhelpers.quant.protection import ProtectionSpec, resolve_plan, scope_names
+from qhelpers.util.errors import ConfigError
 
 # tiny:gpt2 is built with n_embd=64, n_layer=4, n_inner=256, n_positions=256, vocab 50257
 D, FF, VOCAB, POS, LAYERS = 64, 256, 50257, 256, 4

@@ -1,4 +1,4 @@
-"""Tests of qhelpers.quant against independent known answers.
+"""Tests of qhelpers.quant.quantizers against independent known answers.
 
 Expected integer codes, scales and zero points of the small examples were derived by hand
 with exact rational arithmetic (round half to even, as torch.round), not by running the
@@ -13,11 +13,9 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-
 from seed_reference import quantize_tensor_symmetric  # seed 000's quantizer, verbatim
 
-from qhelpers.errors import ConfigError, MeasurementError
-from qhelpers.quant import (
+from qhelpers.quant.quantizers import (
     FP4_CODE,
     MSE_GRID,
     NF4_CODE,
@@ -30,6 +28,7 @@ from qhelpers.quant import (
     quantization_error,
     quantize,
 )
+from qhelpers.util.errors import ConfigError, MeasurementError
 
 W = [[0.1, -0.4, 0.22, 0.3], [1.0, 0.45, -0.25, -0.6]]
 # exact decimal values of W, for the rational expectations

@@ -1,4 +1,4 @@
-"""qhelpers.ratedistortion (seed 004 T-010): planted laws recovered with covering CIs, hand-computed
+"""qhelpers.experiments.rate_distortion (seed 004 T-010): planted laws recovered with covering CIs, hand-computed
 criteria, effective bits and hulls, exact grid measures, and a real tiny:gpt2 grid with hand-counted
 protected fractions."""
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from qhelpers import ratedistortion as rd
 from qhelpers import stats
-from qhelpers.errors import ConfigError
-from qhelpers.sweep import SweepResult
+from qhelpers.experiments import rate_distortion as rd
+from qhelpers.measure.sweep import SweepResult
+from qhelpers.util.errors import ConfigError
 
 LN2 = math.log(2.0)
 BITS = [3, 4, 6, 8]
@@ -341,9 +341,9 @@ def test_bad_grid_inputs_name_the_fix(tiny_model):
 
 
 def test_tiny_gpt2_grid_table_shape_and_hand_counted_fractions(tiny_model):
-    from qhelpers.corpora import load_corpus
-    from qhelpers.measure import MeasureConfig
-    from qhelpers.sweep import run_sweep
+    from qhelpers.measure.scoring import MeasureConfig
+    from qhelpers.measure.sweep import run_sweep
+    from qhelpers.text.corpora import load_corpus
 
     lm = tiny_model("gpt2")
     grid = rd.rd_grid(lm, [2, 4], [0, 30], ["layers", "magnitude"], order="gateway-index")

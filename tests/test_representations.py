@@ -1,4 +1,4 @@
-"""Tests of qhelpers.representations against independent answers: the model's own
+"""Tests of qhelpers.experiments.representation_geometry against independent answers: the model's own
 hidden_states, brute-force recomputation on duplicated rows, hand-computed numbers and
 synthetic activations with a planted answer."""
 from __future__ import annotations
@@ -12,13 +12,7 @@ import pytest
 import torch
 
 from qhelpers import stats
-from qhelpers.activations import effective_dimension, linear_cka, participation_ratio
-from qhelpers.corpora import Corpus, load_corpus
-from qhelpers.engine import Variant
-from qhelpers.errors import ConfigError
-from qhelpers.measure import encode_text
-from qhelpers.quant import QuantConfig
-from qhelpers.representations import (
+from qhelpers.experiments.representation_geometry import (
     LayerActivations,
     bottleneck,
     centered_cosines,
@@ -34,6 +28,16 @@ from qhelpers.representations import (
     weighted_linear_cka,
     weighted_spectrum_stats,
 )
+from qhelpers.measure.activations import (
+    effective_dimension,
+    linear_cka,
+    participation_ratio,
+)
+from qhelpers.quant.engine import Variant
+from qhelpers.quant.quantizers import QuantConfig
+from qhelpers.text.corpora import Corpus, load_corpus
+from qhelpers.text.encoding import encode_text
+from qhelpers.util.errors import ConfigError
 
 TEXTS = {
     "en": ["All human beings are born free and equal.", "Everyone has the right to life.",

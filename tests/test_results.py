@@ -1,4 +1,4 @@
-"""Tests of qhelpers.results: hypotheses, JSON conversion, atomic writes, results.json."""
+"""Tests of qhelpers.report.results: hypotheses, JSON conversion, atomic writes, results.json."""
 from __future__ import annotations
 
 import json
@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
-from qhelpers import results
-from qhelpers.errors import ConfigError, MeasurementError
-from qhelpers.results import HYPOTHESIS_KEYS, RESULTS_KEYS, Hypothesis
-from qhelpers.stats import Estimate
+from qhelpers.report import results
+from qhelpers.report.results import HYPOTHESIS_KEYS, RESULTS_KEYS, Hypothesis
+from qhelpers.stats.bootstrap import Estimate
+from qhelpers.util.errors import ConfigError, MeasurementError
 
 ENV = {"python": "3.11", "packages": {}, "device": {"cuda": False}, "git": None, "timestamp": "t"}
 
@@ -213,8 +213,8 @@ def test_git_info_reads_refs_without_git(tmp_path):
 
 
 def test_hypothesis_sentence_states_the_verdict_plainly():
-    from qhelpers.results import Hypothesis
-    from qhelpers.stats import Estimate
+    from qhelpers.report.results import Hypothesis
+    from qhelpers.stats.bootstrap import Estimate
 
     h = Hypothesis.evaluate("H5", "gateway protection cuts disparity by >30%", Estimate(12.0, -3.0, 20.0, 8), 30.0, ">")
     assert h.verdict == "NOT_SUPPORTED"
@@ -226,7 +226,7 @@ def test_seed_everything_makes_torch_and_numpy_repeatable():
     import numpy as np
     import torch
 
-    from qhelpers.results import seed_everything
+    from qhelpers.report.results import seed_everything
 
     seed_everything(7)
     a = (torch.rand(3), np.random.rand(3))

@@ -1,4 +1,4 @@
-"""Tests of the notebook runner (qhelpers/runner.py, run_all.py) on tiny fixture notebooks.
+"""Tests of the notebook runner (qhelpers/runner/, run_all.py) on tiny fixture notebooks.
 
 tests/fixtures/notebooks/: a_ok (writes results.json with one hypothesis and a figure, plain
 json), b_fail (raises ValueError), c_sleep (sleeps SLEEP seconds, writes two hypotheses).
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from qhelpers import runner as R
+from qhelpers.runner import cli as R
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "tests" / "fixtures" / "notebooks"

@@ -14,8 +14,8 @@ import pathlib
 import pytest
 import torch
 
-from qhelpers.errors import ModelLoadError
-from qhelpers.models import load_model
+from qhelpers.models.loading import load_model
+from qhelpers.util.errors import ModelLoadError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = sorted([*(REPO / "qhelpers").rglob("*.py"), REPO / "run_all.py", *(REPO / "scripts").glob("*.py")])
@@ -129,7 +129,7 @@ def violations(path: pathlib.Path) -> list[str]:
 
 def test_the_scan_sees_the_package():
     names = {p.name for p in SOURCES}
-    assert {"models.py", "lora.py", "bnb.py", "run_all.py"} <= names
+    assert {"loading.py", "zoo.py", "bnb.py", "run_all.py"} <= names
 
 
 def test_package_source_has_no_door_to_foreign_code():
@@ -152,4 +152,4 @@ def test_the_scan_flags_each_kind_of_violation(tmp_path):
     )
     found = violations(bad)
     assert len(found) == 8, found
-    assert violations(REPO / "qhelpers" / "models.py") == []
+    assert violations(REPO / "qhelpers" / "models" / "loading.py") == []

@@ -1,4 +1,4 @@
-"""Tests of qhelpers.stats: known answers computed by hand, planted effects, coverage."""
+"""Tests of qhelpers.stats.scores: known answers computed by hand, planted effects, coverage."""
 from __future__ import annotations
 
 import math
@@ -10,8 +10,8 @@ import pytest
 from scipy import stats as sps
 
 from qhelpers import stats
-from qhelpers.errors import ConfigError, MeasurementError
-from qhelpers.stats import Estimate
+from qhelpers.stats.bootstrap import Estimate
+from qhelpers.util.errors import ConfigError, MeasurementError
 
 LN2 = math.log(2.0)
 
@@ -430,7 +430,7 @@ def test_estimate_invariants():
 
 
 def test_disparity_contrast_synergy_by_hand():
-    from qhelpers.stats import disparity_contrast
+    from qhelpers.stats.tables import disparity_contrast
 
     shifts = {  # nats per token added to the baseline's 1.0, per config and language
         "all": {"en": 0.10, "he": 0.30},

@@ -1,4 +1,4 @@
-"""Strategy sets (qhelpers.strategies) and the seed 002 study computations (qhelpers.index_study).
+"""Strategy sets (qhelpers.quant.strategies) and the seed 002 study computations (qhelpers.experiments.protection_index).
 
 Known answers are written out by hand; the seed-equivalence test compares the notebook's
 computation path with a hand-written loop of the precursor's method.
@@ -14,12 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qhelpers import index_study, strategies
-from qhelpers.engine import QuantEngine, Variant
-from qhelpers.errors import ConfigError
-from qhelpers.protection import ProtectionSpec, resolve_plan
-from qhelpers.quant import QuantConfig
-from qhelpers.sweep import SweepResult, run_sweep
+from qhelpers.experiments import protection_index
+from qhelpers.measure.scoring import protocol_measure
+from qhelpers.measure.sweep import SweepResult, run_sweep
+from qhelpers.quant import strategies
+from qhelpers.quant.engine import QuantEngine, Variant
+from qhelpers.quant.protection import ProtectionSpec, resolve_plan
+from qhelpers.quant.quantizers import QuantConfig
+from qhelpers.util.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -158,17 +160,17 @@ def test_equal_overhead_precision_and_custom_variants():
 def test_top_layers_and_protocol_measure():
     assert strategies.top_layers_by({0: 0.3, 1: 0.1, 2: 0.5, 3: 0.2}, 2) == (0, 2)
     assert strategies.top_layers_by({0: 0.3, 1: 0.1, 2: 0.5, 3: 0.2}, 2, largest=False) == (1, 3)
-    seed = strategies.protocol_measure("seed", 512, context_length=8192)
+    seed = protocol_measure("seed", 512, context_length=8192)
     assert (seed.max_length, seed.truncate, seed.prepend_bos, seed.max_batch) == (256, True, False, 1)
-    assert strategies.protocol_measure("seed", context_length=128).max_length == 128
-    assert strategies.protocol_measure("sound", 512, context_length=256).max_length == 256
-    assert strategies.protocol_measure("sound", 512, context_length=1024).truncate is False
+    assert protocol_measure("seed", context_length=128).max_length == 128
+    assert protocol_measure("sound", 512, context_length=256).max_length == 256
+    assert protocol_measure("sound", 512, context_length=1024).truncate is False
     assert strategies.wide_scope("seed") == "seed" and strategies.wide_scope("sound") == "all"
 
 
 def test_plan_strategies_on_tiny_gpt2(gpt2):
     engine = QuantEngine(gpt2)
-    plan = index_study.plan_strategies(gpt2, engine, "sound", 4, precision_bits=[2, 4, 8], random_draws=1)
+    plan = protection_index.plan_strategies(gpt2, engine, "sound", 4, precision_bits=[2, 4, 8], random_draws=1)
     assert plan.gateway == "L0+L3" and plan.sweep_layers == (0, 1, 2, 3)
     for name in ("none", "L0", "L3", "L0+L3", "all:biases", "random_elements", "magnitude_elements",
                  "random_layers_1", "top2_variance", "int2:none", "int8:L0+L3"):
@@ -184,7 +186,7 @@ def test_plan_strategies_on_tiny_gpt2(gpt2):
     table = plan.table(engine)
     assert list(table["strategy"]) == list(plan.variants)
 
-    custom = index_study.plan_strategies(gpt2, engine, "seed", 4, custom={"none": [], "layer0": ["h.0."]})
+    custom = protection_index.plan_strategies(gpt2, engine, "seed", 4, custom={"none": [], "layer0": ["h.0."]})
     assert custom.custom and list(custom.variants) == ["none", "layer0"]
     assert custom.groups == {"none": "custom", "layer0": "custom"}
 
@@ -214,7 +216,7 @@ FACTORS = {
 
 
 def test_strategy_metrics_seed_known_answers():
-    study = index_study.IndexStudy(synthetic_sweep(2, FACTORS), protocol="seed", lr_langs=["he", "ar"], hr_langs=["en"], n_boot=50)
+    study = protection_index.IndexStudy(synthetic_sweep(2, FACTORS), protocol="seed", lr_langs=["he", "ar"], hr_langs=["en"], n_boot=50)
     metrics = study.strategy_metrics()
     assert list(metrics) == ["a", "b"]
     a = metrics["a"]
@@ -242,7 +244,7 @@ def test_strategy_metrics_seed_known_answers():
 
 
 def test_strategy_metrics_sound_known_answers_and_single_text():
-    study = index_study.IndexStudy(synthetic_sweep(2, FACTORS), protocol="sound", lr_langs=["he", "ar"], hr_langs=["en"], n_boot=50)
+    study = protection_index.IndexStudy(synthetic_sweep(2, FACTORS), protocol="sound", lr_langs=["he", "ar"], hr_langs=["en"], n_boot=50)
     bpb = {lang: 10 * 2 * math.log(f) / math.log(2) / 80 for lang, f in FACTORS["a"].items()}
     d = study.disparity("a")
     assert d.defined and d.value == pytest.approx((bpb["he"] + bpb["ar"]) / 2 - bpb["en"])
@@ -250,7 +252,7 @@ def test_strategy_metrics_sound_known_answers_and_single_text():
     assert per_lang["ar"]["disparity"] == pytest.approx(bpb["ar"] - bpb["en"])
     assert per_lang["en"]["disparity"] == 0.0
 
-    single = index_study.IndexStudy(synthetic_sweep(1, FACTORS), protocol="seed", lr_langs=["he", "ar"], hr_langs=["en"], n_boot=50)
+    single = protection_index.IndexStudy(synthetic_sweep(1, FACTORS), protocol="seed", lr_langs=["he", "ar"], hr_langs=["en"], n_boot=50)
     one = single.strategy_metrics()["a"]
     assert one["disparity"]["value"] == pytest.approx(3.0)  # the seeds' number is kept ...
     assert one["disparity"]["defined"] is False  # ... but one text gives no interval
@@ -261,13 +263,13 @@ def test_strategy_metrics_sound_known_answers_and_single_text():
 
 def test_collapse_keeps_the_value_and_says_why():
     factors = {"a": {"en": 1e9, "he": 2e9, "ar": 3e9}}
-    study = index_study.IndexStudy(synthetic_sweep(3, factors), protocol="seed", lr_langs=["he", "ar"], hr_langs=["en"],
+    study = protection_index.IndexStudy(synthetic_sweep(3, factors), protocol="seed", lr_langs=["he", "ar"], hr_langs=["en"],
                                    n_boot=50, vocab_size=50000)
     d = study.disparity("a")
     expected = ((2e9 - 1) + (3e9 - 1)) / 2 / (1e9 - 1)
     assert not d.defined and d.value == pytest.approx(expected) and d.reason.startswith("collapsed")
     assert "collapses under 1 of 1" in study.collapse_note()
-    assert index_study.short_reason("collapsed: a; b; c; d (the model is destroyed, x)") == (
+    assert protection_index.short_reason("collapsed: a; b; c; d (the model is destroyed, x)") == (
         "collapsed: a; b; and 2 more (the model is destroyed, x)"
     )
 
@@ -287,12 +289,12 @@ def test_notebook_path_equals_the_seeds_method_on_seed_exp032(tiny_model):
     user = {"none": [], "layer0": ["h.0."], "L0+L3": ["h.0.", "h.3."]}
 
     # the notebook's computation path (PROTOCOL "seed", CORPUS "seed-exp032")
-    corpus, _ = index_study.load_study_corpus("seed-exp032", ["en", "de", "fr", "zh", "ar", "he", "sw"], 3)
+    corpus, _ = protection_index.load_study_corpus("seed-exp032", ["en", "de", "fr", "zh", "ar", "he", "sw"], 3)
     engine = QuantEngine(loaded)
-    plan = index_study.plan_strategies(loaded, engine, "seed", 4, custom=user)
-    sweep = run_sweep(loaded, corpus, plan.variants, strategies.protocol_measure("seed", 512, loaded.context_length),
+    plan = protection_index.plan_strategies(loaded, engine, "seed", 4, custom=user)
+    sweep = run_sweep(loaded, corpus, plan.variants, protocol_measure("seed", 512, loaded.context_length),
                       engine=engine, progress=False)
-    study = index_study.IndexStudy(sweep, plan, "seed", ["ar", "he", "sw"], ["en", "de", "fr", "zh"], n_boot=20,
+    study = protection_index.IndexStudy(sweep, plan, "seed", ["ar", "he", "sw"], ["en", "de", "fr", "zh"], n_boot=20,
                                    vocab_size=model.config.vocab_size)
     metrics = study.strategy_metrics()
 

@@ -1,15 +1,15 @@
-"""qhelpers.sweep_cache: a hit returns bit-identical scores; anything the scores depend on changes the key."""
+"""qhelpers.measure.sweep_cache: a hit returns bit-identical scores; anything the scores depend on changes the key."""
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 import torch
 
-from qhelpers.corpora import Corpus, load_corpus
-from qhelpers.criticality import criticality_variants, layer_criticality
-from qhelpers.measure import MeasureConfig
-from qhelpers.models import load_model
-from qhelpers.sweep_cache import cached_sweep, default_sweep_cache, sweep_key
+from qhelpers.measure.criticality import criticality_variants, layer_criticality
+from qhelpers.measure.scoring import MeasureConfig
+from qhelpers.measure.sweep_cache import cached_sweep, default_sweep_cache, sweep_key
+from qhelpers.models.loading import load_model
+from qhelpers.text.corpora import Corpus, load_corpus
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def test_hit_is_bit_identical_and_skips_the_forward(setup, tmp_path, monkeypatch
     first, hit1 = cached_sweep(loaded, corpus, variants, cache=tmp_path, progress=False)
     assert not hit1 and len(list(tmp_path.glob("*.json"))) == 1
     calls = []
-    monkeypatch.setattr("qhelpers.sweep_cache.run_sweep", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr("qhelpers.measure.sweep_cache.run_sweep", lambda *a, **k: calls.append(1))
     second, hit2 = cached_sweep(loaded, corpus, variants, cache=tmp_path, progress=False)
     assert hit2 and not calls
     pd.testing.assert_frame_equal(first.scores, second.scores, check_exact=True)
@@ -80,7 +80,7 @@ def test_concurrent_callers_compute_a_key_once(setup, tmp_path, monkeypatch, cap
         time.sleep(0.5)  # long enough for the other caller to find no entry yet
         return real
 
-    monkeypatch.setattr("qhelpers.sweep_cache.run_sweep", slow_sweep)
+    monkeypatch.setattr("qhelpers.measure.sweep_cache.run_sweep", slow_sweep)
     hits: list[bool] = []
     start = threading.Barrier(2)
 

@@ -1,4 +1,4 @@
-"""Tests of qhelpers.weight_theory (seed 004 T-002 relative error, T-005 gateway structure)
+"""Tests of qhelpers.experiments.weight_structure (seed 004 T-002 relative error, T-005 gateway structure)
 against closed forms, hand-computed examples, numpy/scipy references and planted truths."""
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import scipy.stats
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from qhelpers import weight_theory as wt
-from qhelpers.archs import decoder_layers, get_module
-from qhelpers.errors import ConfigError, MeasurementError
-from qhelpers.models import TINY_CONFIGS
-from qhelpers.quant import QuantConfig, fake_quantize
-from qhelpers.results import Hypothesis
+from qhelpers.experiments import weight_structure as wt
+from qhelpers.models.archs import decoder_layers, get_module
+from qhelpers.models.loading import TINY_CONFIGS
+from qhelpers.quant.quantizers import QuantConfig, fake_quantize
+from qhelpers.report.results import Hypothesis
+from qhelpers.util.errors import ConfigError, MeasurementError
 
 SEED_Q = QuantConfig.seed()  # per-tensor symmetric absmax INT4
 SOUND_Q = QuantConfig(method="int", bits=4, symmetric=True, granularity="channel", clipping="absmax")

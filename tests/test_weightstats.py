@@ -1,4 +1,4 @@
-"""Tests of qhelpers.weightstats against scipy, hand counts and hand-built matrices."""
+"""Tests of qhelpers.measure.weight_stats against scipy, hand counts and hand-built matrices."""
 from __future__ import annotations
 
 import math
@@ -10,10 +10,15 @@ import scipy.stats
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import qhelpers.weightstats as ws
-from qhelpers.archs import decoder_layers, get_arch
-from qhelpers.errors import ConfigError, MeasurementError
-from qhelpers.weightstats import STAT_KEYS, layer_table, tensor_stats, weight_table
+import qhelpers.measure.weight_stats as ws
+from qhelpers.measure.weight_stats import (
+    STAT_KEYS,
+    layer_table,
+    tensor_stats,
+    weight_table,
+)
+from qhelpers.models.archs import decoder_layers, get_arch
+from qhelpers.util.errors import ConfigError, MeasurementError
 
 HIDDEN = 64
 N_LAYERS = 3

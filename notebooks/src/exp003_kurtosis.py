@@ -39,7 +39,9 @@
 
 # %%
 # Colab only: install qhelpers (elsewhere it is installed by scripts/install.sh)
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers", "bitsandbytes"], check=True)
 
@@ -62,15 +64,22 @@ OUTPUT_DIR = "results/exp003_kurtosis"
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from qhelpers import kurtosis, plots, stats
-from qhelpers.corpora import load_corpus
-from qhelpers.engine import Variant
-from qhelpers.measure import MeasureConfig
-from qhelpers.models import load_model
-from qhelpers.quant import QuantConfig
-from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
-from qhelpers.sweep import run_sweep
-from qhelpers.weightstats import layer_table
+from qhelpers import stats
+from qhelpers.experiments import kurtosis
+from qhelpers.measure.scoring import MeasureConfig
+from qhelpers.measure.sweep import run_sweep
+from qhelpers.measure.weight_stats import layer_table
+from qhelpers.models.loading import load_model
+from qhelpers.quant.engine import Variant
+from qhelpers.quant.quantizers import QuantConfig
+from qhelpers.report import plots
+from qhelpers.report.results import (
+    Hypothesis,
+    print_verdicts,
+    seed_everything,
+    write_results,
+)
+from qhelpers.text.corpora import load_corpus
 
 seed_everything(SEED)
 pd.set_option("display.precision", 4)

@@ -25,7 +25,9 @@
 
 # %%
 # Colab only: install qhelpers (elsewhere it is installed by scripts/install.sh)
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
@@ -49,12 +51,19 @@ OUTPUT_DIR = "results/exp005_layer_ablation"
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from qhelpers import plots, stats, strategies
-from qhelpers.corpora import load_corpus
-from qhelpers.measure import MeasureConfig
-from qhelpers.models import load_model
-from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
-from qhelpers.sweep import run_sweep
+from qhelpers import stats
+from qhelpers.measure.scoring import MeasureConfig
+from qhelpers.measure.sweep import run_sweep
+from qhelpers.models.loading import load_model
+from qhelpers.quant import strategies
+from qhelpers.report import plots
+from qhelpers.report.results import (
+    Hypothesis,
+    print_verdicts,
+    seed_everything,
+    write_results,
+)
+from qhelpers.text.corpora import load_corpus
 
 seed_everything(SEED)
 pd.set_option("display.precision", 4)

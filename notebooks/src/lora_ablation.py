@@ -23,12 +23,14 @@
 # distribution, frequency, information, ensemble, A/B coupling; optionally the learned autoencoders) is
 # classified with all matrices and after the ablation, on the same splits. Intervals are percentile
 # bootstraps over adapters (each adapter's accuracy averaged over the runs that tested it); every
-# verdict is computed from an interval. Definitions: `qhelpers/lora_features.py` and
-# `qhelpers/classify.py` docstrings.
+# verdict is computed from an interval. Definitions: `qhelpers/experiments/lora/features.py` and
+# `qhelpers/experiments/lora/classify.py` docstrings.
 
 # %%
 # Colab only: install qhelpers (elsewhere it is installed by scripts/install.sh)
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
@@ -60,11 +62,27 @@ from pathlib import Path
 
 import pandas as pd
 
-from qhelpers import classify, lora_features, plots, stats
-from qhelpers.corpora import load_corpus
-from qhelpers.lora import LoraConfig, ZooConfig, build_zoo, default_zoo_dir, load_zoo
-from qhelpers.models import load_model
-from qhelpers.results import Hypothesis, atomic_write_json, atomic_write_text, print_verdicts, seed_everything, write_results
+from qhelpers import stats
+from qhelpers.experiments.lora import classify
+from qhelpers.experiments.lora import features as lora_features
+from qhelpers.experiments.lora.zoo import (
+    LoraConfig,
+    ZooConfig,
+    build_zoo,
+    default_zoo_dir,
+    load_zoo,
+)
+from qhelpers.models.loading import load_model
+from qhelpers.report import plots
+from qhelpers.report.results import (
+    Hypothesis,
+    atomic_write_json,
+    atomic_write_text,
+    print_verdicts,
+    seed_everything,
+    write_results,
+)
+from qhelpers.text.corpora import load_corpus
 
 seed_everything(SEED)
 pd.set_option("display.precision", 4)

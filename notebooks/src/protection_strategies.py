@@ -48,7 +48,9 @@
 
 # %%
 # Colab only: install qhelpers (elsewhere it is installed by scripts/install.sh)
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
@@ -78,11 +80,19 @@ OUTPUT_DIR = "results/protection_strategies"
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from qhelpers import index_study, plots, strategies
-from qhelpers.engine import QuantEngine
-from qhelpers.models import load_model
-from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
-from qhelpers.sweep import run_sweep
+from qhelpers.experiments import protection_index
+from qhelpers.measure.scoring import protocol_measure
+from qhelpers.measure.sweep import run_sweep
+from qhelpers.models.loading import load_model
+from qhelpers.quant import strategies
+from qhelpers.quant.engine import QuantEngine
+from qhelpers.report import plots
+from qhelpers.report.results import (
+    Hypothesis,
+    print_verdicts,
+    seed_everything,
+    write_results,
+)
 
 seed_everything(SEED)
 pd.set_option("display.precision", 4)
@@ -101,14 +111,14 @@ hypotheses, figures = [], []
 
 # %%
 loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
-corpus, corpus_note = index_study.load_study_corpus(CORPUS, LANGS, N_TEXTS, seed=SEED)
+corpus, corpus_note = protection_index.load_study_corpus(CORPUS, LANGS, N_TEXTS, seed=SEED)
 print(loaded.describe())
 print("baseline:", loaded.metadata["baseline"])
 print({lang: corpus.n_texts(lang) for lang in corpus.langs}, "texts per language", corpus_note)
 
 # %%
 engine = QuantEngine(loaded)
-plan = index_study.plan_strategies(
+plan = protection_index.plan_strategies(
     loaded, engine, PROTOCOL, BITS, custom=STRATEGIES, layer_sweep=LAYER_SWEEP, max_sweep_layers=MAX_SWEEP_LAYERS,
     precision_bits=PRECISION_BITS, random_draws=RANDOM_DRAWS, detail=DETAIL, seed=SEED,
 )
@@ -118,7 +128,7 @@ plan.table(engine)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-measure = strategies.protocol_measure(PROTOCOL, MAX_LENGTH, loaded.context_length)
+measure = protocol_measure(PROTOCOL, MAX_LENGTH, loaded.context_length)
 sweep = run_sweep(loaded, corpus, plan.variants, measure, engine=engine)
 print(f"{len(plan.variants)} strategies + baseline in {sum(sweep.seconds.values()):.0f} s")
 
@@ -129,7 +139,7 @@ print(f"{len(plan.variants)} strategies + baseline in {sum(sweep.seconds.values(
 # changes in bits per byte of the two groups.
 
 # %%
-study = index_study.IndexStudy(sweep, plan, PROTOCOL, LR_LANGS, HR_LANGS, n_boot=N_BOOT, seed=SEED,
+study = protection_index.IndexStudy(sweep, plan, PROTOCOL, LR_LANGS, HR_LANGS, n_boot=N_BOOT, seed=SEED,
                                vocab_size=loaded.model.config.vocab_size)
 print("D =", study.primary["label"], "| parity", study.parity)
 print(study.collapse_note())

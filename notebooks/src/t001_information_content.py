@@ -55,7 +55,9 @@
 
 # %%
 # Colab only: install qhelpers (elsewhere it is installed by scripts/install.sh)
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
@@ -83,13 +85,20 @@ OUTPUT_DIR = "results/t001_information_content"
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from qhelpers import information, plots, stats
-from qhelpers.corpora import load_corpus
-from qhelpers.criticality import layer_criticality
-from qhelpers.measure import MeasureConfig
-from qhelpers.models import load_model
-from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
-from qhelpers.weightstats import layer_table
+from qhelpers import stats
+from qhelpers.experiments import information_content
+from qhelpers.measure.criticality import layer_criticality
+from qhelpers.measure.scoring import MeasureConfig
+from qhelpers.measure.weight_stats import layer_table
+from qhelpers.models.loading import load_model
+from qhelpers.report import plots
+from qhelpers.report.results import (
+    Hypothesis,
+    print_verdicts,
+    seed_everything,
+    write_results,
+)
+from qhelpers.text.corpora import load_corpus
 
 seed_everything(SEED)
 pd.set_option("display.precision", 4)
@@ -110,7 +119,7 @@ print({lang: crit_corpus.n_texts(lang) for lang in crit_corpus.langs}, "texts pe
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-token_acts = information.capture_token_activations(loaded, corpus, max_tokens_per_text=MAX_TOKENS_PER_TEXT,
+token_acts = information_content.capture_token_activations(loaded, corpus, max_tokens_per_text=MAX_TOKENS_PER_TEXT,
                                                    max_length=MAX_LENGTH, seed=SEED)
 print(token_acts.describe())
 
@@ -124,7 +133,7 @@ token_acts.texts.groupby("lang", sort=False)[["n_tokens", "n_candidates", "n_kep
 # always answering the most frequent training token, `info_bits_*` the decoded information per token.
 
 # %%
-info = information.layer_information(token_acts, k=K_CLASSES, test_frac=TEST_FRAC, val_frac=VAL_FRAC,
+info = information_content.layer_information(token_acts, k=K_CLASSES, test_frac=TEST_FRAC, val_frac=VAL_FRAC,
                                      n_boot=N_BOOT, seed=SEED)
 print("texts per language and split:")
 print(info.split_counts())
@@ -192,7 +201,7 @@ for h in hypotheses:
 fig = plt.figure(figsize=(17, 8))
 top = [fig.add_subplot(2, 4, i + 1) for i in range(4)]
 bottom = [fig.add_subplot(2, 4, i + 5) for i in range(4)]
-information.plot_information_profile(per_layer, axes=top)
+information_content.plot_information_profile(per_layer, axes=top)
 plots.layer_scatter(per_layer, "variance_pooled", "entropy_bits", ax=bottom[0], corr=r_var_entropy,
                                xlabel="weight variance", ylabel="standardized Gaussian entropy (bits)")
 plots.layer_scatter(per_layer, "variance_pooled", "accuracy_current", ax=bottom[1], corr=r_var_acc,

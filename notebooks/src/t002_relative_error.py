@@ -30,10 +30,10 @@
 #
 # **Method.** Every linear weight of every decoder layer (q, k, v, o and the MLP matrices, located through the
 # architecture registry) is quantized with each quantizer in `QUANTIZERS`
-# (`qhelpers.quant.quantize`, the same code the experiments use); per layer (and per layer and component
+# (`qhelpers.quant.quantizers.quantize`, the same code the experiments use); per layer (and per layer and component
 # group) the squared errors, signal power and moments are pooled exactly: MSE, power, relative error,
 # SQNR, variance, kurtosis, crest factor, and the noise model's prediction. Per-layer criticality
-# (`qhelpers.criticality.layer_criticality`: how much LR-minus-HR change in bits per byte protecting that
+# (`qhelpers.measure.criticality.layer_criticality`: how much LR-minus-HR change in bits per byte protecting that
 # layer alone removes, paired bootstrap over texts) comes from the sweep shared with the other theory
 # notebooks. Correlations over layers use `stats.correlation`: bootstrap CI over layers and a permutation p-value.
 #
@@ -44,7 +44,9 @@
 
 # %%
 # Colab only: install qhelpers (elsewhere it is installed by scripts/install.sh)
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
@@ -70,12 +72,19 @@ OUTPUT_DIR = "results/t002_relative_error"
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from qhelpers import plots, stats, strategies, weight_theory
-from qhelpers.corpora import load_corpus
-from qhelpers.criticality import layer_criticality
-from qhelpers.measure import MeasureConfig
-from qhelpers.models import load_model
-from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
+from qhelpers.experiments import weight_structure
+from qhelpers.measure.criticality import layer_criticality
+from qhelpers.measure.scoring import MeasureConfig
+from qhelpers.models.loading import load_model
+from qhelpers.quant import strategies
+from qhelpers.report import plots
+from qhelpers.report.results import (
+    Hypothesis,
+    print_verdicts,
+    seed_everything,
+    write_results,
+)
+from qhelpers.text.corpora import load_corpus
 
 seed_everything(SEED)
 pd.set_option("display.precision", 4)
@@ -100,9 +109,9 @@ print({name: q.label for name, q in quantizers.items()})
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-errors = weight_theory.quant_error_table(loaded, quantizers, components=COMPONENTS)
-per_layer = weight_theory.pool_quant_error(errors, ["config", "layer"])
-per_group = weight_theory.pool_quant_error(errors, ["config", "layer", "group"])
+errors = weight_structure.quant_error_table(loaded, quantizers, components=COMPONENTS)
+per_layer = weight_structure.pool_quant_error(errors, ["config", "layer"])
+per_group = weight_structure.pool_quant_error(errors, ["config", "layer", "group"])
 print(len(errors), "weight tensors,", loaded.n_layers, "layers")
 
 # %%
@@ -118,7 +127,7 @@ per_group.pivot_table(index="layer", columns=["config", "group"], values="rel_er
 # uniform distribution would give `1 / (4 (2^(b-1) - 1)^2)`.
 
 # %%
-print(f"uniform-distribution relative error at {BITS} bits: {weight_theory.uniform_relative_error(BITS):.5f}")
+print(f"uniform-distribution relative error at {BITS} bits: {weight_structure.uniform_relative_error(BITS):.5f}")
 (per_layer.assign(model_over_measured=per_layer["rel_error_model"] / per_layer["rel_error"])
  .groupby("config")[["rel_error", "rel_error_model", "model_over_measured", "crest_factor"]].describe()
  .loc[:, (slice(None), ["min", "50%", "max"])])
@@ -147,11 +156,11 @@ crit.table[["layer", "criticality", "criticality_ci_low", "criticality_ci_high",
 merged = per_layer.merge(crit.table[["layer", "criticality"]], on="layer")
 pairs = [("variance", "rel_error"), ("kurtosis", "rel_error"), ("crest_factor", "rel_error"),
          ("rel_error", "criticality"), ("variance", "criticality")]
-corr = weight_theory.correlation_table(merged, pairs, by="config", n_boot=N_BOOT, seed=SEED)
+corr = weight_structure.correlation_table(merged, pairs, by="config", n_boot=N_BOOT, seed=SEED)
 corr[["r", "ci_low", "ci_high", "p_perm", "n", "reason"]]
 
 # %%
-corr_group = weight_theory.correlation_table(per_group, [("variance", "rel_error"), ("kurtosis", "rel_error")],
+corr_group = weight_structure.correlation_table(per_group, [("variance", "rel_error"), ("kurtosis", "rel_error")],
                                              by=["config", "group"], methods=["spearman"], n_boot=N_BOOT, seed=SEED)
 corr_group[["r", "ci_low", "ci_high", "p_perm", "n"]]
 
@@ -230,7 +239,7 @@ metrics = {
     "n_layers": loaded.n_layers,
     "n_texts_per_language": {lang: corpus.n_texts(lang) for lang in corpus.langs},
     "quantizers": {name: q.to_dict() for name, q in quantizers.items()},
-    "uniform_relative_error": weight_theory.uniform_relative_error(BITS),
+    "uniform_relative_error": weight_structure.uniform_relative_error(BITS),
     "per_tensor": errors.drop(columns=["s1", "s2", "s3", "s4", "sse", "model_sse"]),
     "per_layer": per_layer,
     "per_layer_group": per_group,

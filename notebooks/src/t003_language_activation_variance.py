@@ -15,7 +15,7 @@
 # of activation variance is unrelated to a layer's criticality.
 #
 # **Method.**
-# 1. Residual stream after every decoder block (the block outputs; `qhelpers.representations`), a seeded
+# 1. Residual stream after every decoder block (the block outputs; `qhelpers.experiments.representation_geometry`), a seeded
 #    sample of at most `MAX_TOKENS_PER_TEXT` token rows per text, the BOS token left out.
 # 2. Per layer and language, the activation variance `v(l, g)` = the mean over hidden dimensions of the
 #    variance over the language's token rows (ddof = 0), i.e. trace(covariance) / hidden. The seed's literal
@@ -25,7 +25,7 @@
 #    with depth, so `cross_var` grows with it (as norm^4) whatever the languages do; `cross_cv` is
 #    scale-free and is the main statistic. Each has a 95 % bootstrap interval over texts (paired across
 #    languages: UDHR paragraphs are parallel).
-# 4. Criticality of every layer (`qhelpers.criticality.layer_criticality`, protect mode: how much the
+# 4. Criticality of every layer (`qhelpers.measure.criticality.layer_criticality`, protect mode: how much the
 #    LR-minus-HR change in bits per byte shrinks when only that layer stays in full precision, at INT`BITS`).
 # 5. H1.3: Spearman correlation over layers between criticality and the cross-language statistic, with a
 #    bootstrap interval over layers and a permutation p-value.
@@ -41,7 +41,9 @@
 
 # %%
 # Colab only: install qhelpers (elsewhere it is installed by scripts/install.sh)
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
@@ -67,13 +69,22 @@ OUTPUT_DIR = "results/t003_language_activation_variance"
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from qhelpers import plots
-from qhelpers.corpora import load_corpus
-from qhelpers.criticality import layer_criticality
-from qhelpers.measure import MeasureConfig
-from qhelpers.models import load_model
-from qhelpers.representations import collect_activations, language_variance, layer_correlation
-from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
+from qhelpers.experiments.representation_geometry import (
+    collect_activations,
+    language_variance,
+    layer_correlation,
+)
+from qhelpers.measure.criticality import layer_criticality
+from qhelpers.measure.scoring import MeasureConfig
+from qhelpers.models.loading import load_model
+from qhelpers.report import plots
+from qhelpers.report.results import (
+    Hypothesis,
+    print_verdicts,
+    seed_everything,
+    write_results,
+)
+from qhelpers.text.corpora import load_corpus
 
 seed_everything(SEED)
 pd.set_option("display.precision", 4)

@@ -34,7 +34,9 @@
 
 # %%
 # Colab only: install qhelpers (elsewhere it is installed by scripts/install.sh)
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
@@ -58,10 +60,16 @@ OUTPUT_DIR = "results/t004_residual_propagation"
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from qhelpers import plots, propagation
-from qhelpers.corpora import load_corpus
-from qhelpers.models import load_model
-from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
+from qhelpers.experiments import error_propagation
+from qhelpers.models.loading import load_model
+from qhelpers.report import plots
+from qhelpers.report.results import (
+    Hypothesis,
+    print_verdicts,
+    seed_everything,
+    write_results,
+)
+from qhelpers.text.corpora import load_corpus
 
 seed_everything(SEED)
 pd.set_option("display.precision", 4)
@@ -80,13 +88,13 @@ LAST = loaded.n_layers - 1
 print(loaded.describe())
 print("baseline:", loaded.metadata["baseline"])
 print({lang: corpus.n_texts(lang) for lang in corpus.langs}, "texts per language; last layer:", LAST)
-variants = propagation.propagation_variants(loaded.n_layers, protocol=PROTOCOL, bits=BITS)
+variants = error_propagation.propagation_variants(loaded.n_layers, protocol=PROTOCOL, bits=BITS)
 for name, variant in variants.items():
-    print(f"{name:18s} protected layers {list(variant.protect.layers)}: {propagation.PROPAGATION_CONFIGS[name]}")
+    print(f"{name:18s} protected layers {list(variant.protect.layers)}: {error_propagation.PROPAGATION_CONFIGS[name]}")
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-prop = propagation.residual_propagation(loaded, corpus, variants, max_length=MAX_LENGTH, progress=True)
+prop = error_propagation.residual_propagation(loaded, corpus, variants, max_length=MAX_LENGTH, progress=True)
 print(f"{len(prop.logits)} (text, configuration) pairs, {loaded.n_layers} layers each, in {prop.seconds:.1f} s")
 
 # %% [markdown]
@@ -108,8 +116,8 @@ rel_curve[rel_curve["lang"] == "all"].pivot(index="layer", columns="config", val
 # numbers of tokens).
 
 # %%
-kl = propagation.text_means(prop.logits, "kl", by=["config"], **groups)
-kl_bpb = propagation.text_means(prop.logits, "kl_bpb", by=["config"], **groups)
+kl = error_propagation.text_means(prop.logits, "kl", by=["config"], **groups)
+kl_bpb = error_propagation.text_means(prop.logits, "kl_bpb", by=["config"], **groups)
 kl.merge(kl_bpb, on=["config", "lang"], suffixes=("", "_bpb"))[
     ["config", "lang", "kl", "kl_ci_low", "kl_ci_high", "kl_bpb", "kl_bpb_ci_low", "kl_bpb_ci_high", "n"]]
 
@@ -127,15 +135,15 @@ kl.merge(kl_bpb, on=["config", "lang"], suffixes=("", "_bpb"))[
 L0_GAIN = {"gateway_protected": 1, "last_protected": -1}
 L0_REDUCTION = {"last_protected": 1, "gateway_protected": -1}
 INTERACTION = {"first_protected": 1, "gateway_protected": -1, "all_quantized": -1, "last_protected": 1}
-gain_cos = propagation.text_contrast(prop.layers, "cosine", L0_GAIN, layer=LAST)
-gain_rel = propagation.text_contrast(prop.layers, "rel_l2", L0_REDUCTION, layer=LAST)
-gain_kl = propagation.text_contrast(prop.logits, "kl", L0_REDUCTION)
-interaction_kl = propagation.text_contrast(prop.logits, "kl", INTERACTION)
+gain_cos = error_propagation.text_contrast(prop.layers, "cosine", L0_GAIN, layer=LAST)
+gain_rel = error_propagation.text_contrast(prop.layers, "rel_l2", L0_REDUCTION, layer=LAST)
+gain_kl = error_propagation.text_contrast(prop.logits, "kl", L0_REDUCTION)
+interaction_kl = error_propagation.text_contrast(prop.logits, "kl", INTERACTION)
 h21_table = pd.concat([
-    propagation.text_means(gain_cos, **groups).assign(quantity="cosine gain at L_last"),
-    propagation.text_means(gain_rel, **groups).assign(quantity="rel_l2 reduction at L_last"),
-    propagation.text_means(gain_kl, **groups).assign(quantity="KL reduction (output)"),
-    propagation.text_means(interaction_kl, **groups).assign(quantity="L_last protection gain interaction (KL)"),
+    error_propagation.text_means(gain_cos, **groups).assign(quantity="cosine gain at L_last"),
+    error_propagation.text_means(gain_rel, **groups).assign(quantity="rel_l2 reduction at L_last"),
+    error_propagation.text_means(gain_kl, **groups).assign(quantity="KL reduction (output)"),
+    error_propagation.text_means(interaction_kl, **groups).assign(quantity="L_last protection gain interaction (KL)"),
 ], ignore_index=True)
 h21_table[["quantity", "lang", "value", "value_ci_low", "value_ci_high", "n", "reason"]]
 
@@ -147,11 +155,11 @@ h21_table[["quantity", "lang", "value", "value_ci_low", "value_ci_high", "n", "r
 # KL per byte compares the same content.
 
 # %%
-err_last = propagation.text_contrast(prop.layers, "rel_l2", {"all_quantized": 1}, layer=LAST)
-err_out = propagation.text_contrast(prop.logits, "kl_bpb", {"all_quantized": 1})
+err_last = error_propagation.text_contrast(prop.layers, "rel_l2", {"all_quantized": 1}, layer=LAST)
+err_out = error_propagation.text_contrast(prop.logits, "kl_bpb", {"all_quantized": 1})
 lr_table = pd.concat([
-    propagation.text_means(err_last, **groups).assign(quantity="rel_l2 at L_last, all quantized"),
-    propagation.text_means(err_out, **groups).assign(quantity="KL bits per byte, all quantized"),
+    error_propagation.text_means(err_last, **groups).assign(quantity="rel_l2 at L_last, all quantized"),
+    error_propagation.text_means(err_out, **groups).assign(quantity="KL bits per byte, all quantized"),
 ], ignore_index=True)
 lr_table[["quantity", "lang", "value", "value_ci_low", "value_ci_high", "n", "reason"]]
 
@@ -168,15 +176,15 @@ lr_table[["quantity", "lang", "value", "value_ci_low", "value_ci_high", "n", "re
 est = dict(n_boot=N_BOOT, seed=SEED)
 hypotheses = [
     Hypothesis.evaluate("H2.1", "activations at L_last are more similar to FP when L0 is protected too (L0 + L_last vs L_last protected)",
-                        propagation.text_mean(gain_cos, **est), 0.0, ">", quantity="cosine(L0+L_last) - cosine(L_last)"),
+                        error_propagation.text_mean(gain_cos, **est), 0.0, ">", quantity="cosine(L0+L_last) - cosine(L_last)"),
     Hypothesis.evaluate("H2.1-output", "the output distribution is closer to FP when L0 is protected too (L0 + L_last vs L_last protected)",
-                        propagation.text_mean(gain_kl, **est), 0.0, ">", quantity="KL(L_last) - KL(L0+L_last)"),
+                        error_propagation.text_mean(gain_kl, **est), 0.0, ">", quantity="KL(L_last) - KL(L0+L_last)"),
     Hypothesis.evaluate("H2.1-interaction", "protecting L_last removes more output error when L0 is protected than when L0 is quantized",
-                        propagation.text_mean(interaction_kl, **est), 0.0, ">", quantity="[KL(L0) - KL(L0+L_last)] - [KL(all) - KL(L_last)]"),
+                        error_propagation.text_mean(interaction_kl, **est), 0.0, ">", quantity="[KL(L0) - KL(L0+L_last)] - [KL(all) - KL(L_last)]"),
     Hypothesis.evaluate("LR-error-L_last", "with every layer quantized, the LR languages' residual stream at L_last is further from FP than the HR languages'",
-                        propagation.text_mean(err_last, langs=LR_LANGS, minus=HR_LANGS, **est), 0.0, ">", quantity="rel_l2 LR - HR"),
+                        error_propagation.text_mean(err_last, langs=LR_LANGS, minus=HR_LANGS, **est), 0.0, ">", quantity="rel_l2 LR - HR"),
     Hypothesis.evaluate("LR-error-output", "with every layer quantized, the LR languages' output diverges more from FP per byte of text than the HR languages'",
-                        propagation.text_mean(err_out, langs=LR_LANGS, minus=HR_LANGS, **est), 0.0, ">", quantity="KL bits per byte LR - HR"),
+                        error_propagation.text_mean(err_out, langs=LR_LANGS, minus=HR_LANGS, **est), 0.0, ">", quantity="KL bits per byte LR - HR"),
 ]
 for h in hypotheses:
     print(h.sentence())
@@ -190,10 +198,10 @@ for h in hypotheses:
 # %%
 gain_curve = prop.layer_contrast(L0_GAIN, "cosine", **groups)
 fig, axes = plt.subplots(2, 2, figsize=(15, 10))
-propagation.plot_error_growth(rel_curve, "rel_l2", ax=axes[0, 0], title="Per-token relative L2 error of the residual stream vs FP")
-propagation.plot_error_growth(cos_curve, "cosine", ax=axes[0, 1], title="Mean token cosine similarity to FP")
-propagation.plot_language_growth(rel_curve, "all_quantized", "rel_l2", ax=axes[1, 0], title="Per-token relative L2 error per language, all quantized")
-propagation.plot_error_growth(gain_curve, "value", lang=["all", "LR", "HR"], lines="lang", ax=axes[1, 1], reference=0.0,
+error_propagation.plot_error_growth(rel_curve, "rel_l2", ax=axes[0, 0], title="Per-token relative L2 error of the residual stream vs FP")
+error_propagation.plot_error_growth(cos_curve, "cosine", ax=axes[0, 1], title="Mean token cosine similarity to FP")
+error_propagation.plot_language_growth(rel_curve, "all_quantized", "rel_l2", ax=axes[1, 0], title="Per-token relative L2 error per language, all quantized")
+error_propagation.plot_error_growth(gain_curve, "value", lang=["all", "LR", "HR"], lines="lang", ax=axes[1, 1], reference=0.0,
                               title="Cosine gain from protecting L0 too (L0 + L_last minus L_last protected)")
 fig.tight_layout()
 figures = [plots.save_figure(fig, OUTPUT_DIR, "t004_error_growth")]

@@ -18,7 +18,7 @@
 # **Method.**
 # 1. Every weight matrix of every decoder layer (q, k, v, o and the MLP matrices, from the architecture
 #    registry; a fused q/k/v projection split into its parts) gets the seed's SVD statistics
-#    (`qhelpers.weightstats.tensor_stats`): count rank `#{s > 0.01 s_max}` (the seed's "effective rank"),
+#    (`qhelpers.measure.weight_stats.tensor_stats`): count rank `#{s > 0.01 s_max}` (the seed's "effective rank"),
 #    entropy effective rank, stable rank `||W||_F² / s_max²`, log10 condition number (capped at
 #    1/float32-epsilon) and log10 top singular value.
 # 2. Each (matrix, statistic) column is put on a robust scale (1.4826 MAD over layers, the standard deviation
@@ -39,7 +39,9 @@
 
 # %%
 # Colab only: install qhelpers (elsewhere it is installed by scripts/install.sh)
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
@@ -67,12 +69,19 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from qhelpers import plots, stats, weight_theory
-from qhelpers.corpora import load_corpus
-from qhelpers.criticality import layer_criticality
-from qhelpers.measure import MeasureConfig
-from qhelpers.models import load_model
-from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
+from qhelpers import stats
+from qhelpers.experiments import weight_structure
+from qhelpers.measure.criticality import layer_criticality
+from qhelpers.measure.scoring import MeasureConfig
+from qhelpers.models.loading import load_model
+from qhelpers.report import plots
+from qhelpers.report.results import (
+    Hypothesis,
+    print_verdicts,
+    seed_everything,
+    write_results,
+)
+from qhelpers.text.corpora import load_corpus
 
 seed_everything(SEED)
 pd.set_option("display.precision", 4)
@@ -93,7 +102,7 @@ print("baseline:", loaded.metadata["baseline"])
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-profile = weight_theory.svd_profile(loaded, components=COMPONENTS)
+profile = weight_structure.svd_profile(loaded, components=COMPONENTS)
 print(len(profile), "matrices:", ", ".join(f"{c} {s}" for c, s in profile.drop_duplicates("component")[["component", "shape"]].values))
 
 # %%
@@ -109,7 +118,7 @@ profile.pivot(index="layer", columns="component", values="count_rank")
 # gateways are the two most distinct layers); both with intervals over the feature columns, descriptive only.
 
 # %%
-dist = weight_theory.layer_distinctiveness(profile, FEATURES, n_boot=N_BOOT, seed=SEED, alpha=ALPHA)
+dist = weight_structure.layer_distinctiveness(profile, FEATURES, n_boot=N_BOOT, seed=SEED, alpha=ALPHA)
 print("gateways:", dist.gateways, "| two most distinct layers:", dist.top(2))
 print("dropped constant columns:", dist.dropped_columns)
 print(f"exact permutation p = {dist.p_perm:.4g} over {dist.n_pairs} layer pairs")

@@ -34,7 +34,9 @@
 
 # %%
 # Colab only: install qhelpers (elsewhere it is installed by scripts/install.sh)
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
@@ -60,10 +62,16 @@ OUTPUT_DIR = "results/t006_error_correlation"
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from qhelpers import plots, propagation
-from qhelpers.corpora import load_corpus
-from qhelpers.models import load_model
-from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
+from qhelpers.experiments import error_propagation
+from qhelpers.models.loading import load_model
+from qhelpers.report import plots
+from qhelpers.report.results import (
+    Hypothesis,
+    print_verdicts,
+    seed_everything,
+    write_results,
+)
+from qhelpers.text.corpora import load_corpus
 
 seed_everything(SEED)
 pd.set_option("display.precision", 4)
@@ -77,17 +85,17 @@ pd.set_option("display.max_rows", 200)
 # %%
 loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 corpus = load_corpus(CORPUS, langs=LANGS, n_texts=N_TEXTS, seed=SEED)
-LAYERS = propagation.depth_layers(loaded.n_layers, DEPTHS)
+LAYERS = error_propagation.depth_layers(loaded.n_layers, DEPTHS)
 print(loaded.describe())
 print("baseline:", loaded.metadata["baseline"])
 print({lang: corpus.n_texts(lang) for lang in corpus.langs}, "texts per language")
-variants = propagation.error_variants(loaded.n_layers, LAYERS, PAIR, protocol=PROTOCOL, bits=BITS)
+variants = error_propagation.error_variants(loaded.n_layers, LAYERS, PAIR, protocol=PROTOCOL, bits=BITS)
 for name, variant in variants.items():
     print(f"{name:16s} protected layers {list(variant.protect.layers)}")
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-errors = propagation.error_interaction(loaded, corpus, layers=LAYERS, pair=PAIR, protocol=PROTOCOL, bits=BITS,
+errors = error_propagation.error_interaction(loaded, corpus, layers=LAYERS, pair=PAIR, protocol=PROTOCOL, bits=BITS,
                                        max_length=MAX_LENGTH, progress=True)
 A, B = errors.pair
 print(f"pair L{A} + L{B}; matrix layers {errors.layers}; {len(errors.additivity) // 2} texts in {errors.seconds:.1f} s")
@@ -108,7 +116,7 @@ print("largest |difference| over all layers before L_last:", float(errors.before
 
 # %%
 groups = dict(lr_langs=LR_LANGS, hr_langs=HR_LANGS, n_boot=N_BOOT, seed=SEED)
-size = propagation.text_means(errors.rel_error, "rel_error", by=["site", "config"], **groups)
+size = error_propagation.text_means(errors.rel_error, "rel_error", by=["site", "config"], **groups)
 size[size["lang"] == "all"][["site", "config", "rel_error", "rel_error_ci_low", "rel_error_ci_high", "n"]]
 
 # %% [markdown]

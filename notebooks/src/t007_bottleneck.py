@@ -28,7 +28,7 @@
 #    `|depth - TARGET_DEPTH|`: SUPPORTED if its whole 95 % interval is below `TOLERANCE`. Ties of the
 #    integer effective dimension count as the mean depth of the tied layers.
 # 5. Does a low dimensionality go with a critical layer? Spearman correlation over layers between the
-#    effective dimension and the criticality of `qhelpers.criticality.layer_criticality`.
+#    effective dimension and the criticality of `qhelpers.measure.criticality.layer_criticality`.
 # 6. Robustness: H3.1-robust repeats H3.1 without the token rows whose norm exceeds `MASSIVE_RATIO` times the
 #    median token norm at any layer ("massive activations", Sun et al., 2024), which can hold most of a
 #    layer's variance on their own.
@@ -43,7 +43,9 @@
 
 # %%
 # Colab only: install qhelpers (elsewhere it is installed by scripts/install.sh)
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
@@ -74,13 +76,23 @@ OUTPUT_DIR = "results/t007_bottleneck"
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from qhelpers import plots
-from qhelpers.corpora import load_corpus
-from qhelpers.criticality import layer_criticality
-from qhelpers.measure import MeasureConfig
-from qhelpers.models import load_model
-from qhelpers.representations import bottleneck, collect_activations, dimensionality, layer_correlation
-from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
+from qhelpers.experiments.representation_geometry import (
+    bottleneck,
+    collect_activations,
+    dimensionality,
+    layer_correlation,
+)
+from qhelpers.measure.criticality import layer_criticality
+from qhelpers.measure.scoring import MeasureConfig
+from qhelpers.models.loading import load_model
+from qhelpers.report import plots
+from qhelpers.report.results import (
+    Hypothesis,
+    print_verdicts,
+    seed_everything,
+    write_results,
+)
+from qhelpers.text.corpora import load_corpus
 
 seed_everything(SEED)
 pd.set_option("display.precision", 4)

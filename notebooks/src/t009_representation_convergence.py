@@ -40,7 +40,9 @@
 
 # %%
 # Colab only: install qhelpers (elsewhere it is installed by scripts/install.sh)
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
@@ -66,11 +68,20 @@ OUTPUT_DIR = "results/t009_representation_convergence"
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from qhelpers import plots
-from qhelpers.corpora import load_corpus
-from qhelpers.models import load_model
-from qhelpers.representations import collect_activations, convergence, group_peak_difference
-from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
+from qhelpers.experiments.representation_geometry import (
+    collect_activations,
+    convergence,
+    group_peak_difference,
+)
+from qhelpers.models.loading import load_model
+from qhelpers.report import plots
+from qhelpers.report.results import (
+    Hypothesis,
+    print_verdicts,
+    seed_everything,
+    write_results,
+)
+from qhelpers.text.corpora import load_corpus
 
 seed_everything(SEED)
 pd.set_option("display.precision", 4)

@@ -39,7 +39,9 @@
 
 # %%
 # Colab only: install qhelpers (elsewhere it is installed by scripts/install.sh)
-import subprocess, sys
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
@@ -71,14 +73,19 @@ OUTPUT_DIR = "results/t010_rate_distortion"
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from qhelpers import plots
-from qhelpers import ratedistortion as rd
-from qhelpers.corpora import load_corpus
-from qhelpers.criticality import layer_criticality
-from qhelpers.measure import MeasureConfig
-from qhelpers.models import load_model
-from qhelpers.results import Hypothesis, print_verdicts, seed_everything, write_results
-from qhelpers.sweep import run_sweep
+from qhelpers.experiments import rate_distortion as rd
+from qhelpers.measure.criticality import layer_criticality
+from qhelpers.measure.scoring import MeasureConfig
+from qhelpers.measure.sweep import run_sweep
+from qhelpers.models.loading import load_model
+from qhelpers.report import plots
+from qhelpers.report.results import (
+    Hypothesis,
+    print_verdicts,
+    seed_everything,
+    write_results,
+)
+from qhelpers.text.corpora import load_corpus
 
 seed_everything(SEED)
 pd.set_option("display.precision", 4)

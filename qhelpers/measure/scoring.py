@@ -1,0 +1,438 @@
+"""Per-text negative log-likelihood, token and byte counts, batched and windowed.
+
+The unit of measurement is a text: its summed NLL (nats) over scored tokens, the number
+of scored tokens and its UTF-8 byte count. Perplexity and bits per byte per language are
+aggregates of those (see :mod:`qhelpers.stats.scores`). Texts longer than the context go through
+a sliding window; batches are formed from length-sorted windows under a token budget.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qhelpers.models.loaded import as_module
+from qhelpers.util.errors import ConfigError, MeasurementError
+from qhelpers.quant.strategies import PROTOCOLS
+from qhelpers.text.encoding import CPU_BATCH_TOKENS, batch_overhead_tokens, encode_text, length_batches, pad_batch
+from qhelpers.util.progress import progress_bar
+
+MAX_DEFAULT_CONTEXT = 1024
+LOGIT_BUDGET = 1 << 25  # logits elements materialised at once (128 MB in fp32)
+#: Share of the free GPU memory (at Scorer creation) that automatic batch sizing may fill with
+#: activations; the prefix cache's default budget takes another quarter (qhelpers.quant.prefix_cache).
+CUDA_ACTIVATION_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """How texts are tokenized, windowed and batched.
+
+    Args:
+        max_length: tokens per forward window (None: the model's context, at most 1024).
+        stride: new tokens scored per window when a text is longer than ``max_length``
+            (None: ``max_length // 2``); each scored token sees up to ``max_length - 1``
+            tokens of context.
+        truncate: cut texts at ``max_length`` instead of sliding (the seeds' behaviour).
+        prepend_bos: put the BOS (or EOS) token in front so the first real token is
+            scored too. None: only when the tokenizer does not add one itself.
+        batch_tokens: token budget of one padded batch (None: 2048 on CPU; on CUDA chosen
+            from the free GPU memory, see :func:`auto_batch_tokens`). On CUDA an out-of-memory
+            error while scoring halves it and retries (with a warning).
+        max_batch: upper bound on texts per batch.
+    """
+
+    max_length: int | None = None
+    stride: int | None = None
+    truncate: bool = False
+    prepend_bos: bool | None = None
+    batch_tokens: int | None = None
+    max_batch: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2 tokens, got {self.max_length}")
+        if self.stride is not None and self.stride < 1:
+            raise ConfigError(f"stride must be >= 1, got {self.stride}")
+        if self.stride is not None and self.max_length is not None and self.stride > self.max_length - 1:
+            raise ConfigError(
+                f"stride {self.stride} leaves tokens unscored: it must be at most max_length - 1 = {self.max_length - 1}"
+            )
+        if self.batch_tokens is not None and self.batch_tokens < 2:
+            raise ConfigError(f"batch_tokens must be >= 2, got {self.batch_tokens}")
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
+
+    @classmethod
+    def seed(cls) -> "MeasureConfig":
+        """The seeds' protocol: tokenizer output as is, truncated at 256 tokens, one text per forward."""
+        return cls(max_length=256, truncate=True, prepend_bos=False, max_batch=1)
+
+
+@dataclass(frozen=True)
+class _Window:
+    row: int  # index of the text
+    ids: tuple[int, ...]
+    first_target: int  # position (in ids) of the first scored target token
+
+
+def _windows(row: int, ids: list[int], max_length: int, stride: int, truncate: bool) -> list[_Window]:
+    """Split a long token sequence into overlapping windows; each token is scored once."""
+    n = len(ids)
+    if n <= max_length or truncate:
+        return [_Window(row, tuple(ids[:max_length]), 1)]
+    out: list[_Window] = []
+    prev_end = 0
+    for begin in range(0, n, stride):
+        end = min(begin + max_length, n)
+        out.append(_Window(row, tuple(ids[begin:end]), max(prev_end, 1) - begin))
+        prev_end = end
+        if end == n:
+            break
+    return out
+
+
+def context_length(model: nn.Module) -> int:
+    """The model's maximum sequence length (capped at 1024 for measurement)."""
+    config = model.config
+    for attr in ("n_positions", "max_position_embeddings", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, MAX_DEFAULT_CONTEXT)
+    return MAX_DEFAULT_CONTEXT
+
+
+def _config_int(config: Any, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def activation_bytes_per_token(model: nn.Module, max_length: int) -> int:
+    """Rough upper bound on the activation memory of one token in a no-grad forward pass.
+
+    ``elem * (8 * hidden + 3 * intermediate)`` for the residual stream, norms and MLP
+    temporaries, plus ``heads * max_length * (2 * elem + 4)`` for attention scores and
+    fp32 softmax in case the attention materialises them (eager attention, BLOOM's ALiBi).
+    """
+    config = model.config
+    elem = next(model.parameters()).element_size()
+    hidden = _config_int(config, "hidden_size", "n_embd", "d_model") or 1024
+    inter = _config_int(config, "intermediate_size", "ffn_dim", "n_inner") or 4 * hidden
+    heads = _config_int(config, "num_attention_heads", "n_head") or 1
+    return elem * (8 * hidden + 3 * inter) + heads * max_length * (2 * elem + 4)
+
+
+def logits_bytes(model: nn.Module) -> int:
+    """Memory of the chunked logits in :meth:`Scorer._forward`: at most ``LOGIT_BUDGET``
+    elements at once, as head output (model dtype), fp32 copy, fp32 log-softmax and fp32
+    per-token losses/temporaries."""
+    elem = next(model.parameters()).element_size()
+    return LOGIT_BUDGET * (elem + 4 + 4 + 4)
+
+
+def auto_batch_tokens(
+    model: nn.Module, max_length: int, max_batch: int, device: torch.device,
+    fraction: float = CUDA_ACTIVATION_FRACTION,
+) -> int:
+    """Token budget of a batch on CUDA from ``torch.cuda.mem_get_info``: ``fraction`` of the
+    free memory, less the logits chunk (:func:`logits_bytes`), divided by
+    :func:`activation_bytes_per_token`; at most ``max_batch * max_length`` (no batch can hold
+    more) and at least one window (``max_length``), in multiples of 64 tokens."""
+    free, _ = torch.cuda.mem_get_info(device)
+    usable = fraction * free - logits_bytes(model)
+    tokens = int(usable // activation_bytes_per_token(model, max_length))
+    tokens = min(tokens, max_batch * max_length)
+    tokens = max(tokens - tokens % 64, max_length, 2)
+    return tokens
+
+
+_NO_PREFIX = object()
+
+
+def output_head(model: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        return head, lambda logits: torch.tanh(logits / cap) * cap
+    return head, lambda logits: logits
+
+
+class Scorer:
+    """Scores many texts on one model; tokenization and batching are done once.
+
+    Use :meth:`score` after each configuration change (the engine's hooks act during
+    the forward passes). ``score(prefix=engine)`` reuses the decoder-layer inputs that an
+    earlier call computed under identical weights (:mod:`qhelpers.quant.prefix_cache`; ``run_sweep`` does
+    this by default).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any | None = None,
+        texts: Sequence[str] = (),
+        config: MeasureConfig = MeasureConfig(),
+        keys: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.model: nn.Module = as_module(model)
+        self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        if not texts:
+            raise MeasurementError("no texts to score; pass a non-empty list (or a corpus with texts)")
+        self.texts = list(texts)
+        self.keys = list(keys) if keys is not None else [{"text_index": i} for i in range(len(self.texts))]
+        if len(self.keys) != len(self.texts):
+            raise ConfigError(f"{len(self.keys)} keys for {len(self.texts)} texts")
+        self.device = next(self.model.parameters()).device
+        # never longer than the model's positions (a tiny model has 256)
+        max_length = min(config.max_length or context_length(self.model), context_length(self.model))
+        stride = config.stride or max(1, max_length // 2)
+        stride = min(stride, max_length - 1)
+        batch_tokens = config.batch_tokens
+        if batch_tokens is None:
+            if self.device.type == "cuda":
+                batch_tokens = auto_batch_tokens(self.model, max_length, config.max_batch, self.device)
+            else:
+                batch_tokens = CPU_BATCH_TOKENS
+        self.config = replace(config, max_length=max_length, stride=stride, batch_tokens=batch_tokens)
+        self.n_bytes = np.array([len(t.encode("utf-8")) for t in self.texts], dtype=np.int64)
+        windows: list[_Window] = []
+        for row, text in enumerate(self.texts):
+            try:
+                ids = encode_text(self.tokenizer, text, config.prepend_bos)
+            except MeasurementError as err:
+                raise MeasurementError(f"{self.keys[row]}: {err}") from None
+            windows.extend(_windows(row, ids, max_length, stride, config.truncate))
+        self.n_tokens = np.zeros(len(self.texts), dtype=np.int64)
+        for w in windows:
+            self.n_tokens[w.row] += len(w.ids) - w.first_target
+        self._windows = windows
+        self.batches = self._batch(windows)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        #: :class:`~qhelpers.quant.prefix_cache.PrefixCache` used by ``score(prefix=...)`` (None until
+        #: :meth:`enable_prefix_cache` or the first such call).
+        self.prefix_cache = None
+        self._layout = 0  # bumped whenever self.batches changes (prefix cache entries are per batch)
+
+    def _batch(self, windows: list[_Window]) -> list[list[_Window]]:
+        groups = length_batches([len(w.ids) for w in windows], self.config.batch_tokens, self.config.max_batch,
+                                batch_overhead_tokens(self.device, self.config.batch_tokens))
+        return [[windows[i] for i in group] for group in groups]
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens fed through the model per :meth:`score` (padding excluded)."""
+        return sum(len(w.ids) for batch in self.batches for w in batch)
+
+    # ------------------------------------------------------------------ prefix caching
+    def enable_prefix_cache(self, budget_bytes: int | None = None):
+        """The :class:`~qhelpers.quant.prefix_cache.PrefixCache` of this scorer (created on first use).
+
+        ``budget_bytes``: memory for cached hidden states (None: half the fp32 model size on
+        CPU, a quarter of the free GPU memory on CUDA; see :func:`qhelpers.quant.prefix_cache.default_budget`).
+        """
+        from qhelpers.quant.prefix_cache import PrefixCache, default_budget
+
+        if self.prefix_cache is None:
+            budget = default_budget(self.model, self.device) if budget_bytes is None else budget_bytes
+            self.prefix_cache = PrefixCache(budget)
+        elif budget_bytes is not None:
+            self.prefix_cache.budget_bytes = int(budget_bytes)
+        return self.prefix_cache
+
+    def _signature(self, prefix: Any):
+        from qhelpers.quant.prefix_cache import PrefixSignature
+
+        if prefix is None:
+            return None
+        if isinstance(prefix, PrefixSignature):
+            signature = prefix
+        elif callable(getattr(prefix, "prefix_signature", None)):  # a QuantEngine
+            if getattr(prefix, "model", None) is not self.model:
+                raise ConfigError("prefix=engine: the engine works on another model than this scorer")
+            signature = prefix.prefix_signature()
+        else:
+            raise ConfigError(
+                f"prefix must be None, a QuantEngine or a PrefixSignature, got {type(prefix).__name__}"
+            )
+        if signature.model_id and signature.model_id != id(self.model):
+            raise ConfigError("the prefix signature was computed on another model than this scorer's")
+        return signature
+
+    @staticmethod
+    def _is_prefix(value: Any) -> bool:
+        from qhelpers.quant.prefix_cache import PrefixSignature
+
+        return value is None or isinstance(value, PrefixSignature) or callable(getattr(value, "prefix_signature", None))
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def score_nll(self, progress: bool = False, prefix: Any = None) -> np.ndarray:
+        """Summed NLL (nats) of each text, in input order.
+
+        ``prefix``: None (no caching), a :class:`~qhelpers.quant.engine.QuantEngine` (the signature
+        of its active variant is computed) or a :class:`~qhelpers.quant.prefix_cache.PrefixSignature`:
+        layer inputs cached under the same signature by an earlier call are reused instead of
+        recomputed, and those of this call are cached (see :mod:`qhelpers.quant.prefix_cache`).
+
+        On CUDA, an out-of-memory error halves the batch token budget, re-batches and scores
+        again (with a warning) until a batch holds a single window.
+        """
+        signature = self._signature(prefix)
+        while True:
+            try:
+                return self._score_nll(progress, signature)
+            except torch.cuda.OutOfMemoryError as err:
+                if not self._can_shrink():
+                    raise
+                reason = (str(err).strip().splitlines() or ["out of memory"])[0][:200]
+            self._shrink(reason)
+
+    def _can_shrink(self) -> bool:
+        return self.config.batch_tokens > 2 and any(len(batch) > 1 for batch in self.batches)
+
+    def _shrink(self, reason: str) -> None:
+        old = self.config.batch_tokens
+        new = max(2, old // 2)
+        warnings.warn(
+            f"out of GPU memory while scoring with batch_tokens={old} ({reason}); "
+            f"halving the batch token budget to {new} and retrying",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.config = replace(self.config, batch_tokens=new)
+        self.batches = self._batch(self._windows)
+        self._layout += 1
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear(keep_plan=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _score_nll(self, progress: bool, signature: Any) -> np.ndarray:
+        from qhelpers.quant.prefix_cache import UNSUPPORTED_ARCHS
+
+        nll = np.zeros(len(self.texts), dtype=np.float64)
+        batches: Iterable = list(enumerate(self.batches))
+        if progress:
+            batches = progress_bar(batches, desc="batches", leave=False)
+        cache = session = None
+        if signature is not None and getattr(self.model.config, "model_type", None) not in UNSUPPORTED_ARCHS:
+            cache = self.enable_prefix_cache()
+            if cache.disabled is None:
+                cache.bind((id(self), self._layout))
+                session = cache.session(self.model, signature)
+        with session if session is not None else contextlib.nullcontext():
+            for index, batch in batches:
+                if session is not None:
+                    values, _ = session.run_batch(index, lambda: self._forward(batch))
+                else:
+                    values = self._forward(batch)
+                for window, value in zip(batch, values):
+                    nll[window.row] += value
+        if cache is not None:
+            cache.finish(signature)
+        return nll
+
+    def _forward(self, batch: list[_Window]) -> list[float]:
+        ids, mask = pad_batch([w.ids for w in batch], self.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self.model.base_model(
+            input_ids=ids, attention_mask=mask if len(batch) > 1 else None, use_cache=False
+        )[0]
+        rows = torch.cat([torch.full((len(w.ids) - w.first_target,), i) for i, w in enumerate(batch)]).to(self.device)
+        positions = torch.cat([torch.arange(w.first_target - 1, len(w.ids) - 1) for w in batch]).to(self.device)
+        targets = ids[rows, positions + 1]
+        head, finish = output_head(self.model)
+        vocab = head.weight.shape[0]
+        if hidden.shape[0] * hidden.shape[1] * vocab <= LOGIT_BUDGET:
+            # the same head matmul as the model's own forward, so logits match it bit for bit
+            logits = finish(head(hidden)).float()
+            token_nll = F.cross_entropy(logits[rows, positions], targets, reduction="none")
+        else:
+            selected = hidden[rows, positions]
+            chunk = max(1, LOGIT_BUDGET // vocab)
+            token_nll = torch.cat(
+                [
+                    F.cross_entropy(finish(head(selected[s : s + chunk])).float(), targets[s : s + chunk], reduction="none")
+                    for s in range(0, len(targets), chunk)
+                ]
+            )
+        sums = torch.zeros(len(batch), dtype=torch.float64, device=self.device)
+        sums.index_add_(0, rows, token_nll.double())
+        return sums.tolist()
+
+    def score(self, progress: bool = False, prefix: Any = _NO_PREFIX, **columns: Any) -> pd.DataFrame:
+        """One row per text: its keys, ``nll``, ``n_tokens``, ``n_bytes`` (+ constant ``columns``).
+
+        ``prefix``: prefix caching, as in :meth:`score_nll` (e.g. ``scorer.score(prefix=engine)``
+        inside ``with engine.applied(variant):``). A value that is not None, an engine or a
+        :class:`~qhelpers.quant.prefix_cache.PrefixSignature` is taken as a constant column named
+        ``prefix``, as before prefix caching existed.
+        """
+        if prefix is _NO_PREFIX:
+            prefix = None
+        elif not self._is_prefix(prefix):
+            columns = {"prefix": prefix, **columns}
+            prefix = None
+        nll = self.score_nll(progress=progress, prefix=prefix)
+        if not np.all(np.isfinite(nll)):
+            bad = [self.keys[i] for i in np.flatnonzero(~np.isfinite(nll))[:3]]
+            raise MeasurementError(
+                f"non-finite NLL for {bad}: the model produced inf/NaN logits "
+                "(check the weights for NaN/inf, or use fp32 instead of fp16)"
+            )
+        frame = pd.DataFrame(self.keys)
+        frame["nll"] = nll
+        frame["n_tokens"] = self.n_tokens
+        frame["n_bytes"] = self.n_bytes
+        for key, value in columns.items():
+            frame[key] = value
+        return frame
+
+
+def corpus_scorer(loaded: Any, corpus: Any, config: MeasureConfig = MeasureConfig(), tokenizer: Any | None = None) -> Scorer:
+    """A :class:`Scorer` over every (lang, text_id, text) of a corpus (``loaded``: a
+    LoadedModel, or a bare causal LM together with ``tokenizer``)."""
+    keys, texts = [], []
+    for lang, text_id, text in corpus.items():
+        keys.append({"lang": lang, "text_id": text_id})
+        texts.append(text)
+    return Scorer(loaded, tokenizer if tokenizer is not None else getattr(loaded, "tokenizer", None), texts, config, keys)
+
+
+def perplexity(nll: float, n_tokens: int) -> float:
+    """exp(mean NLL per token)."""
+    return math.exp(nll / n_tokens)
+
+
+def bits_per_byte(nll: float, n_bytes: int) -> float:
+    """Summed NLL in bits divided by UTF-8 bytes."""
+    return nll / math.log(2) / n_bytes
+
+
+def protocol_measure(protocol: str, max_length: int | None = None, context_length: int | None = None) -> MeasureConfig:
+    """How texts are measured under a protocol.
+
+    ``seed``: :meth:`MeasureConfig.seed` (tokenizer output as is, truncated at 256 tokens, one
+    text per forward); ``sound``: sliding windows of ``max_length`` tokens. Either is capped at
+    ``context_length`` (e.g. ``LoadedModel.context_length``) when that is smaller.
+    """
+    if protocol == "seed":
+        config = MeasureConfig.seed()
+    elif protocol == "sound":
+        config = MeasureConfig(max_length=max_length)
+    else:
+        raise ConfigError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    if context_length is not None and config.max_length is not None and config.max_length > context_length:
+        config = replace(config, max_length=int(context_length))
+    return config
