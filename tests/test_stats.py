@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -53,6 +54,28 @@ def test_bootstrap_indices_and_counts_agree():
     np.testing.assert_array_equal(counts, expected)
     with pytest.raises(ConfigError):
         stats.bootstrap_indices(0, 10, np.random.default_rng(0))
+
+
+def test_language_counts_shared_when_parallel_else_one_generator_per_language():
+    shared = stats.language_counts({"en": 5, "he": 5}, 30, seed=4, parallel=True)
+    assert shared["en"] is shared["he"]
+    np.testing.assert_array_equal(shared["en"], stats.bootstrap_counts(5, 30, np.random.default_rng(4)))
+    own = stats.language_counts({"en": 5, "he": 3}, 30, seed=4, parallel=False)
+    np.testing.assert_array_equal(own["he"], stats.bootstrap_counts(3, 30, np.random.default_rng([4, zlib.crc32(b"he")])))
+    # a language's resample does not depend on which other languages are involved
+    np.testing.assert_array_equal(stats.language_counts({"he": 3}, 30, 4, False)["he"], own["he"])
+    with pytest.raises(ConfigError, match="same number of units"):
+        stats.language_counts({"en": 5, "he": 3}, 30, 4, parallel=True)
+
+
+def test_check_boot_and_level_return_the_checked_value():
+    assert stats.check_boot(2000) == 2000 and isinstance(stats.check_boot(np.int64(7)), int)
+    assert stats.check_level(0.9) == 0.9
+    for bad in (0, 2.5, True, "2000", math.nan):
+        with pytest.raises(ConfigError, match="n_boot"):
+            stats.check_boot(bad)
+    with pytest.raises(ConfigError, match="level"):
+        stats.check_level(1.0)
 
 
 # --------------------------------------------------------------------------- language_table

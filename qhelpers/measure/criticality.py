@@ -14,7 +14,7 @@ every notebook:
 ``D`` is the LR-minus-HR difference of the mean change in bits per byte (``measure=
 "difference"``, defined even when the HR change is near zero) unless ``measure="ratio"``
 (the seeds' ratio of mean degradations). Every value carries a paired bootstrap CI over
-texts; the criticality CI comes from :func:`qhelpers.stats.scores.disparity_contrast` (the same
+texts; the criticality CI comes from :func:`qhelpers.stats.disparity_contrast` (the same
 bootstrap replicates for both configurations).
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ def criticality_variants(
 def _mean_delta_bpb(scores: pd.DataFrame, baseline: str) -> pd.Series:
     """Per config: the mean over languages of (bits per byte - the baseline's bits per byte)."""
     sums = scores.groupby(["config", "lang"])[["nll", "n_bytes"]].sum()
-    bpb = (sums["nll"] / sums["n_bytes"] / np.log(2.0)).unstack("lang")
+    bpb = stats.bits_per_byte(sums["nll"], sums["n_bytes"]).unstack("lang")
     return (bpb - bpb.loc[baseline]).mean(axis=1)
 
 

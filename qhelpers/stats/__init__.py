@@ -7,7 +7,8 @@ nats), ``n_tokens`` (scored tokens) and ``n_bytes`` (UTF-8 bytes of the text).
 
 Definitions (per language, token-weighted aggregates over its texts)
 --------------------------------------------------------------------
-* ``ppl = exp(sum nll / sum n_tokens)``; ``bpb = sum nll / ln 2 / sum n_bytes``.
+* ``ppl = exp(sum nll / sum n_tokens)``; ``bpb = sum nll / ln 2 / sum n_bytes``
+  (:func:`perplexity`, :func:`bits_per_byte`: every module computes them with these).
 * ``delta_nll = nll_q/tok_q - nll_fp/tok_fp`` (nats per token); ``ppl_ratio = exp(delta_nll)``.
 * ``degradation = (ppl_q - ppl_fp) / ppl_fp = expm1(delta_nll)``: the seed documents'
   definition, but on the language aggregate and NOT clipped at 0 (the precursor clipped
@@ -66,8 +67,15 @@ from qhelpers.stats.bootstrap import (  # noqa: F401
     check_level,
     check_boot,
     lang_seed,
+    lang_rng,
+    language_counts,
     ratio_estimate,
     diff_estimate,
+)
+from qhelpers.stats.quantities import (  # noqa: F401
+    nats_to_bits,
+    bits_per_byte,
+    perplexity,
 )
 from qhelpers.stats.scores import (  # noqa: F401
     HR_LANGS,
@@ -90,6 +98,7 @@ from qhelpers.stats.tables import (  # noqa: F401
 )
 from qhelpers.stats.correlation import (  # noqa: F401
     rowwise_pearson,
+    check_method,
     correlation_record,
     monte_carlo_p,
     correlation,
@@ -109,8 +118,13 @@ __all__ = [
     "check_level",
     "check_boot",
     "lang_seed",
+    "lang_rng",
+    "language_counts",
     "ratio_estimate",
     "diff_estimate",
+    "nats_to_bits",
+    "bits_per_byte",
+    "perplexity",
     "HR_LANGS",
     "LR_LANGS",
     "METRICS",
@@ -127,6 +141,7 @@ __all__ = [
     "disparity_contrast",
     "reduction",
     "rowwise_pearson",
+    "check_method",
     "correlation_record",
     "monte_carlo_p",
     "correlation",

@@ -1,12 +1,14 @@
-"""Bootstrap primitives: :class:`Estimate`, resample indices and counts, percentile intervals,
-and estimates of differences and ratios from their replicates."""
+"""Bootstrap primitives: :class:`Estimate`, resample indices and counts (per language with
+:func:`language_counts`), percentile intervals, argument checks, and estimates of differences
+and ratios from their replicates."""
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -90,18 +92,50 @@ def percentile_interval(replicates: np.ndarray, level: float = 0.95, axis: int =
     return lo, hi
 
 
-def check_level(level: float) -> None:
+def check_level(level: float) -> float:
+    """``level`` as a float, after checking it is a confidence level in (0, 1)."""
     if not (0.0 < float(level) < 1.0):
         raise ConfigError(f"level must be in (0, 1), e.g. 0.95; got {level}")
+    return float(level)
 
 
-def check_boot(n_boot: int) -> None:
-    if int(n_boot) < 1:
-        raise ConfigError(f"n_boot must be >= 1 (default 2000); got {n_boot}")
+def check_boot(n_boot: int) -> int:
+    """``n_boot`` as an int, after checking it is a whole number of replicates >= 1."""
+    whole = isinstance(n_boot, numbers.Real) and not isinstance(n_boot, bool) and float(n_boot).is_integer()
+    if not (whole and n_boot >= 1):
+        raise ConfigError(f"n_boot must be an int >= 1 (bootstrap replicates, default 2000); got {n_boot!r}")
+    return int(n_boot)
 
 
 def lang_seed(seed: int, lang: str) -> list[int]:
+    """The seed of ``lang``'s own generator: ``[seed, crc32(lang)]``, independent of the other
+    languages a call involves."""
     return [int(seed), zlib.crc32(lang.encode("utf-8"))]
+
+
+def lang_rng(seed: int, lang: str) -> np.random.Generator:
+    """``np.random.default_rng(lang_seed(seed, lang))``: the generator of one language."""
+    return np.random.default_rng(lang_seed(seed, lang))
+
+
+def language_counts(sizes: Mapping[str, int], n_boot: int, seed: int, parallel: bool) -> dict[str, np.ndarray]:
+    """Bootstrap counts (:func:`bootstrap_counts`) over the units (texts) of each language.
+
+    ``parallel`` (every language has the same units in the same order, e.g. UDHR): one matrix
+    from ``default_rng(seed)``, shared by every language, so that cross-language comparisons
+    stay paired. Otherwise each language gets its own from :func:`lang_rng`. ``sizes`` maps
+    each language to its number of units.
+    """
+    n_boot = check_boot(n_boot)
+    if not sizes:
+        raise ConfigError("language_counts needs at least one language")
+    if parallel:
+        n = {int(v) for v in sizes.values()}
+        if len(n) != 1:
+            raise ConfigError(f"parallel languages must have the same number of units, got {dict(sizes)}")
+        shared = bootstrap_counts(n.pop(), n_boot, np.random.default_rng(int(seed)))
+        return {lang: shared for lang in sizes}
+    return {lang: bootstrap_counts(int(size), n_boot, lang_rng(seed, lang)) for lang, size in sizes.items()}
 
 
 def ratio_estimate(

@@ -20,6 +20,13 @@ def rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.clip(r, -1.0, 1.0)
 
 
+def check_method(method: str) -> str:
+    """``method`` after checking it is ``"pearson"`` or ``"spearman"``."""
+    if method not in ("pearson", "spearman"):
+        raise ConfigError(f"method must be 'pearson' or 'spearman', got {method!r}")
+    return method
+
+
 def _rank_rows(a: np.ndarray) -> np.ndarray:
     return _sps.rankdata(a, axis=1)
 
@@ -68,8 +75,7 @@ def correlation(
     Undefined (NaN r and CI, ``defined=False``) when n < 3, a value is non-finite or a
     variable is constant. Report n: with 7 languages even |r| = 0.75 has a wide interval.
     """
-    if method not in ("pearson", "spearman"):
-        raise ConfigError(f"method must be 'pearson' or 'spearman', got {method!r}")
+    check_method(method)
     check_boot(n_boot)
     check_level(level)
     if int(n_perm) < 1:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from qhelpers.util.errors import ConfigError, MeasurementError
-from qhelpers.stats.bootstrap import bootstrap_counts, check_boot, check_level, lang_seed
+from qhelpers.stats.bootstrap import check_boot, check_level, language_counts
+from qhelpers.stats.quantities import bits_per_byte, perplexity
 
 #: Default high-resource and low-resource language groups of the project.
 HR_LANGS: tuple[str, ...] = ("en", "de", "fr", "zh")
@@ -19,17 +20,7 @@ LR_LANGS: tuple[str, ...] = ("he", "sw", "ar")
 METRICS: tuple[str, ...] = ("degradation", "delta_nll", "delta_bpb", "ppl_ratio")
 
 
-_LN2 = math.log(2.0)
 _REQUIRED = ("config", "lang", "text_id", "nll", "n_tokens", "n_bytes")
-
-
-# --------------------------------------------------------------------------- Estimate
-
-
-# --------------------------------------------------------------------------- bootstrap
-
-
-# --------------------------------------------------------------------------- scores engine
 
 
 def validate_scores(scores: pd.DataFrame) -> pd.DataFrame:
@@ -180,14 +171,12 @@ class PairedScores:
         self.parallel = all(ids[lang] == first for lang in self.langs)
         self.n_texts = {lang: len(ids[lang]) for lang in self.langs}
 
-        shared = bootstrap_counts(len(first), self.n_boot, np.random.default_rng(int(seed))) if self.parallel else None
+        counts_of = language_counts({lang: len(ids[lang]) for lang in self.langs}, self.n_boot, seed, self.parallel)
         self.point: dict[tuple[str, str], np.ndarray] = {}  # (cfg, lang) -> [nll, tok, byt]
         self.boot: dict[tuple[str, str], np.ndarray] = {}  # (cfg, lang) -> (n_boot, 3)
         self.nonfinite: dict[tuple[str, str], list[str]] = {}
         for lang in self.langs:
-            counts = shared if shared is not None else bootstrap_counts(
-                len(ids[lang]), self.n_boot, np.random.default_rng(lang_seed(seed, lang))
-            )
+            counts = counts_of[lang]
             for c in order:
                 g = groups[(lang, c)].set_index("text_id").loc[ids[lang]]
                 vals = g[["nll", "n_tokens", "n_bytes"]].to_numpy(dtype=np.float64)
@@ -211,32 +200,38 @@ class PairedScores:
 
     # -- per-language quantities: (point, replicates) ------------------------------------
 
-    def _per_token(self, c: str, lang: str) -> tuple[float, np.ndarray]:
+    def per_token_nll(self, c: str, lang: str) -> tuple[float, np.ndarray]:
+        """Nats per token of config ``c`` in ``lang``: (point, bootstrap replicates)."""
         p, b = self.point[(c, lang)], self.boot[(c, lang)]
         with np.errstate(all="ignore"):
             return p[0] / p[1], b[:, 0] / b[:, 1]
 
-    def _bpb(self, c: str, lang: str) -> tuple[float, np.ndarray]:
+    def bpb(self, c: str, lang: str) -> tuple[float, np.ndarray]:
+        """Bits per byte of config ``c`` in ``lang``: (point, bootstrap replicates)."""
         p, b = self.point[(c, lang)], self.boot[(c, lang)]
         with np.errstate(all="ignore"):
-            return p[0] / _LN2 / p[2], b[:, 0] / _LN2 / b[:, 2]
+            return bits_per_byte(p[0], p[2]), bits_per_byte(b[:, 0], b[:, 2])
+
+    def ppl(self, c: str, lang: str) -> tuple[float, np.ndarray]:
+        """Perplexity of config ``c`` in ``lang``: (point, bootstrap replicates)."""
+        p, b = self.point[(c, lang)], self.boot[(c, lang)]
+        with np.errstate(all="ignore"):
+            return perplexity(p[0], p[1]), perplexity(b[:, 0], b[:, 1])
 
     def quantity(self, c: str, lang: str, name: str) -> tuple[float, np.ndarray]:
         base = self.baseline
         with np.errstate(all="ignore"):
             if name == "ppl_fp":
-                p, b = self._per_token(base, lang)
-                return math.exp(p) if math.isfinite(p) else math.nan, np.exp(b)
+                return self.ppl(base, lang)
             if name == "ppl_q":
-                p, b = self._per_token(c, lang)
-                return math.exp(p) if math.isfinite(p) else math.nan, np.exp(b)
+                return self.ppl(c, lang)
             if name == "bpb_fp":
-                return self._bpb(base, lang)
+                return self.bpb(base, lang)
             if name == "bpb_q":
-                return self._bpb(c, lang)
+                return self.bpb(c, lang)
             if name in ("delta_nll", "degradation", "ppl_ratio"):
-                pq, bq = self._per_token(c, lang)
-                pf, bf = self._per_token(base, lang)
+                pq, bq = self.per_token_nll(c, lang)
+                pf, bf = self.per_token_nll(base, lang)
                 d, db = pq - pf, bq - bf
                 if name == "delta_nll":
                     return d, db
@@ -244,18 +239,28 @@ class PairedScores:
                     return (math.expm1(d) if math.isfinite(d) else math.nan), np.expm1(db)
                 return (math.exp(d) if math.isfinite(d) else math.nan), np.exp(db)
             if name == "delta_bpb":
-                pq, bq = self._bpb(c, lang)
-                pf, bf = self._bpb(base, lang)
+                pq, bq = self.bpb(c, lang)
+                pf, bf = self.bpb(base, lang)
                 return pq - pf, bq - bf
         raise ConfigError(f"unknown metric {name!r}; use one of {list(METRICS)}")
 
-    def nonfinite_reason(self, configs: Sequence[str], langs: Sequence[str]) -> str | None:
+    def _flagged(self, configs: Sequence[str], langs: Sequence[str], why: Callable[[str, str], str | None]) -> list[str]:
+        """``"config/lang why"`` for every (config, lang), the baseline included, that ``why`` flags."""
         parts = []
         for c in dict.fromkeys([self.baseline, *configs]):
             for lang in langs:
-                bad = self.nonfinite.get((c, lang))
-                if bad:
-                    parts.append(f"{c}/{lang} texts {bad[:3]}{'...' if len(bad) > 3 else ''}")
+                reason = why(c, lang)
+                if reason:
+                    parts.append(f"{c}/{lang} {reason}")
+        return parts
+
+    def _nonfinite_texts(self, c: str, lang: str) -> str | None:
+        bad = self.nonfinite.get((c, lang))
+        return f"texts {bad[:3]}{'...' if len(bad) > 3 else ''}" if bad else None
+
+    def nonfinite_reason(self, configs: Sequence[str], langs: Sequence[str]) -> str | None:
+        """``"non-finite: ..."`` when an nll of the baseline or ``configs`` in ``langs`` is NaN/inf."""
+        parts = self._flagged(configs, langs, self._nonfinite_texts)
         if not parts:
             return None
         return (
@@ -271,12 +276,9 @@ class PairedScores:
         vocab_size: int | None,
         collapse_ppl: float | None,
     ) -> str | None:
-        parts = []
-        for c in dict.fromkeys([self.baseline, *configs]):
-            for lang in langs:
-                why = self._collapsed(c, lang, collapse_bpb, vocab_size, collapse_ppl)
-                if why:
-                    parts.append(f"{c}/{lang} {why}")
+        """``"collapsed: ..."`` when the baseline or a config is collapsed in one of ``langs``
+        (the collapse rule of :mod:`qhelpers.stats`)."""
+        parts = self._flagged(configs, langs, lambda c, lang: self._collapsed(c, lang, collapse_bpb, vocab_size, collapse_ppl))
         if not parts:
             return None
         return (
@@ -285,14 +287,31 @@ class PairedScores:
             "report per-language ppl/bpb, or pass allow_collapsed=True to compute anyway)"
         )
 
+    def undefined_reason(
+        self,
+        configs: Sequence[str],
+        langs: Sequence[str],
+        allow_collapsed: bool = False,
+        collapse_bpb: float = 8.0,
+        vocab_size: int | None = None,
+        collapse_ppl: float | None = None,
+    ) -> str | None:
+        """Why an estimate over ``configs`` and ``langs`` is undefined: :meth:`nonfinite_reason`,
+        else (unless ``allow_collapsed``) :meth:`collapse_reason`; None when it is defined."""
+        why = self.nonfinite_reason(configs, langs)
+        if why is None and not allow_collapsed:
+            why = self.collapse_reason(configs, langs, collapse_bpb, vocab_size, collapse_ppl)
+        return why
+
     def _collapsed(self, c, lang, collapse_bpb, vocab_size, collapse_ppl) -> str | None:
-        bpb, _ = self._bpb(c, lang)
-        ptok, _ = self._per_token(c, lang)
+        bpb, _ = self.bpb(c, lang)
+        ptok, _ = self.per_token_nll(c, lang)
         if not (math.isfinite(bpb) and math.isfinite(ptok)):
             return None  # reported as non-finite instead
         if bpb > collapse_bpb:
             return f"bpb={bpb:.3g} > {collapse_bpb:g} (worse than a uniform byte model)"
-        ppl = math.exp(min(ptok, 700.0))
+        nll, n_tokens = self.point[(c, lang)][:2]
+        ppl = min(perplexity(nll, n_tokens), math.exp(700.0))  # capped: a finite number for the message
         if vocab_size is not None and ppl > float(vocab_size):
             return f"ppl={ppl:.3g} > vocab_size={vocab_size} (worse than uniform over the vocabulary)"
         if collapse_ppl is not None and ppl > float(collapse_ppl):
@@ -314,18 +333,3 @@ def check_metric(metric: str) -> str:
     if metric not in METRICS:
         raise ConfigError(f"metric must be one of {list(METRICS)}, got {metric!r}")
     return metric
-
-
-# --------------------------------------------------------------------------- tables
-
-
-# --------------------------------------------------------------------------- disparities
-
-
-# --------------------------------------------------------------------------- correlation
-
-
-# --------------------------------------------------------------------------- verdicts
-
-
-

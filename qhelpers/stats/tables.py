@@ -89,10 +89,9 @@ def baseline_table(
     rows = []
     for lang in eng.langs:
         tot = eng.point[(eng.baseline, lang)]
-        ptok, btok = eng._per_token(eng.baseline, lang)
-        pbpb, bbpb = eng._bpb(eng.baseline, lang)
-        with np.errstate(all="ignore"):
-            ppl, bppl = (math.exp(ptok) if math.isfinite(ptok) else math.nan), np.exp(btok)
+        ptok, _ = eng.per_token_nll(eng.baseline, lang)
+        pbpb, bbpb = eng.bpb(eng.baseline, lang)
+        ppl, bppl = eng.ppl(eng.baseline, lang)
         (plo, blo), (phi, bhi) = zip(*[percentile_interval(x, level) for x in (bppl, bbpb)])
         rows.append(
             {
@@ -116,21 +115,17 @@ def baseline_table(
     return out
 
 
-def _group_setup(scores, configs, baseline, lr_langs, hr_langs, n_boot, seed, level):
+def _group_setup(scores, configs, baseline, lr_langs, hr_langs, n_boot, seed, level,
+                 allow_collapsed, collapse_bpb, vocab_size, collapse_ppl):
+    """The paired engine over the LR and HR languages: ``(engine, lr, hr, n, why)``, where ``n``
+    is the smallest number of texts of a language and ``why`` the reason the estimate is
+    undefined (None when it is defined)."""
     df = validate_scores(scores)
     present = list(dict.fromkeys(df.loc[df["config"] == str(baseline), "lang"]))
     lr, hr = resolve_groups(present, lr_langs, hr_langs)
     eng = PairedScores(df, baseline, list(configs), lr + hr, n_boot, seed, level)
-    return eng, lr, hr
-
-
-def _guard(eng, configs, langs, allow_collapsed, collapse_bpb, vocab_size, collapse_ppl) -> str | None:
-    why = eng.nonfinite_reason(configs, langs)
-    if why:
-        return why
-    if not allow_collapsed:
-        return eng.collapse_reason(configs, langs, collapse_bpb, vocab_size, collapse_ppl)
-    return None
+    why = eng.undefined_reason(configs, lr + hr, allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
+    return eng, lr, hr, eng.n_min(lr + hr), why
 
 
 def group_means(
@@ -184,9 +179,8 @@ def disparity(
             f"disparity_vs_reference(scores, config, reference={reference!r}) for metric(lang)/metric(ref)"
         )
     check_metric(metric)
-    eng, lr, hr = _group_setup(scores, [config], baseline, lr_langs, hr_langs, n_boot, seed, level)
-    n = eng.n_min(lr + hr)
-    why = _guard(eng, [config], lr + hr, allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
+    eng, lr, hr, n, why = _group_setup(scores, [config], baseline, lr_langs, hr_langs, n_boot, seed, level,
+                                       allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
     if why:
         return Estimate.undefined(why, n, level)
     num_p, num_b = eng.group_mean(config, lr, metric)
@@ -219,14 +213,11 @@ def disparity_difference(
     non-finite inputs or a collapsed model.
     """
     check_metric(metric)
-    eng, lr, hr = _group_setup(scores, [config], baseline, lr_langs, hr_langs, n_boot, seed, level)
-    n = eng.n_min(lr + hr)
-    why = _guard(eng, [config], lr + hr, allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
+    eng, lr, hr, n, why = _group_setup(scores, [config], baseline, lr_langs, hr_langs, n_boot, seed, level,
+                                       allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
     if why:
         return Estimate.undefined(why, n, level)
-    lp, lb = eng.group_mean(config, lr, metric)
-    hp, hb = eng.group_mean(config, hr, metric)
-    return diff_estimate(lp - hp, lb - hb, n, level)
+    return _config_disparity(eng, config, lr, hr, metric, "difference", n, level)[0]
 
 
 def disparity_vs_reference(
@@ -264,7 +255,7 @@ def disparity_vs_reference(
     out: dict[str, Estimate] = {}
     for lang in others:
         n = eng.n_min([lang, reference])
-        why = _guard(eng, [config], [lang, reference], allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
+        why = eng.undefined_reason([config], [lang, reference], allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
         if why:
             out[lang] = Estimate.undefined(why, n, level)
             continue
@@ -277,8 +268,9 @@ def disparity_vs_reference(
     return out
 
 
-def _config_disparity(eng, c, lr, hr, metric, measure, n, level, tol) -> tuple[Estimate, float, np.ndarray]:
-    """Disparity of one config: (estimate, point value, bootstrap replicates)."""
+def _config_disparity(eng, c, lr, hr, metric, measure, n, level, tol=1e-9) -> tuple[Estimate, float, np.ndarray]:
+    """Disparity of one config: (estimate, point value, bootstrap replicates); ``tol`` is the
+    ratio's denominator threshold."""
     lp, lb = eng.group_mean(c, lr, metric)
     hp, hb = eng.group_mean(c, hr, metric)
     if measure == "difference":
@@ -318,9 +310,8 @@ def disparity_contrast(
     if not weights:
         raise ConfigError("disparity_contrast needs at least one {config: weight}")
     configs = [str(c) for c in weights]
-    eng, lr, hr = _group_setup(scores, configs, baseline, lr_langs, hr_langs, n_boot, seed, level)
-    n = eng.n_min(lr + hr)
-    why = _guard(eng, configs, lr + hr, allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
+    eng, lr, hr, n, why = _group_setup(scores, configs, baseline, lr_langs, hr_langs, n_boot, seed, level,
+                                       allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
     if why:
         return Estimate.undefined(why, n, level)
     point, reps = 0.0, 0.0
@@ -368,9 +359,8 @@ def reduction(
         raise ConfigError(f"measure must be 'ratio' or 'difference', got {measure!r}")
     if str(before) == str(after):
         raise ConfigError(f"before and after are the same config {before!r}; compare two configs")
-    eng, lr, hr = _group_setup(scores, [before, after], baseline, lr_langs, hr_langs, n_boot, seed, level)
-    n = eng.n_min(lr + hr)
-    why = _guard(eng, [before, after], lr + hr, allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
+    eng, lr, hr, n, why = _group_setup(scores, [before, after], baseline, lr_langs, hr_langs, n_boot, seed, level,
+                                       allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
     if why:
         return Estimate.undefined(why, n, level)
 
