@@ -15,6 +15,7 @@ from qhelpers.measure.activations import (
     cosine_similarity,
     effective_dimension,
     flatten_tokens,
+    iter_residual_batches,
     linear_cka,
     mean_abs_activation,
     participation_ratio,
@@ -22,6 +23,11 @@ from qhelpers.measure.activations import (
     residual_divergence,
 )
 from qhelpers.models.archs import decoder_layers, get_arch, get_module
+from qhelpers.text.encoding import (
+    CPU_BATCH_OVERHEAD,
+    iter_padded_batches,
+    length_batches,
+)
 from qhelpers.util.errors import ConfigError, MeasurementError
 
 VOCAB = 1000
@@ -192,6 +198,72 @@ def test_stop_early_same_values_and_skips_later_layers():
     before = hook_counts(model)
     capture_residual(model, ids, mask, layers=[0], stop_early=True)
     assert hook_counts(model) == before
+
+
+# ----------------------------------------------------------------------------- batched capture
+
+
+def ragged_sequences():
+    """Token sequences of different lengths (1 to 11 tokens), in no particular order."""
+    g = torch.Generator().manual_seed(2)
+    lengths = [5, 11, 1, 8, 8, 3, 10, 2]
+    return [tuple(torch.randint(0, VOCAB, (n,), generator=g).tolist()) for n in lengths]
+
+
+def test_padded_batches_cover_every_sequence_once_right_padded():
+    seqs = ragged_sequences()
+    batches = list(iter_padded_batches(seqs, 7, "cpu", 24, 3))
+    assert [b.index for b in batches] == length_batches([len(s) for s in seqs], 24, 3, CPU_BATCH_OVERHEAD)
+    assert sorted(i for b in batches for i in b.index) == list(range(len(seqs)))
+    assert len(batches) > 1 and any(len(b.index) > 1 for b in batches)
+    for index, ids, mask in batches:
+        assert len(index) <= 3 and (len(index) == 1 or ids.numel() <= 24)
+        assert ids.shape == mask.shape == (len(index), max(len(seqs[i]) for i in index))
+        for row, i in enumerate(index):
+            n = len(seqs[i])
+            assert ids[row, :n].tolist() == list(seqs[i]) and (ids[row, n:] == 7).all()
+            assert mask[row].tolist() == [1] * n + [0] * (ids.shape[1] - n)
+    # no token budget: only max_batch bounds a batch
+    assert [len(b.index) for b in iter_padded_batches(seqs, 0, "cpu", None, 4)] == [4, 4]
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_residual_batches_equal_one_unpadded_sequence_at_a_time(model_type):
+    model = tiny(model_type)
+    seqs = [s for s in ragged_sequences() if len(s) > 1]
+    final_norm = get_module(model, get_arch(model).final_norm)
+    seen = []
+    for index, ids, mask, residual in iter_residual_batches(model, seqs, None, 0, batch_tokens=24, max_batch=3):
+        assert sorted(residual) == list(range(N_LAYERS))
+        assert ids.shape == mask.shape and int(mask.sum()) == sum(len(seqs[i]) for i in index)
+        for row, i in enumerate(index):
+            seen.append(i)
+            n = len(seqs[i])
+            with torch.no_grad():
+                alone = model(input_ids=torch.tensor([seqs[i]]), output_hidden_states=True).hidden_states
+            for layer, acts in residual.items():
+                assert acts.dtype == torch.float32 and acts.shape == (len(index), ids.shape[1], 64)
+                got = acts[row, :n]
+                if layer == N_LAYERS - 1:  # hidden_states[-1] has the final norm applied
+                    with torch.no_grad():
+                        got = final_norm(got)
+                torch.testing.assert_close(got, alone[layer + 1][0], rtol=1e-5, atol=1e-5)
+    assert sorted(seen) == list(range(len(seqs)))
+
+
+def test_residual_batches_selected_layers_stop_early():
+    model = tiny("gpt2")
+    seqs = ragged_sequences()[:4]
+    calls = []
+    handle = decoder_layers(model)[N_LAYERS - 1].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        batches = list(iter_residual_batches(model, seqs, [1, 0], 0, batch_tokens=None, max_batch=2))
+    finally:
+        handle.remove()
+    assert calls == []  # the last block never ran
+    assert [sorted(b.residual) for b in batches] == [[0, 1]] * len(batches)
+    assert [b.index for b in batches] == [b.index for b in iter_padded_batches(seqs, 0, "cpu", None, 2)]
+    assert list(iter_residual_batches(model, [], None, 0, batch_tokens=None, max_batch=2)) == []
 
 
 # ----------------------------------------------------------------------------- pooling

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qhelpers.experiments.lora import batched
 from qhelpers.experiments.lora import classify as C
 from qhelpers.experiments.lora import features as lf
 from qhelpers.util.errors import ConfigError
@@ -81,7 +82,7 @@ def test_batched_trainer_equals_torch_reference():
     params = {}
     widths = [d, hidden, hidden, n_cls]
     for i in range(3):
-        params[f"l{i}.w"], params[f"l{i}.b"] = lf._init_linear(2, widths[i], widths[i + 1], gen)
+        params[f"l{i}.w"], params[f"l{i}.b"] = batched.init_linear(2, widths[i], widths[i + 1], gen)
     init = {k: v.clone() for k, v in params.items()}
     data = {"X": X.expand(2, N, d).clone(), "train_rows": tr.expand(2, -1).clone(), "val_rows": va.expand(2, -1).clone()}
     got = {}
@@ -96,10 +97,10 @@ def test_batched_trainer_equals_torch_reference():
         for j, g in enumerate(ids):
             got[int(g)] = (logits[j].clone(), int(epochs[j]))
 
-    spec = lf._FitSpec(lambda P, Bf, D, rows, n: loss_on(P, D, rows), lambda P, Bf, D: loss_on(P, D, D["val_rows"]),
-                       finish, lr=lr, max_epochs=200, patience=patience, batch_size=32, lr_factor=factor,
-                       lr_patience=lr_pat)
-    lf._fit_batched(params, {}, data, spec, gen)
+    spec = batched.FitSpec(lambda P, Bf, D, rows, n: loss_on(P, D, rows), lambda P, Bf, D: loss_on(P, D, D["val_rows"]),
+                           finish, lr=lr, max_epochs=200, patience=patience, batch_size=32, lr_factor=factor,
+                           lr_patience=lr_pat)
+    batched.fit_batched(params, {}, data, spec, gen)
 
     for g in range(2):
         net = torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
+from qhelpers.experiments.lora import batched
 from qhelpers.experiments.lora import features as lf
 from qhelpers.util.errors import ConfigError
 
@@ -268,7 +269,7 @@ def test_batched_adam_equals_torch_adam_per_model(fused):
     grads = [torch.randn(2, 5, 3) for _ in range(6)]
     lr = torch.tensor([1e-2, 3e-3])
     stacked = {"w": w0.clone()}
-    opt = lf._Adam(stacked, lr.clone())
+    opt = batched.Adam(stacked, lr.clone())
     opt.fused = fused and opt.fused
     for g in grads:
         opt.step({"w": g})

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from qhelpers.measure.scoring import MeasureConfig, Scorer, bits_per_byte, perplexity
+from qhelpers.measure.scoring import MeasureConfig, Scorer
+from qhelpers.stats.quantities import bits_per_byte, perplexity
 from qhelpers.models.loading import load_model
 from qhelpers.text.encoding import encode_text
 from qhelpers.util.errors import ConfigError, MeasurementError

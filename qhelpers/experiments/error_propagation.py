@@ -17,8 +17,9 @@ T-004, residual stream theory (:func:`residual_propagation`)
       (Frobenius norms; dominated by tokens with massive activations);
 
     and at the output, ``kl``: the mean over the text's predictions of ``KL(p_fp || p_q)``
-    (nats per token, :func:`kl_divergence`), with ``kl_bpb`` = the summed KL in bits per UTF-8
-    byte of the text (comparable across languages, unlike per-token quantities).
+    (nats per token, :func:`qhelpers.measure.divergence.kl_divergence`), with ``kl_bpb`` = the
+    summed KL in bits per UTF-8 byte of the text (comparable across languages, unlike
+    per-token quantities).
 
 T-006, error cancellation (:func:`error_interaction`)
     Configurations (:func:`error_variants`): only layer ``k`` quantized for each ``k`` in a set
@@ -61,10 +62,9 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -72,25 +72,23 @@ import torch
 
 from qhelpers import stats as _stats
 from qhelpers.measure.activations import capture_residual
+from qhelpers.measure.divergence import KLReference
 from qhelpers.measure.scoring import context_length
 from qhelpers.models.archs import decoder_layers, get_arch, resolve_layers
 from qhelpers.models.loaded import as_module
 from qhelpers.quant.engine import QuantEngine, Variant
 from qhelpers.quant.strategies import exp005_variants, quantize_only_variant
-from qhelpers.text.encoding import (
-    batch_overhead_tokens,
-    encode_corpus,
-    length_batches,
-    pad_batch,
-)
+from qhelpers.text.encoding import encode_corpus, iter_padded_batches
 from qhelpers.util.errors import ConfigError, MeasurementError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "PROPAGATION_CONFIGS",
     "SITES",
     "text_cosine",
     "text_relative_error",
-    "kl_divergence",
     "error_correlation",
     "error_additivity",
     "propagation_variants",
@@ -100,8 +98,10 @@ __all__ = [
     "residual_propagation",
     "ErrorInteraction",
     "error_interaction",
+    "RunOptions",
     "text_contrast",
     "text_means",
+    "TextMeansOptions",
     "text_mean",
     "plot_error_growth",
     "plot_language_growth",
@@ -117,7 +117,6 @@ PROPAGATION_CONFIGS: dict[str, str] = {
 #: Where T-006 measures errors.
 SITES: tuple[str, ...] = ("hidden", "logprobs")
 BASELINE = "fp"
-_LN2 = math.log(2.0)
 
 
 # ----------------------------------------------------------------------------- per-text metrics
@@ -194,29 +193,6 @@ def text_relative_error(a: Any, b: Any, mask: Any = None, pooled: bool = False) 
     """
     cos, rel, fro = _divergence(a, b, mask)
     return fro if pooled else rel
-
-
-def _kl_parts(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(p, sum_v p_v log p_v) of float64 log-probabilities, computed once per reference."""
-    p = logp.exp()
-    return p, torch.einsum("...v,...v->...", p, logp)
-
-
-def _kl(parts: tuple[torch.Tensor, torch.Tensor], logq: torch.Tensor) -> np.ndarray:
-    p, neg_entropy = parts
-    return (neg_entropy - torch.einsum("...v,...v->...", p, logq)).numpy()
-
-
-def kl_divergence(logp: Any, logq: Any) -> np.ndarray:
-    """``KL(p || q) = sum_v p_v (log p_v - log q_v)`` in nats for each row of two
-    ``[..., vocab]`` tensors of log-probabilities (``p`` the reference, e.g. FP), in float64
-    as ``sum p log p - sum p log q`` (the first sum is computed once per reference in the
-    runners). Identical rows give exactly 0; rounding can make nearly identical rows a hair
-    negative (about 1e-15 times the entropy)."""
-    lp, lq = _f64(logp), _f64(logq)
-    if lp.shape != lq.shape or lp.dim() < 1:
-        raise ConfigError(f"log-probabilities must have the same shape [..., vocab], got {tuple(lp.shape)} and {tuple(lq.shape)}")
-    return _kl(_kl_parts(lp), lq)
 
 
 def _flat64(x: Any) -> torch.Tensor:
@@ -385,17 +361,32 @@ class _Batch:
     text_mask: torch.Tensor  # tokens of the text (BOS and padding left out)
 
 
-def _make_batch(texts: list[_Text], index: list[int], pad_id: int) -> _Batch:
-    rows = [texts[i] for i in index]
-    ids, attention = pad_batch([t.ids for t in rows], pad_id)
-    text_mask = attention.clone()
-    for r, t in enumerate(rows):
-        text_mask[r, : t.first] = 0
-    return _Batch(rows, ids, attention, text_mask)
+class RunOptions(TypedDict, total=False):
+    """How :func:`residual_propagation` and :func:`error_interaction` run (defaults in brackets).
+
+    ``max_length``: tokens per text, BOS included, at most the model's context [256; None: the
+    context]. ``prepend_bos``: as :func:`qhelpers.text.encoding.encode_text` [None].
+    ``batch_tokens``: padded tokens per batch [1024 on CPU, 8192 on CUDA, fewer for a large
+    vocabulary so that a batch's float64 log-probabilities stay within
+    :data:`qhelpers.measure.scoring.LOGIT_BUDGET` elements]. ``max_batch``: texts per batch
+    [64]. ``engine``: the :class:`~qhelpers.quant.engine.QuantEngine` of the model [a new one].
+    ``prefix``: reuse the layers a configuration shares with one run before it [True; see
+    :class:`_Runner`; results are identical, tested]. ``progress``: a progress bar over the
+    batches [False].
+    """
+
+    max_length: int | None
+    prepend_bos: bool | None
+    batch_tokens: int | None
+    max_batch: int
+    engine: QuantEngine | None
+    prefix: bool
+    progress: bool
 
 
 class _Runner:
-    """One model, its engine, and forwards that capture block outputs and log-probabilities.
+    """One model, its engine, its texts' encoding and batching (:class:`RunOptions`), and
+    forwards that capture block outputs and log-probabilities.
 
     With ``prefix`` (default), configurations run in :func:`qhelpers.quant.prefix_cache.run_order` and
     each starts from the deepest layer input it shares, bit for bit, with a configuration run
@@ -405,8 +396,9 @@ class _Runner:
     inputs), so their values are taken from it (:meth:`producer`).
     """
 
-    def __init__(self, loaded: Any, engine: QuantEngine | None, batch_tokens: int | None, max_batch: int,
-                 prefix: bool = True) -> None:
+    def __init__(self, loaded: Any, *, max_length: int | None = 256, prepend_bos: bool | None = None,
+                 batch_tokens: int | None = None, max_batch: int = 64, engine: QuantEngine | None = None,
+                 prefix: bool = True, progress: bool = False) -> None:
         from qhelpers.measure.scoring import LOGIT_BUDGET, output_head
         from qhelpers.quant.prefix_cache import (
             UNSUPPORTED_ARCHS,
@@ -414,6 +406,8 @@ class _Runner:
             default_budget,
         )
 
+        self.loaded = loaded
+        self.max_length, self.prepend_bos, self.progress = max_length, prepend_bos, progress
         self.model = as_module(loaded)
         self.arch = get_arch(self.model)
         self.n_layers = len(decoder_layers(self.model, self.arch))
@@ -423,7 +417,8 @@ class _Runner:
         if self.engine.active is not None:
             raise ConfigError(f"variant {self.engine.active.name!r} is still applied to the engine; restore() it first")
         self.head, self.finish = output_head(self.model)
-        device = next(self.model.parameters()).device
+        self.tokenizer = getattr(loaded, "tokenizer", None)
+        self.device = device = next(self.model.parameters()).device
         vocab = int(self.head.weight.shape[0])
         # float64 log-probabilities of a batch stay within LOGIT_BUDGET elements
         default = min(8192 if device.type == "cuda" else 1024, max(64, LOGIT_BUDGET // vocab))
@@ -431,13 +426,28 @@ class _Runner:
         if self.budget < 1 or max_batch < 1:
             raise ConfigError(f"batch_tokens and max_batch must be >= 1, got {batch_tokens} and {max_batch}")
         self.max_batch = int(max_batch)
-        self.overhead = batch_overhead_tokens(device, self.budget)
         use = prefix and self.model.config.model_type not in UNSUPPORTED_ARCHS
         self.cache = PrefixCache(default_budget(self.model, device)) if use else None
         self.order: list[str] = []
         self.variants: dict[str, Variant] = {}
         self.signatures: dict[str, Any] = {}
         self.layers_run = 0
+
+    def encode(self, corpus: Any) -> list[_Text]:
+        """The texts of ``corpus`` encoded and cut at ``max_length`` tokens."""
+        return _encode(self.loaded, corpus, self.max_length, self.prepend_bos)
+
+    def batches(self, texts: list[_Text], desc: str) -> Iterator[_Batch]:
+        """``texts`` in least-padding batches under this runner's token budget (a progress
+        bar labelled ``desc`` if ``progress``)."""
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for index, ids, attention in iter_padded_batches([t.ids for t in texts], pad_id, self.device, self.budget,
+                                                         self.max_batch, progress=self.progress, desc=desc):
+            rows = [texts[i] for i in index]
+            text_mask = attention.clone()
+            for r, t in enumerate(rows):
+                text_mask[r, : t.first] = 0
+            yield _Batch(rows, ids, attention, text_mask)
 
     def plan(self, variants: Mapping[str, Variant]) -> list[str]:
         """Run order (FP first) and prefix signatures of ``{name: variant}`` plus FP."""
@@ -513,14 +523,6 @@ def _check_variants(variants: Mapping[str, Variant]) -> dict[str, Variant]:
     return dict(variants)
 
 
-def _progress(items: list, progress: bool, desc: str):
-    if not progress:
-        return items
-    from qhelpers.util.progress import progress_bar
-
-    return progress_bar(items, desc=desc, leave=False)
-
-
 # ----------------------------------------------------------------------------- T-004
 
 
@@ -546,42 +548,22 @@ class Propagation:
     def last(self) -> int:
         return self.n_layers - 1
 
-    def curve(
-        self,
-        metric: str = "rel_l2",
-        *,
-        lr_langs: Sequence[str] | None = None,
-        hr_langs: Sequence[str] | None = None,
-        n_boot: int = 2000,
-        seed: int = 0,
-        level: float = 0.95,
-    ) -> pd.DataFrame:
+    def curve(self, metric: str = "rel_l2", **options: Unpack[TextMeansOptions]) -> pd.DataFrame:
         """The error growth curve: :func:`text_means` of ``metric`` (``rel_l2``, ``rel_l2_fro``
-        or ``cosine``) by config and layer."""
+        or ``cosine``) by config and layer (``options``: :class:`TextMeansOptions`)."""
         if metric not in ("rel_l2", "rel_l2_fro", "cosine"):
             raise ConfigError(f"metric must be 'rel_l2', 'rel_l2_fro' or 'cosine', got {metric!r}")
-        return text_means(self.layers, metric, by=["config", "layer"], lr_langs=lr_langs, hr_langs=hr_langs,
-                          n_boot=n_boot, seed=seed, level=level)
+        return text_means(self.layers, metric, by=["config", "layer"], **options)
 
-    def layer_contrast(
-        self,
-        weights: Mapping[str, float],
-        metric: str = "cosine",
-        *,
-        lr_langs: Sequence[str] | None = None,
-        hr_langs: Sequence[str] | None = None,
-        n_boot: int = 2000,
-        seed: int = 0,
-        level: float = 0.95,
-    ) -> pd.DataFrame:
+    def layer_contrast(self, weights: Mapping[str, float], metric: str = "cosine",
+                       **options: Unpack[TextMeansOptions]) -> pd.DataFrame:
         """At every measured layer, :func:`text_means` of the per-text contrast
         ``sum_c weights[c] * metric(c)`` (:func:`text_contrast`); e.g.
         ``{"gateway_protected": 1, "last_protected": -1}`` is the gain from protecting L0 too.
-        The contrast's columns are named ``value``."""
+        The contrast's columns are named ``value``; ``options``: :class:`TextMeansOptions`."""
         frames = [text_contrast(self.layers, metric, weights, layer=layer).assign(layer=layer)
                   for layer in sorted(set(self.layers["layer"]))]
-        return text_means(pd.concat(frames, ignore_index=True), "value", by=["layer"], lr_langs=lr_langs,
-                          hr_langs=hr_langs, n_boot=n_boot, seed=seed, level=level)
+        return text_means(pd.concat(frames, ignore_index=True), "value", by=["layer"], **options)
 
 
 def residual_propagation(
@@ -592,40 +574,27 @@ def residual_propagation(
     protocol: str = "sound",
     bits: int = 4,
     layers: int | Iterable[int] | None = None,
-    max_length: int | None = 256,
-    prepend_bos: bool | None = None,
-    batch_tokens: int | None = None,
-    max_batch: int = 64,
-    engine: QuantEngine | None = None,
-    prefix: bool = True,
-    progress: bool = False,
+    **run: Unpack[RunOptions],
 ) -> Propagation:
     """T-004: how far every configuration's residual stream and output drift from FP, per
     text and layer (see the module docstring).
 
     ``variants`` default :func:`propagation_variants` (``protocol``, ``bits``); any
     ``{name: Variant}`` works (a name other than ``"fp"``). ``layers``: the blocks measured
-    (default every one). ``max_length``: tokens per text (BOS included), at most the model's
-    context. ``batch_tokens``: padded tokens per batch (default 1024 on CPU, 8192 on CUDA, fewer
-    for a large vocabulary so that a batch's float64 log-probabilities stay within
-    :data:`qhelpers.measure.scoring.LOGIT_BUDGET` elements). ``prefix``: reuse the layers a
-    configuration shares with one run before it (see :class:`_Runner`; results are identical,
-    tested).
+    (default every one). ``run``: text length, batching, engine and prefix reuse
+    (:class:`RunOptions`).
     """
     start = time.perf_counter()
-    runner = _Runner(loaded, engine, batch_tokens, max_batch, prefix)
+    runner = _Runner(loaded, **run)
     variants = _check_variants(variants if variants is not None else propagation_variants(runner.n_layers, protocol, bits))
     order = runner.plan(variants)
     chosen = resolve_layers(layers, runner.n_layers)
-    texts = _encode(loaded, corpus, max_length, prepend_bos)
-    tokenizer = loaded.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    texts = runner.encode(corpus)
     layer_rows: list[dict[str, Any]] = []
     logit_rows: list[dict[str, Any]] = []
-    for batch_index, index in enumerate(_progress(length_batches([len(t.ids) for t in texts], runner.budget, runner.max_batch, runner.overhead), progress, "T-004 batches")):
-        batch = _make_batch(texts, index, pad_id)
+    for batch_index, batch in enumerate(runner.batches(texts, "T-004 batches")):
         fp_acts, fp_logp, _ = runner.run(batch_index, batch, BASELINE, chosen, True)
-        fp_parts = [_kl_parts(lp) for lp in fp_logp]
+        fp_parts = [KLReference(lp) for lp in fp_logp]
         del fp_logp
         ones, zeros = np.ones(len(batch.rows)), np.zeros(len(batch.rows))
         metrics: dict[str, dict[int, tuple[np.ndarray, ...]]] = {BASELINE: {l: (ones, zeros, zeros) for l in chosen}}
@@ -643,10 +612,10 @@ def residual_propagation(
                     layer_rows.append({"lang": t.lang, "text_id": t.text_id, "config": name, "layer": layer,
                                        "cosine": float(cos[r]), "rel_l2": float(rel[r]), "rel_l2_fro": float(fro[r]),
                                        "n_tokens": n_tok})
-                kl = _kl(fp_parts[r], logp[r])
+                kl = fp_parts[r].divergence(logp[r])
                 kl_sum = float(kl.sum())
                 logit_rows.append({"lang": t.lang, "text_id": t.text_id, "config": name, "kl": kl_sum / len(kl),
-                                   "kl_sum": kl_sum, "kl_bpb": kl_sum / _LN2 / t.n_bytes, "n_predictions": len(kl),
+                                   "kl_sum": kl_sum, "kl_bpb": _stats.bits_per_byte(kl_sum, t.n_bytes), "n_predictions": len(kl),
                                    "n_bytes": t.n_bytes, "truncated": t.truncated})
             del acts, logp
         runner.end_batch()
@@ -658,7 +627,7 @@ def residual_propagation(
                                                  "n_predictions", "n_bytes", "truncated"])
     layer_df = _sort(layer_df, text_order, cfg, ["layer"])
     logit_df = _sort(logit_df, text_order, cfg, [])
-    params = {"protocol": protocol, "bits": bits, "max_length": max_length, "layers": chosen,
+    params = {"protocol": protocol, "bits": bits, "max_length": runner.max_length, "layers": chosen,
               "run_order": order, "layers_run": runner.layers_run}
     return Propagation(layer_df, logit_df, variants, runner.n_layers, time.perf_counter() - start, params)
 
@@ -723,26 +692,24 @@ class ErrorInteraction:
             raise ConfigError(f"site must be one of {SITES}, got {site!r}")
         return frame[frame["site"] == site]
 
-    def matrix_table(self, site: str = "hidden", column: str = "r", *, lr_langs: Sequence[str] | None = None,
-                     hr_langs: Sequence[str] | None = None, n_boot: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> pd.DataFrame:
+    def matrix_table(self, site: str = "hidden", column: str = "r",
+                     **options: Unpack[TextMeansOptions]) -> pd.DataFrame:
         """:func:`text_means` of ``column`` (``r`` or ``r_scaled``) for every pair of layers
-        measured at ``site``."""
-        return text_means(self._site(self.pairs, site), column, by=["layer_a", "layer_b"], lr_langs=lr_langs,
-                          hr_langs=hr_langs, n_boot=n_boot, seed=seed, level=level)
+        measured at ``site`` (``options``: :class:`TextMeansOptions`)."""
+        return text_means(self._site(self.pairs, site), column, by=["layer_a", "layer_b"], **options)
 
     def summary(self, site: str = "hidden",
-                columns: Sequence[str] = ("r", "r_scaled", "cross_share", "energy_ratio", "interaction_share"), *,
-                lr_langs: Sequence[str] | None = None, hr_langs: Sequence[str] | None = None,
-                n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+                columns: Sequence[str] = ("r", "r_scaled", "cross_share", "energy_ratio", "interaction_share"),
+                **options: Unpack[TextMeansOptions]) -> pd.DataFrame:
         """The pair's additivity quantities at ``site``: one :func:`text_means` block per
-        quantity (column ``quantity``), values in ``value``, ``value_ci_low``, ``value_ci_high``."""
+        quantity (column ``quantity``), values in ``value``, ``value_ci_low``, ``value_ci_high``
+        (``options``: :class:`TextMeansOptions`)."""
         df = self._site(self.additivity, site)
         out = []
         for q in columns:
             if q not in df.columns:
                 raise ConfigError(f"unknown quantity {q!r}; choose from {list(df.columns[3:])}")
-            t = text_means(df, q, lr_langs=lr_langs, hr_langs=hr_langs, n_boot=n_boot, seed=seed, level=level)
+            t = text_means(df, q, **options)
             t = t.rename(columns={q: "value", f"{q}_ci_low": "value_ci_low", f"{q}_ci_high": "value_ci_high"})
             out.append(t.assign(quantity=q, site=site))
         cols = ["site", "quantity", "lang", "value", "value_ci_low", "value_ci_high", "n", "defined", "reason"]
@@ -766,20 +733,14 @@ def error_interaction(
     pair: Sequence[int] | None = None,
     protocol: str = "sound",
     bits: int = 4,
-    max_length: int | None = 256,
-    prepend_bos: bool | None = None,
-    batch_tokens: int | None = None,
-    max_batch: int = 64,
-    engine: QuantEngine | None = None,
-    prefix: bool = True,
-    progress: bool = False,
+    **run: Unpack[RunOptions],
 ) -> ErrorInteraction:
     """T-006: errors of quantizing single layers, their correlations, and the additivity of
     the ``pair`` (default L0 + L_last); see the module docstring and :func:`error_variants`.
     Arguments as in :func:`residual_propagation`. The configuration that quantizes only the
     last layer always runs every layer (no prefix reuse), so ``before_last`` is measured."""
     start = time.perf_counter()
-    runner = _Runner(loaded, engine, batch_tokens, max_batch, prefix)
+    runner = _Runner(loaded, **run)
     n = runner.n_layers
     last = n - 1
     a, b = _resolve_pair(pair, n)
@@ -789,17 +750,14 @@ def error_interaction(
     variants = error_variants(n, chosen, (a, b), protocol, bits)
     single = {k: _only_name([k]) for k in sorted(set(chosen) | {a, b})}
     both = _only_name([a, b])
-    texts = _encode(loaded, corpus, max_length, prepend_bos)
-    tokenizer = loaded.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    texts = runner.encode(corpus)
     order = runner.plan(variants)
     early = list(range(last)) if last in single else []
     pair_rows: list[dict[str, Any]] = []
     add_rows: list[dict[str, Any]] = []
     rel_rows: list[dict[str, Any]] = []
     before: dict[int, float] = {i: 0.0 for i in early}
-    for batch_index, index in enumerate(_progress(length_batches([len(t.ids) for t in texts], runner.budget, runner.max_batch, runner.overhead), progress, "T-006 batches")):
-        batch = _make_batch(texts, index, pad_id)
+    for batch_index, batch in enumerate(runner.batches(texts, "T-006 batches")):
         fp_acts, fp_logp, _ = runner.run(batch_index, batch, BASELINE, early + [last], True)
         hidden: dict[str, torch.Tensor] = {}
         logp_err: dict[str, list[torch.Tensor]] = {}
@@ -856,7 +814,7 @@ def error_interaction(
     additivity = tidy(add_rows, [])
     rel = tidy(rel_rows, [])
     before_df = pd.DataFrame({"layer": list(before), "max_abs_diff": list(before.values())})
-    params = {"protocol": protocol, "bits": bits, "max_length": max_length, "layers": chosen, "pair": [a, b],
+    params = {"protocol": protocol, "bits": bits, "max_length": runner.max_length, "layers": chosen, "pair": [a, b],
               "run_order": order, "layers_run": runner.layers_run}
     return ErrorInteraction(pairs, additivity, before_df, rel, variants, chosen, (a, b), n,
                             time.perf_counter() - start, params)
@@ -924,18 +882,10 @@ def _lang_values(frame: pd.DataFrame, value: str) -> dict[str, pd.Series]:
 def _replicates(values: Mapping[str, pd.Series], n_boot: int, seed: int) -> dict[str, np.ndarray]:
     """Bootstrap replicates of each language's mean; one shared resample when every language
     has the same text ids (paired across languages), else one per language."""
-    if int(n_boot) < 1:
-        raise ConfigError(f"n_boot must be >= 1 (e.g. 2000), got {n_boot}")
     ids = [tuple(s.index) for s in values.values()]
     parallel = all(i == ids[0] for i in ids)
-    shared = _stats.bootstrap_counts(len(ids[0]), int(n_boot), np.random.default_rng(int(seed))) if parallel else None
-    out = {}
-    for lang, s in values.items():
-        counts = shared if shared is not None else _stats.bootstrap_counts(
-            len(s), int(n_boot), np.random.default_rng([int(seed), zlib.crc32(lang.encode("utf-8"))]))
-        v = np.nan_to_num(s.to_numpy(), nan=0.0)
-        out[lang] = counts @ v / len(s)
-    return out
+    counts = _stats.language_counts({lang: len(s) for lang, s in values.items()}, n_boot, seed, parallel)
+    return {lang: counts[lang] @ np.nan_to_num(s.to_numpy(), nan=0.0) / len(s) for lang, s in values.items()}
 
 
 def _estimate(values: Mapping[str, pd.Series], reps: Mapping[str, np.ndarray], plus: Sequence[str],
@@ -991,7 +941,7 @@ def text_mean(
 ) -> _stats.Estimate:
     """Mean over ``langs`` (default every language) of each language's mean over texts of
     ``value``, minus the same over ``minus`` languages if given (e.g. LR minus HR), as an
-    :class:`~qhelpers.stats.scores.Estimate` with a percentile bootstrap CI over texts (see the module
+    :class:`~qhelpers.stats.Estimate` with a percentile bootstrap CI over texts (see the module
     docstring). Undefined with a reason when a value is not finite or a language has fewer
     than 2 texts. ``frame``: one row per (lang, text_id), e.g. from :func:`text_contrast`."""
     _stats.check_level(level)
@@ -1006,6 +956,17 @@ def text_mean(
         raise ConfigError(f"languages {overlap} are in both langs and minus")
     used = {x: values[x] for x in dict.fromkeys([*plus, *minus_l])}
     return _estimate(used, _replicates(used, n_boot, seed), plus, minus_l, level)
+
+
+class TextMeansOptions(TypedDict, total=False):
+    """Keyword options of :func:`text_means` that the summary methods of :class:`Propagation`
+    and :class:`ErrorInteraction` pass on (defaults: those of :func:`text_means`)."""
+
+    lr_langs: Sequence[str] | None
+    hr_langs: Sequence[str] | None
+    n_boot: int
+    seed: int
+    level: float
 
 
 def text_means(
@@ -1072,7 +1033,7 @@ def plot_error_growth(
     None keeps every row). ``curve``: :meth:`Propagation.curve` or
     :meth:`Propagation.layer_contrast` (``metric="value"``, ``lines="lang"``,
     ``lang=["all", "LR", "HR"]``). ``reference`` draws a horizontal line."""
-    import matplotlib.pyplot as plt
+    from qhelpers.report.plots import new_axes
 
     for col in ("layer", "lang", lines, metric):
         if col not in curve.columns:
@@ -1083,7 +1044,7 @@ def plot_error_growth(
         df = df[df["lang"].isin(wanted)]
         if df.empty:
             raise ConfigError(f"no rows for lang {lang!r}; present: {sorted(set(curve['lang']))}")
-    fig, ax = (plt.subplots(figsize=(8, 4.5)) if ax is None else (ax.figure, ax))
+    fig, ax = new_axes(ax, figsize=(8, 4.5))
     for name in configs or list(dict.fromkeys(df[lines])):
         d = df[df[lines] == name].sort_values("layer")
         line, = ax.plot(d["layer"], d[metric], marker="o", markersize=3, label=str(name))
@@ -1113,14 +1074,12 @@ def plot_language_growth(
 ) -> Any:
     """One line per language (coloured by resource group) of ``metric`` against the layer for
     one ``config``; a table from :meth:`Propagation.curve`."""
-    import matplotlib.pyplot as plt
-
-    from qhelpers.report.plots import GROUP_COLORS, resource_group
+    from qhelpers.report.plots import GROUP_COLORS, new_axes, resource_group
 
     if config not in set(curve.get("config", [])):
         raise ConfigError(f"config {config!r} not in the curve; present: {sorted(set(curve.get('config', [])))}")
     df = curve[(curve["config"] == config) & ~curve["lang"].isin(["all", "LR", "HR", "LR-HR"])]
-    fig, ax = (plt.subplots(figsize=(8, 4.5)) if ax is None else (ax.figure, ax))
+    fig, ax = new_axes(ax, figsize=(8, 4.5))
     styles = ["-", "--", ":", "-."]
     seen: dict[str, int] = {}
     for lang in dict.fromkeys(df["lang"]):

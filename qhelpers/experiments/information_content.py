@@ -7,8 +7,8 @@ on token-level residual-stream activations of a corpus:
 Capture
 -------
 :func:`capture_token_activations` runs the corpus through the model in length-sorted,
-right-padded batches (:func:`qhelpers.measure.activations.capture_residual` with the attention
-mask; right padding never changes a real token's activation in a causal model) and keeps,
+right-padded batches (:func:`qhelpers.measure.activations.iter_residual_batches` with the
+attention mask; right padding never changes a real token's activation in a causal model) and keeps,
 per text, at most ``max_tokens_per_text`` token rows. Candidate positions are the real
 tokens from the second text token on (the BOS / first token is left out: its activation is
 an attention sink with an outsized norm, and every kept row then has a real previous token
@@ -80,7 +80,6 @@ them with :func:`layer_information`'s table.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -91,7 +90,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import digamma, logsumexp
 
 from qhelpers import stats as _stats
-from qhelpers.measure.activations import capture_residual
+from qhelpers.measure.activations import iter_residual_batches
 from qhelpers.models.archs import decoder_layers, get_arch, resolve_layers
 from qhelpers.models.loaded import as_module
 from qhelpers.text.corpora import text_rng
@@ -123,9 +122,6 @@ DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(10.0**e) for e in range(-4, 5))
 #: Decoding targets: the token at ``t`` or at ``t - 1``.
 TARGETS: tuple[str, ...] = ("current", "previous")
 _TARGET_COL = {"current": "token_id", "previous": "prev_id"}
-_LN2 = math.log(2.0)
-
-
 
 
 # ============================================================================ capture
@@ -212,14 +208,7 @@ def capture_token_activations(
     requested layer.
     """
     from qhelpers.measure.scoring import context_length
-    from qhelpers.text.encoding import (
-        batch_overhead_tokens,
-        default_batch_tokens,
-        encode_corpus,
-        length_batches,
-        pad_batch,
-    )
-    from qhelpers.util.progress import progress_bar
+    from qhelpers.text.encoding import default_batch_tokens, encode_corpus
 
     model = as_module(loaded)
     tokenizer = getattr(loaded, "tokenizer", None)
@@ -252,12 +241,10 @@ def capture_token_activations(
     if n_rows == 0:
         raise MeasurementError("no text has two tokens after its first one; use longer texts")
 
-    batches = length_batches([len(t.ids) for t in texts], budget, int(max_batch), batch_overhead_tokens(device, budget))
     acts: dict[int, np.ndarray] = {}
-    it: Iterable = progress_bar(batches, desc="activations", leave=False) if progress else batches
-    for batch in it:
-        ids_t, mask = pad_batch([texts[i].ids for i in batch], pad_id)
-        captured = capture_residual(model, ids_t, mask, layers=wanted, stop_early=True)
+    for batch, _, _, captured in iter_residual_batches(model, [t.ids for t in texts], wanted, pad_id,
+                                                       batch_tokens=budget, max_batch=int(max_batch),
+                                                       progress=progress):
         for layer, hidden in captured.items():
             if layer not in acts:
                 acts[layer] = np.empty((n_rows, hidden.shape[-1]), dtype=np.float32)
@@ -470,7 +457,7 @@ def split_texts(
         for lang, text_id in zip(df["lang"], df["text_id"]):
             split.append((mapping[text_id], text_id))
     else:
-        maps = {lang: assign(ids, np.random.default_rng([int(seed), zlib.crc32(lang.encode("utf-8"))]), f"language {lang!r}")
+        maps = {lang: assign(ids, _stats.lang_rng(seed, lang), f"language {lang!r}")
                 for lang, ids in by_lang.items()}
         for lang, text_id in zip(df["lang"], df["text_id"]):
             split.append((maps[lang][text_id], f"{lang}/{text_id}"))
@@ -643,7 +630,7 @@ def ratio_bootstrap(
     """``sum(num) / sum(den)`` over units with a percentile bootstrap CI over units.
 
     ``num[u]`` and ``den[u]`` are a unit's totals (e.g. correct predictions and rows of one
-    test text). Replicates use :func:`qhelpers.stats.scores.bootstrap_counts` with
+    test text). Replicates use :func:`qhelpers.stats.bootstrap_counts` with
     ``np.random.default_rng(seed)``, so two calls with the same seed and number of units
     use the same resamples (paired across layers). Replicates with a zero denominator are
     skipped.
@@ -748,7 +735,7 @@ def decoding_table(
         logp = s - logsumexp(s, axis=1, keepdims=True)
         pred_idx = np.argmax(scores, axis=1)
         hit = (pred_idx == y_test_idx).astype(np.float64)
-        loss = -logp[np.arange(len(y_test_idx)), y_test_idx] / _LN2
+        loss = _stats.nats_to_bits(-logp[np.arange(len(y_test_idx)), y_test_idx])
         gain = prior_loss - loss
         ones = np.ones_like(hit)
 

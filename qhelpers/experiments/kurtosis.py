@@ -15,7 +15,7 @@ This module holds what the notebook needs beyond the rest of the package:
 * :func:`outlier_layers`: seed 003's outlier rule (``kappa > mean + 2 sd``, population sd).
 * :func:`layer_activation_magnitudes`: ``m_l`` per (language, text, layer), batched and
   masked (padding and the BOS token excluded), through
-  :func:`qhelpers.measure.activations.capture_residual` and
+  :func:`qhelpers.measure.activations.iter_residual_batches` and
   :func:`qhelpers.measure.activations.mean_abs_activation`.
 * :func:`activation_weights` and :func:`effective_kurtosis`: ``a_l`` and ``kappa_eff`` per
   text or per language (a language's ``m_l`` is the mean over all real tokens of its texts).
@@ -28,7 +28,7 @@ This module holds what the notebook needs beyond the rest of the package:
   scores table.
 * :func:`correlation_table`: Pearson and Spearman correlations of ``kappa_eff`` with the
   degradation, across languages and across texts, each with a bootstrap CI and a
-  permutation p-value (:func:`qhelpers.stats.scores.correlation`), and within languages
+  permutation p-value (:func:`qhelpers.stats.correlation`), and within languages
   (:func:`within_correlation`: centred per language, stratified bootstrap and permutation),
   which removes what differs between languages as a whole (tokenization above all).
 * :func:`collapse_reason`: why a model's scores are not interpretable (collapsed).
@@ -39,9 +39,8 @@ This module holds what the notebook needs beyond the rest of the package:
 * :func:`plot_layer_kurtosis`, :func:`plot_activation_profile` and :func:`plot_keff_scatter`.
 
 The bootstrap of :func:`config_difference`, :func:`mean_change_table` and
-:func:`collapse_reason` is the paired engine of :mod:`qhelpers.stats.scores` (its private
-``PairedScores``), so intervals use the same text resample as ``stats.language_table`` with the
-same seed; if :mod:`qhelpers.stats.scores` gains a public equivalent, switch to it.
+:func:`collapse_reason` is the paired engine :class:`qhelpers.stats.PairedScores`, so intervals
+use the same text resample as ``stats.language_table`` with the same seed.
 
 Caveats the notebook states: the clipping formula of seed 003 is a heuristic from the
 precursor's code, not Banner et al. (2019); the embedded GGUF models were already quantized
@@ -62,7 +61,7 @@ import torch
 from scipy.stats import rankdata as _rankdata
 
 from qhelpers import stats as _stats
-from qhelpers.measure.activations import capture_residual, mean_abs_activation
+from qhelpers.measure.activations import iter_residual_batches, mean_abs_activation
 from qhelpers.models.loaded import as_module
 from qhelpers.util.errors import ConfigError, MeasurementError
 
@@ -90,8 +89,6 @@ __all__ = [
     "plot_activation_profile",
     "plot_keff_scatter",
 ]
-
-_LN2 = math.log(2.0)
 
 #: Accepted values of ``nf4_path``.
 NF4_PATHS: tuple[str, ...] = ("auto", "simulated", "bitsandbytes")
@@ -155,14 +152,7 @@ def layer_activation_magnitudes(
     ``max_length``), one row per (text, layer), texts in corpus order.
     """
     from qhelpers.measure.scoring import context_length
-    from qhelpers.text.encoding import (
-        batch_overhead_tokens,
-        default_batch_tokens,
-        encode_corpus,
-        length_batches,
-        pad_batch,
-    )
-    from qhelpers.util.progress import progress_bar
+    from qhelpers.text.encoding import default_batch_tokens, encode_corpus
 
     model = as_module(loaded)
     tokenizer = getattr(loaded, "tokenizer", None)
@@ -183,11 +173,9 @@ def layer_activation_magnitudes(
     firsts = [t.first if skip_bos else 0 for t in texts]
 
     results: dict[int, dict[int, float]] = {}
-    batches = length_batches([len(t.ids) for t in texts], budget, max_batch, batch_overhead_tokens(device, budget))
-    it: Iterable = progress_bar(batches, desc="activations", leave=False) if progress else batches
-    for batch in it:
-        ids, mask = pad_batch([texts[i].ids for i in batch], pad_id)
-        acts = capture_residual(model, ids, mask, layers=None if layers is None else list(layers))
+    for batch, _, mask, acts in iter_residual_batches(model, [t.ids for t in texts],
+                                                      None if layers is None else list(layers), pad_id,
+                                                      batch_tokens=budget, max_batch=max_batch, progress=progress):
         avg_mask = mask.clone()
         for row, i in enumerate(batch):
             avg_mask[row, : firsts[i]] = 0
@@ -346,13 +334,13 @@ def text_changes(scores: pd.DataFrame, config: str, baseline: str = "fp") -> pd.
             "n_bytes": merged["n_bytes_fp"].astype(int),
             "nll_fp": merged["nll_fp"],
             "nll_q": merged["nll_q"],
-            "ppl_fp": np.exp(merged["nll_fp"] / n_tok),
-            "ppl_q": np.exp(merged["nll_q"] / n_tok),
+            "ppl_fp": _stats.perplexity(merged["nll_fp"], n_tok),
+            "ppl_q": _stats.perplexity(merged["nll_q"], n_tok),
         }
     )
     out["delta_nll"] = diff / n_tok
     out["degradation"] = np.expm1(out["delta_nll"])
-    out["delta_bpb"] = diff / _LN2 / n_byt
+    out["delta_bpb"] = _stats.bits_per_byte(diff, n_byt)
     return out
 
 
@@ -609,9 +597,7 @@ def collapse_reason(
     language; None when they are fine. A randomly initialised model is usually "collapsed"
     (worse than a uniform byte model in some language), so its correlations measure noise."""
     eng = _stats.PairedScores(scores, baseline, [str(c) for c in configs], None, 1, 0, 0.95)
-    return eng.nonfinite_reason(eng.configs, eng.langs) or eng.collapse_reason(
-        eng.configs, eng.langs, collapse_bpb, vocab_size, collapse_ppl
-    )
+    return eng.undefined_reason(eng.configs, eng.langs, False, collapse_bpb, vocab_size, collapse_ppl)
 
 
 def within_correlation(
@@ -632,13 +618,12 @@ def within_correlation(
     values). Inference respects the groups: the bootstrap resamples within each group
     (and centres again), the permutation test permutes ``y`` within each group (Monte Carlo,
     ``p = (1 + hits) / (1 + n_perm)``, two-sided on ``|r|``). Returns the dict of
-    :func:`qhelpers.stats.scores.correlation` (``r, ci_low, ci_high, p_perm, perm_exact,
+    :func:`qhelpers.stats.correlation` (``r, ci_low, ci_high, p_perm, perm_exact,
     p_parametric`` (NaN here), ``n, method, level, boot_valid, defined, reason``) plus
     ``n_groups``. Groups with a single member carry no within-group information and are
     dropped.
     """
-    if method not in ("pearson", "spearman"):
-        raise ConfigError(f"method must be 'pearson' or 'spearman', got {method!r}")
+    _stats.check_method(method)
     xa = np.asarray(x, dtype=np.float64).ravel()
     ya = np.asarray(y, dtype=np.float64).ravel()
     ga = np.asarray(groups, dtype=object).ravel()
@@ -681,7 +666,7 @@ def within_correlation(
     rng = np.random.default_rng(int(seed))
     members = [np.flatnonzero(codes == g) for g in range(k)]
     # stratified bootstrap: resample within each group, centre again
-    idx = np.concatenate([m[rng.integers(0, m.size, size=(int(n_boot), m.size))] for m in members], axis=1)
+    idx = np.concatenate([m[_stats.bootstrap_indices(m.size, int(n_boot), rng)] for m in members], axis=1)
     cb = np.concatenate([np.full(m.size, g) for g, m in enumerate(members)])
     with np.errstate(all="ignore"):
         rb = rows_r(centre(xa[idx], cb), centre(ya[idx], cb))
@@ -720,7 +705,7 @@ def correlation_table(
     per unit and columns ``x`` and ``ys``, or to ``(frame, group_column)`` for a
     :func:`within_correlation` (e.g. ``(per_text, "lang")``: texts within languages).
     One row per (unit, y, method) with every field of
-    :func:`qhelpers.stats.scores.correlation` (``r, ci_low, ci_high, p_perm, perm_exact,
+    :func:`qhelpers.stats.correlation` (``r, ci_low, ci_high, p_perm, perm_exact,
     p_parametric, n, method, level, boot_valid, defined, reason``); get one as the dict
     :meth:`qhelpers.report.results.Hypothesis.evaluate` takes with :func:`correlation_row`.
     ``undefined_reason`` (e.g. from :func:`collapse_reason`) marks every row undefined with
@@ -777,7 +762,7 @@ def config_difference(
 ) -> _stats.Estimate:
     """Mean over ``langs`` of ``metric(config_a) - metric(config_b)``, paired bootstrap CI.
 
-    ``metric`` is a per-language change of :func:`qhelpers.stats.scores.language_table`
+    ``metric`` is a per-language change of :func:`qhelpers.stats.language_table`
     (``"delta_bpb"`` by default; per language the token- or byte-weighted aggregate over its
     texts). Positive means ``config_a`` degrades more than ``config_b`` (so
     ``config_difference(s, "int4-absmax", "int4-kurtosis_heuristic") > 0`` means the
@@ -787,16 +772,13 @@ def config_difference(
     reason) for non-finite scores or, unless ``allow_collapsed``, a collapsed model
     (:mod:`qhelpers.stats.scores` collapse rule).
     """
-    if metric not in _stats.METRICS:
-        raise ConfigError(f"metric must be one of {list(_stats.METRICS)}, got {metric!r}")
+    _stats.check_metric(metric)
     if str(config_a) == str(config_b):
         raise ConfigError(f"config_a and config_b are the same config {config_a!r}")
     configs = [str(config_a), str(config_b)]
     eng = _stats.PairedScores(scores, baseline, configs, langs, n_boot, seed, level)
     n = eng.n_min(eng.langs)
-    why = eng.nonfinite_reason(configs, eng.langs)
-    if why is None and not allow_collapsed:
-        why = eng.collapse_reason(configs, eng.langs, collapse_bpb, vocab_size, collapse_ppl)
+    why = eng.undefined_reason(configs, eng.langs, allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
     if why:
         return _stats.Estimate.undefined(why, n, level)
     pa, ba = eng.group_mean(configs[0], eng.langs, metric)
@@ -827,7 +809,7 @@ def mean_change_table(
     for c in eng.configs:
         p, b = eng.group_mean(c, eng.langs, metric)
         est = _stats.diff_estimate(p, b, eng.n_min(eng.langs), level)
-        note = eng.nonfinite_reason([c], eng.langs) or eng.collapse_reason([c], eng.langs, 8.0, None, None) or ""
+        note = eng.undefined_reason([c], eng.langs) or ""
         row = {"config": c, "mean": est.value, "mean_ci_low": est.ci_low, "mean_ci_high": est.ci_high,
                "n": est.n, "collapsed": note.startswith("collapsed"), "note": note}
         if reference is not None:
@@ -918,12 +900,9 @@ def plot_layer_kurtosis(
 ):
     """Bar chart of the per-layer kurtosis (``table``: ``layer`` and ``value`` columns) with
     seed 003's outlier threshold as a dashed line and the outlier layers in red."""
-    import matplotlib.pyplot as plt
+    from qhelpers.report.plots import new_axes
 
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(9, 4))
-    else:
-        fig = ax.figure
+    fig, ax = new_axes(ax, figsize=(9, 4))
     outliers = outliers or outlier_layers(table.set_index("layer")[value])
     layers = table["layer"].to_numpy()
     vals = table[value].to_numpy(dtype=np.float64)
@@ -942,14 +921,9 @@ def plot_layer_kurtosis(
 def plot_activation_profile(weights: pd.DataFrame, ax=None, title: str | None = None):
     """One line per language: the normalised activation weight ``a_l`` by layer (the
     ``by="lang"`` table of :func:`activation_weights`)."""
-    import matplotlib.pyplot as plt
+    from qhelpers.report.plots import new_axes, resource_group
 
-    from qhelpers.report.plots import resource_group
-
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(9, 4))
-    else:
-        fig = ax.figure
+    fig, ax = new_axes(ax, figsize=(9, 4))
     for lang, part in weights.groupby("lang", sort=False):
         style = "-" if resource_group(str(lang)) == "HR" else "--"
         ax.plot(part["layer"], part["weight"], style, marker=".", label=str(lang))
@@ -971,12 +945,9 @@ def plot_keff_scatter(
 ):
     """``y`` against ``x``, one colour per language, with a least-squares line; points are
     labelled with their language when ``label_points`` (use it for the per-language frame)."""
-    import matplotlib.pyplot as plt
+    from qhelpers.report.plots import new_axes
 
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-    else:
-        fig = ax.figure
+    fig, ax = new_axes(ax, figsize=(6, 4.5))
     for lang, part in frame.groupby("lang", sort=False):
         ax.scatter(part[x], part[y], s=60 if label_points else 25, label=str(lang), alpha=0.85)
         if label_points:

@@ -64,7 +64,6 @@ from __future__ import annotations
 import importlib.resources
 import json
 import math
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -76,7 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qhelpers import stats
-from qhelpers.measure.activations import capture_residual
+from qhelpers.measure.activations import iter_residual_batches
 from qhelpers.measure.scoring import LOGIT_BUDGET
 from qhelpers.models.archs import (
     ArchSpec,
@@ -90,13 +89,7 @@ from qhelpers.quant.engine import QuantEngine, Variant
 from qhelpers.quant.protection import ProtectionSpec
 from qhelpers.quant.strategies import protocol_settings
 from qhelpers.text.corpora import LANGUAGES
-from qhelpers.text.encoding import (
-    batch_overhead_tokens,
-    default_batch_tokens,
-    encode_text,
-    length_batches,
-    pad_batch,
-)
+from qhelpers.text.encoding import default_batch_tokens, encode_text
 from qhelpers.util.errors import ConfigError, CorpusError, MeasurementError
 from qhelpers.util.progress import progress_bar
 
@@ -281,7 +274,7 @@ def load_minimal_pairs(
     for lang in langs:
         mine = [p for p in pairs if p["lang"] == lang]
         if n_pairs is not None and n_pairs < len(mine):
-            rng = np.random.default_rng([int(seed), zlib.crc32(lang.encode("utf-8"))])
+            rng = stats.lang_rng(seed, lang)
             keep = sorted(rng.choice(len(mine), size=int(n_pairs), replace=False).tolist())
             mine = [mine[i] for i in keep]
         for p in mine:
@@ -365,11 +358,6 @@ class _Seq:
     first: int  # index (in ids) of the first scored target token
 
 
-def _batches(seqs: list[_Seq], batch_tokens: int, max_batch: int, device: torch.device) -> list[list[_Seq]]:
-    groups = length_batches([len(s.ids) for s in seqs], batch_tokens, max_batch, batch_overhead_tokens(device, batch_tokens))
-    return [[seqs[i] for i in group] for group in groups]
-
-
 def _score_seqs(
     model: nn.Module,
     seqs: list[_Seq],
@@ -390,17 +378,15 @@ def _score_seqs(
     vocab = int(getattr(getattr(head, "weight", None), "shape", (0,))[0] or model.config.vocab_size)
     step = max(1, LOGIT_BUDGET // vocab)  # lens rows per head matmul (bounds the logits' memory)
     n_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    batches: Iterable = _batches(seqs, batch_tokens, 256, device)
-    if progress:
-        batches = progress_bar(list(batches), desc="batches", leave=False)
-    for batch in batches:
-        width = max(len(s.ids) for s in batch)
-        if n_positions and width > int(n_positions):
-            raise MeasurementError(
-                f"a sentence has {width} tokens, more than the model's {n_positions} positions; shorten it"
-            )
-        ids, mask = pad_batch([s.ids for s in batch], int(pad_id))
-        captured = capture_residual(model, ids, mask, layers, arch=arch, stop_early=True)
+    width = max((len(s.ids) for s in seqs), default=0)
+    if n_positions and width > int(n_positions):
+        raise MeasurementError(
+            f"a sentence has {width} tokens, more than the model's {n_positions} positions; shorten it"
+        )
+    for index, ids, _, captured in iter_residual_batches(model, [s.ids for s in seqs], layers, pad_id,
+                                                         batch_tokens=batch_tokens, max_batch=256,
+                                                         progress=progress, desc="batches"):
+        batch = [seqs[i] for i in index]
         rows = torch.cat([torch.full((len(s.ids) - s.first,), i) for i, s in enumerate(batch)])
         positions = torch.cat([torch.arange(s.first - 1, len(s.ids) - 1) for s in batch])
         targets = ids[rows, positions + 1]
@@ -640,10 +626,6 @@ def _check_scores(scores: pd.DataFrame) -> pd.DataFrame:
     return scores
 
 
-def _lang_rng(seed: int, lang: str) -> np.random.Generator:
-    return np.random.default_rng([int(seed), zlib.crc32(str(lang).encode("utf-8"))])
-
-
 def _matrix(scores: pd.DataFrame, lang: str, column: str, keys: list[tuple[str, int]]) -> np.ndarray:
     """``[n_pairs, len(keys)]`` values of ``column`` for one language, rows = pair ids
     (sorted), columns = (config, layer) keys; every key must cover the same pairs."""
@@ -662,8 +644,7 @@ def _matrix(scores: pd.DataFrame, lang: str, column: str, keys: list[tuple[str, 
 
 
 def _counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    stats.check_boot(n_boot)
-    return stats.bootstrap_counts(n, int(n_boot), rng)
+    return stats.bootstrap_counts(n, stats.check_boot(n_boot), rng)
 
 
 def _keys(scores: pd.DataFrame, configs: Sequence[str] | None = None, layers: Sequence[int] | None = None) -> list[tuple[str, int]]:
@@ -690,7 +671,7 @@ def accuracy_table(scores: pd.DataFrame, n_boot: int = 2000, seed: int = 0, leve
         solved = _matrix(scores, lang, "solved", keys)
         margin = _matrix(scores, lang, "margin", keys)
         n = solved.shape[0]
-        counts = _counts(n, n_boot, _lang_rng(seed, lang))
+        counts = _counts(n, n_boot, stats.lang_rng(seed, str(lang)))
         acc_boot = counts @ solved / n
         mar_boot = counts @ margin / n
         acc_lo, acc_hi = stats.percentile_interval(acc_boot, level)
@@ -780,7 +761,7 @@ def peak_depth(
         solved = _matrix(scores, lang, "solved", keys)
         n = solved.shape[0]
         n_min = n if n_min is None else min(n_min, n)
-        counts = _counts(n, n_boot, _lang_rng(seed, lang))
+        counts = _counts(n, n_boot, stats.lang_rng(seed, str(lang)))
         curve = curve + solved.mean(axis=0) / len(langs)
         boot = boot + (counts @ solved / n) / len(langs)
 
@@ -863,7 +844,7 @@ def _contrast_per_lang(scores, lang, weights, layer, n_boot, seed):
     solved = _matrix(scores, lang, "solved", keys)
     w = np.array(list(weights.values()))
     n = solved.shape[0]
-    counts = _counts(n, n_boot, _lang_rng(seed, lang))
+    counts = _counts(n, n_boot, stats.lang_rng(seed, str(lang)))
     return float(solved.mean(axis=0) @ w), (counts @ solved / n) @ w, n
 
 

@@ -344,7 +344,7 @@ class IndexStudy:
         return self._cache[key]
 
     def contrast(self, weights: Mapping[str, float], measure: str | None = None, metric: str | None = None) -> Estimate:
-        """``sum_c w_c * D(c)`` with a paired bootstrap CI (:func:`qhelpers.stats.scores.disparity_contrast`)."""
+        """``sum_c w_c * D(c)`` with a paired bootstrap CI (:func:`qhelpers.stats.disparity_contrast`)."""
         measure = measure or self.primary["measure"]
         metric = metric or self.primary["metric"]
         lr, hr = self._groups(measure)

@@ -23,8 +23,8 @@ percentage into a :class:`~qhelpers.quant.protection.ProtectionSpec`:
 percentage: whole layers rarely hit a percentage exactly.
 
 Per cell (:func:`grid_measures`): ``disparity`` = mean LR minus mean HR change in bits per
-byte with a paired bootstrap CI over texts (as :func:`qhelpers.stats.scores.disparity_difference`),
-the seeds' ``ratio`` of mean degradations when defined (:func:`qhelpers.stats.scores.disparity`),
+byte with a paired bootstrap CI over texts (as :func:`qhelpers.stats.disparity_difference`),
+the seeds' ``ratio`` of mean degradations when defined (:func:`qhelpers.stats.disparity`),
 ``distortion`` = the mean change in bits per byte over all languages, and
 ``effective_bits = (1 - p) * bits + p * 16`` (protected weights counted at 16 bits; the
 quantizer's scales and a sparse format's indices are not counted). Cells whose disparity is
@@ -459,7 +459,7 @@ def grid_measures(
     ``langs`` (for distortion) defaults to ``lr_langs + hr_langs``. The bootstrap resamples
     texts once for every config (and, on a parallel corpus, every language), so the replicate
     grids keep the cells' correlation; the disparity CI equals
-    :func:`qhelpers.stats.scores.disparity_difference`'s with the same ``seed``.
+    :func:`qhelpers.stats.disparity_difference`'s with the same ``seed``.
     """
     configs = list(dict.fromkeys(grid.cells["config"]))
     missing = [c for c in configs if c not in set(sweep.scores["config"])]
@@ -941,7 +941,7 @@ class RDFit:
         return f"{model} {param} stopped at a fitting bound {where}{censored}"
 
     def estimate(self, model: str, param: str) -> _stats.Estimate:
-        """A parameter as an :class:`~qhelpers.stats.scores.Estimate` (point fit, bootstrap CI; n = texts)."""
+        """A parameter as an :class:`~qhelpers.stats.Estimate` (point fit, bootstrap CI; n = texts)."""
         if model not in self.fits:
             raise ConfigError(f"model {model!r} was not fitted (fitted: {list(self.fits)})")
         fit = self.fits[model]

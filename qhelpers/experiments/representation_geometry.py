@@ -55,7 +55,6 @@ Depth of layer ``i`` is ``i / (n_layers - 1)`` (0 = first block, 1 = last), as i
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any, Iterable, Mapping, Sequence
@@ -65,7 +64,7 @@ import pandas as pd
 import torch
 
 from qhelpers import stats as _stats
-from qhelpers.measure.activations import capture_residual
+from qhelpers.measure.activations import iter_residual_batches
 from qhelpers.models.archs import resolve_layers
 from qhelpers.text.corpora import text_rng
 from qhelpers.text.encoding import bos_id
@@ -331,13 +330,7 @@ def collect_activations(
     from qhelpers.measure.scoring import context_length
     from qhelpers.models.archs import decoder_layers
     from qhelpers.models.loaded import as_module
-    from qhelpers.text.encoding import (
-        batch_overhead_tokens,
-        encode_corpus,
-        length_batches,
-        pad_batch,
-    )
-    from qhelpers.util.progress import progress_bar
+    from qhelpers.text.encoding import encode_corpus
 
     if pooling not in POOLINGS:
         raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -373,16 +366,14 @@ def collect_activations(
         firsts.append(first)
         sampled.append(positions)
 
-    batches = length_batches([len(t.ids) for t in texts], None, int(batch_size),
-                             batch_overhead_tokens(next(model.parameters()).device))
     pooled_rows: dict[int, list[np.ndarray | None]] = {layer: [None] * len(texts) for layer in wanted}
     token_rows: dict[int, list[np.ndarray | None]] = {layer: [None] * len(texts) for layer in wanted}
 
     def run() -> None:
-        it = progress_bar(batches, desc="activations", leave=False) if progress else batches
-        for batch in it:
-            ids, mask = pad_batch([texts[i].ids for i in batch], int(pad_id))
-            acts = capture_residual(model, ids, mask, layers=wanted, stop_early=True)
+        # batch_tokens=None: batches are bounded by batch_size texts only
+        for batch, _, _, acts in iter_residual_batches(model, [t.ids for t in texts], wanted, int(pad_id),
+                                                       batch_tokens=None, max_batch=int(batch_size),
+                                                       progress=progress):
             for layer, h in acts.items():
                 for row, i in enumerate(batch):
                     real = h[row, firsts[i]: len(texts[i].ids)].to(torch.float64)
@@ -428,40 +419,18 @@ def collect_activations(
 # ----------------------------------------------------------------------------- bootstrap helpers
 
 
-def check_boot(n_boot: int) -> int:
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or int(n_boot) < 1:
-        raise ConfigError(f"n_boot must be an int >= 1 (bootstrap replicates, e.g. 2000), got {n_boot!r}")
-    return int(n_boot)
-
-
-def check_level(level: float) -> float:
-    if not 0.0 < float(level) < 1.0:
-        raise ConfigError(f"level must be in (0, 1), e.g. 0.95; got {level}")
-    return float(level)
-
-
 def text_bootstrap_counts(
     acts: LayerActivations, langs: Sequence[str] | None = None, n_boot: int = 2000, seed: int = 0
 ) -> tuple[dict[str, np.ndarray], bool]:
     """Bootstrap resample counts over texts: ``({lang: (n_boot, n_texts_lang)}, paired)``.
 
     When every language has the same text ids in the same order (a parallel corpus) one
-    matrix (``stats.bootstrap_counts`` with ``default_rng(seed)``) is shared by all languages
-    and ``paired`` is True; otherwise each language gets its own, from
-    ``default_rng([seed, crc32(lang)])``.
+    matrix is shared by all languages and ``paired`` is True; otherwise each language gets its
+    own (:func:`qhelpers.stats.language_counts`).
     """
     langs = acts._langs(langs)
-    n_boot = check_boot(n_boot)
-    if acts.parallel(langs):
-        counts = _stats.bootstrap_counts(len(acts.text_rows(langs[0])), n_boot, np.random.default_rng(int(seed)))
-        return {g: counts for g in langs}, True
-    out = {
-        g: _stats.bootstrap_counts(
-            len(acts.text_rows(g)), n_boot, np.random.default_rng([int(seed), zlib.crc32(g.encode("utf-8"))])
-        )
-        for g in langs
-    }
-    return out, False
+    paired = acts.parallel(langs)
+    return _stats.language_counts({g: len(acts.text_rows(g)) for g in langs}, n_boot, seed, paired), paired
 
 
 def _with_point(counts: np.ndarray) -> np.ndarray:
@@ -551,7 +520,7 @@ def language_variance(
     langs = acts._langs(langs)
     if len(langs) < 2:
         raise ConfigError(f"a cross-language variance needs at least 2 languages, got {langs}")
-    level = check_level(level)
+    level = _stats.check_level(level)
     counts, paired = text_bootstrap_counts(acts, langs, n_boot, seed)
     rows, text_pos, text_rows = _token_selection(acts, langs)
     n_sel = text_rows.size
@@ -681,7 +650,7 @@ def dimensionality(
                 f"token rows ({smallest}); collect more texts or lower it"
             )
         for g in langs:
-            pick = np.sort(np.random.default_rng([int(seed), zlib.crc32(g.encode("utf-8"))]).choice(by_lang[g], m, replace=False))
+            pick = np.sort(_stats.lang_rng(seed, g).choice(by_lang[g], m, replace=False))
             scopes.append((g, pick))
     out = []
     for layer in acts.layers:
@@ -822,7 +791,7 @@ def peak_depth(
     """
     if mode not in ("max", "min"):
         raise ConfigError(f"mode must be 'max' or 'min', got {mode!r}")
-    level = check_level(level)
+    level = _stats.check_level(level)
     v = np.asarray(values, dtype=np.float64)
     layers = np.asarray(list(layers), dtype=np.int64)
     if v.ndim != 2 or v.shape[1] != layers.size or v.shape[0] < 2:
@@ -896,7 +865,7 @@ def bottleneck(
     """
     acts.require_tokens("bottleneck")
     langs = acts._langs(langs)
-    level = check_level(level)
+    level = _stats.check_level(level)
     if search_layers is None:
         searched = [i for i in acts.layers if i != 0] or acts.layers
     else:
@@ -1112,7 +1081,7 @@ def convergence(
     means, cosines and CKA are recomputed in each replicate.
     """
     langs = acts._langs(langs)
-    level = check_level(level)
+    level = _stats.check_level(level)
     if ref not in langs:
         raise ConfigError(f"reference language {ref!r} must be one of langs {langs}")
     if len(langs) < 2:
@@ -1218,7 +1187,7 @@ def layer_correlation(
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, Any]:
-    """:func:`qhelpers.stats.scores.correlation` of two per-layer quantities over their common layers.
+    """:func:`qhelpers.stats.correlation` of two per-layer quantities over their common layers.
 
     ``x`` and ``y``: Series indexed by layer (or dicts), or ``y`` a
     :class:`~qhelpers.measure.criticality.LayerCriticality` (its ``column``). The bootstrap resamples

@@ -55,7 +55,7 @@ Gateway test (H2.2: "L0 and L_last have unique weight structure"):
 
 * ``gateway_excess = mean(d[gateways]) - median(d[middle])`` and
   ``gateway_margin = min(d[gateways]) - max(d[middle])`` (> 0 iff the two gateways are the
-  two most distinct layers), each an :class:`~qhelpers.stats.scores.Estimate` whose percentile
+  two most distinct layers), each an :class:`~qhelpers.stats.Estimate` whose percentile
   CI comes from a bootstrap over the feature columns (how much the conclusion depends on
   which structural descriptors were chosen; the columns are not independent, so read the
   interval as a sensitivity range, n = number of columns);
@@ -364,7 +364,7 @@ def correlation_table(
     seed: int = 0,
     level: float = 0.95,
 ) -> pd.DataFrame:
-    """:func:`qhelpers.stats.scores.correlation` of every ``(x, y)`` column pair, within each group
+    """:func:`qhelpers.stats.correlation` of every ``(x, y)`` column pair, within each group
     ``by`` (e.g. per quantizer), for each method: bootstrap CI over the rows (layers) and a
     permutation p-value.
 

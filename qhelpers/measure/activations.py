@@ -2,7 +2,9 @@
 
 Capture
 -------
-:func:`capture_residual` hooks the decoder blocks found through the architecture
+:func:`iter_residual_batches` runs a whole list of token sequences through the model in
+least-padding batches and yields each batch's residual stream; it is built on
+:func:`capture_residual`, which hooks the decoder blocks found through the architecture
 registry (:func:`qhelpers.models.archs.decoder_layers`; no class-name checks) and returns, for
 each requested layer ``i``, the block's output hidden states -- the residual stream after
 block ``i`` -- as a detached fp32 CPU tensor ``[batch, seq, hidden]``.
@@ -39,7 +41,7 @@ padding (either padding side).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -47,10 +49,13 @@ import torch
 from torch import nn
 
 from qhelpers.models.archs import ArchSpec, decoder_layers, get_arch, resolve_layers
+from qhelpers.text.encoding import iter_padded_batches
 from qhelpers.util.errors import ConfigError, MeasurementError
 
 __all__ = [
     "capture_residual",
+    "ResidualBatch",
+    "iter_residual_batches",
     "pooled",
     "flatten_tokens",
     "mean_abs_activation",
@@ -196,6 +201,53 @@ def capture_residual(
                 f"[batch={batch}, seq={seq}, hidden]"
             )
     return {i: captured[i] for i in wanted}
+
+
+class ResidualBatch(NamedTuple):
+    """One batch of :func:`iter_residual_batches`.
+
+    ``index``: positions (in the sequences given) of the batch's rows; ``input_ids`` and
+    ``attention_mask``: the right-padded ``[batch, longest]`` CPU tensors that went through
+    the model; ``residual``: :func:`capture_residual`'s ``{layer: Tensor[batch, longest,
+    hidden]}`` (fp32, CPU). Row ``r`` holds sequence ``index[r]`` at positions
+    ``0 .. len(sequence) - 1``, padding after them.
+    """
+
+    index: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    residual: dict[int, torch.Tensor]
+
+
+def iter_residual_batches(
+    model: nn.Module,
+    sequences: Sequence[Sequence[int]],
+    layers: int | Iterable[int] | None,
+    pad_id: int,
+    *,
+    batch_tokens: int | None,
+    max_batch: int,
+    progress: bool = False,
+    desc: str = "activations",
+) -> Iterator[ResidualBatch]:
+    """Residual stream of every token sequence, one least-padding batch at a time.
+
+    The sequences (token ids, e.g. ``EncodedText.ids``) are grouped by
+    :func:`qhelpers.text.encoding.iter_padded_batches` (at most ``max_batch`` sequences and
+    ``batch_tokens`` padded tokens a batch, ``None``: no token budget; the batch cost is
+    priced for the model's device), right-padded with ``pad_id`` and run through
+    :func:`capture_residual` with the attention mask, stopping after the last of ``layers``
+    (``None``: every block). A row's first ``len(sequence)`` positions are what the sequence
+    alone would give, up to float rounding (the batch shape can change the kernels' summation
+    order; tested against one unpadded sequence at a time). Batches come longest first;
+    ``progress`` shows a bar labelled ``desc``.
+    """
+    device = next(model.parameters()).device
+    batches = iter_padded_batches(sequences, pad_id, device, batch_tokens, max_batch, progress=progress, desc=desc)
+    for index, input_ids, attention_mask in batches:
+        residual = capture_residual(model, input_ids, attention_mask, layers, stop_early=True)
+        yield ResidualBatch(index, input_ids, attention_mask, residual)
+        del residual  # hold no reference during the next forward: the caller's del frees the batch
 
 
 # ----------------------------------------------------------------------------- masks

@@ -8,7 +8,6 @@ a sliding window; batches are formed from length-sorted windows under a token bu
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -408,16 +407,6 @@ def corpus_scorer(loaded: Any, corpus: Any, config: MeasureConfig = MeasureConfi
         keys.append({"lang": lang, "text_id": text_id})
         texts.append(text)
     return Scorer(loaded, tokenizer if tokenizer is not None else getattr(loaded, "tokenizer", None), texts, config, keys)
-
-
-def perplexity(nll: float, n_tokens: int) -> float:
-    """exp(mean NLL per token)."""
-    return math.exp(nll / n_tokens)
-
-
-def bits_per_byte(nll: float, n_bytes: int) -> float:
-    """Summed NLL in bits divided by UTF-8 bytes."""
-    return nll / math.log(2) / n_bytes
 
 
 def protocol_measure(protocol: str, max_length: int | None = None, context_length: int | None = None) -> MeasureConfig:

@@ -60,7 +60,7 @@ class SweepResult:
         return baseline_table(self.scores, baseline=self.baseline, **kwargs)
 
     def disparity(self, config: str, **kwargs: Any):
-        """Disparity of one variant against the baseline (see :func:`qhelpers.stats.scores.disparity`)."""
+        """Disparity of one variant against the baseline (see :func:`qhelpers.stats.disparity`)."""
         from qhelpers.stats.tables import disparity
 
         return disparity(self.scores, config, baseline=self.baseline, **kwargs)

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_GROUPS",
     "GROUP_COLORS",
     "resource_group",
+    "new_axes",
     "language_bars",
     "layer_heatmap",
     "pareto_frontier",
@@ -49,7 +50,9 @@ def resource_group(lang: str, lang_groups: Mapping[str, str] | None = None) -> s
     return str(groups.get(lang, "LR"))
 
 
-def _new_ax(ax, figsize=(8, 4.5)):
+def new_axes(ax: Any = None, figsize: tuple[float, float] = (8, 4.5)) -> tuple[Figure, Any]:
+    """``(figure, ax)``: the figure of ``ax``, or a new figure of ``figsize`` with one axes when
+    ``ax`` is None (every plotting function's ``ax=None`` convention)."""
     if ax is None:
         fig, ax = plt.subplots(figsize=figsize)
         return fig, ax
@@ -74,7 +77,7 @@ def language_bars(
     title: str | None = None,
     ylabel: str | None = None,
 ) -> Figure:
-    """One bar per row of ``table`` (e.g. :func:`qhelpers.stats.scores.language_table`), clustered
+    """One bar per row of ``table`` (e.g. :func:`qhelpers.stats.language_table`), clustered
     by the ``groups`` column (None: one cluster), a bar per language inside a cluster,
     coloured by resource group (``lang_groups`` maps lang -> group; default en, de, fr, zh
     HR, others LR). Error bars span ``<value>_ci_low`` .. ``<value>_ci_high`` when those
@@ -82,7 +85,7 @@ def language_bars(
     shown as it is). NaN values leave a gap.
     """
     _require(table, [value, lang_col] + ([groups] if groups else []), "language_bars")
-    fig, ax = _new_ax(ax)
+    fig, ax = new_axes(ax)
     clusters = list(dict.fromkeys(table[groups])) if groups else [None]
     group_names = list(dict.fromkeys(resource_group(str(x), lang_groups) for x in table[lang_col]))
     palette = dict(GROUP_COLORS)
@@ -152,7 +155,7 @@ def layer_heatmap(
     if not isinstance(matrix, pd.DataFrame) or matrix.empty:
         raise ConfigError("layer_heatmap needs a non-empty DataFrame (rows layers, columns languages)")
     data = matrix.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-    fig, ax = _new_ax(ax, figsize=(1.0 + 0.8 * data.shape[1], 1.0 + 0.35 * data.shape[0]))
+    fig, ax = new_axes(ax, figsize=(1.0 + 0.8 * data.shape[1], 1.0 + 0.35 * data.shape[0]))
     finite = data[np.isfinite(data)]
     if center is not None:
         half = float(np.max(np.abs(finite - center))) if finite.size else 1.0
@@ -222,7 +225,7 @@ def pareto_plot(
     """Scatter of all points (grey), the Pareto frontier (red, joined by a step line) and
     the point labels from column ``label`` when present."""
     _require(points, [x, y], "pareto_plot")
-    fig, ax = _new_ax(ax, figsize=(6.5, 4.5))
+    fig, ax = new_axes(ax, figsize=(6.5, 4.5))
     front = pareto_frontier(points, x, y)
     rest = points.drop(index=front.index)
     ax.scatter(rest[x], rest[y], color="#999999", s=30, label="dominated", zorder=2)
@@ -256,7 +259,7 @@ def estimate_bars(
     ``<value>_ci_low``/``<value>_ci_high`` error bars when present; undefined (NaN) rows are
     drawn as an empty slot marked "undefined". ``reference`` draws a vertical line."""
     _require(table, [label, value], "estimate_bars")
-    fig, ax = _new_ax(ax, figsize=(7, 0.45 * len(table) + 1.2))
+    fig, ax = new_axes(ax, figsize=(7, 0.45 * len(table) + 1.2))
     y = np.arange(len(table))
     values = pd.to_numeric(table[value], errors="coerce").to_numpy(dtype=float)
     colors = ["#d62728" if str(n) in set(highlight) else "#1f77b4" for n in table[label]]
@@ -293,7 +296,7 @@ def hr_lr_scatter(
     """One point per configuration: mean high-resource vs mean low-resource change, with the
     diagonal of equal change (points above it hurt low-resource languages more)."""
     _require(table, [hr, lr, label], "hr_lr_scatter")
-    fig, ax = _new_ax(ax, figsize=(6, 5))
+    fig, ax = new_axes(ax, figsize=(6, 5))
     x = pd.to_numeric(table[hr], errors="coerce").to_numpy(dtype=float)
     y = pd.to_numeric(table[lr], errors="coerce").to_numpy(dtype=float)
     ax.scatter(x, y, color="#1f77b4", s=40, zorder=3)
@@ -358,10 +361,7 @@ def layer_profile(
     missing = [c for c in need if c not in table.columns]
     if missing:
         raise ConfigError(f"layer_profile: table lacks columns {missing}; it has {list(table.columns)}")
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-    else:
-        fig = ax.figure
+    fig, ax = new_axes(ax, figsize=(8, 4.5))
     groups = [(None, table)] if hue is None else [
         (k, table[table[hue] == k]) for k in (hue_order or list(dict.fromkeys(table[hue])))
     ]
@@ -420,12 +420,9 @@ def layer_scatter(
 ):
     """``y`` against ``x``, one point per layer labelled with its index; vertical error bars
     from ``<y>_ci_low``/``_ci_high`` when present; ``highlight`` layers drawn in red;
-    ``reference`` a dashed horizontal line; ``corr`` (a :func:`qhelpers.stats.scores.correlation`
+    ``reference`` a dashed horizontal line; ``corr`` (a :func:`qhelpers.stats.correlation`
     dict) is written in the title after ``title``."""
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5, 4))
-    else:
-        fig = ax.figure
+    fig, ax = new_axes(ax, figsize=(5, 4))
     xv, yv = table[x].to_numpy(dtype=np.float64), table[y].to_numpy(dtype=np.float64)
     lo, hi = f"{y}_ci_low", f"{y}_ci_high"
     if yerr and lo in table.columns and hi in table.columns:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -146,3 +146,39 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
+class PaddedBatch(NamedTuple):
+    """One batch of :func:`iter_padded_batches`: ``index`` lists the positions (in the
+    sequences given) of its rows; ``input_ids`` and ``attention_mask`` are ``[batch, longest]``
+    as :func:`pad_batch` makes them."""
+
+    index: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def iter_padded_batches(
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device | str,
+    batch_tokens: int | None,
+    max_batch: int,
+    *,
+    progress: bool = False,
+    desc: str = "batches",
+) -> Iterator[PaddedBatch]:
+    """Token sequences in the least-padding batches of :func:`length_batches`, right-padded.
+
+    ``batch_tokens`` and ``max_batch`` bound a batch as in :func:`length_batches` (``None``:
+    no token budget); what one more batch costs comes from :func:`batch_overhead_tokens` for
+    ``device`` (the device the forward runs on). Batches come longest first, the tensors stay
+    on the CPU. ``progress`` shows a progress bar labelled ``desc`` over the batches.
+    """
+    groups = length_batches([len(seq) for seq in sequences], batch_tokens, max_batch,
+                            batch_overhead_tokens(device, batch_tokens))
+    if progress:
+        from qhelpers.util.progress import progress_bar
+
+        groups = progress_bar(groups, desc=desc, leave=False)
+    for index in groups:
+        input_ids, attention_mask = pad_batch([sequences[i] for i in index], pad_id)
+        yield PaddedBatch(index, input_ids, attention_mask)

@@ -14,7 +14,7 @@ n_train - 1 dimensions); a first linear layer only ever learns inside that span 
 Many models are trained at once: every (feature set, run) pair is one network in a stack of
 parameters ``[G, ...]`` trained with batched matrix products, per-model Adam, per-model
 learning-rate schedule and early stopping, and finished networks are dropped from the stack
-(see :func:`qhelpers.experiments.lora.features._fit_batched`). Phase 1 (one classifier per matrix and
+(see :func:`qhelpers.experiments.lora.batched.fit_batched`). Phase 1 (one classifier per matrix and
 run) is one such stack.
 
 Splits (:func:`make_splits`): ``n_runs`` stratified train/val/test splits. Per class the
@@ -57,8 +57,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from qhelpers.experiments.lora import batched
 from qhelpers.experiments.lora import features as lf
-from qhelpers.stats.bootstrap import Estimate, percentile_interval
+from qhelpers.stats.bootstrap import Estimate, bootstrap_indices, percentile_interval
 from qhelpers.util.errors import ConfigError
 
 __all__ = [
@@ -114,20 +115,12 @@ class ClassifierConfig:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        ints = {"hidden": 1, "n_layers": 1, "lr_patience": 0, "batch_size": 1, "max_epochs": 1, "patience": 1,
-                "n_runs": 1, "max_dim": 1, "n_boot": 1}
-        for name, low in ints.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-                raise ConfigError(f"ClassifierConfig.{name} must be an integer >= {low}, got {v!r}")
-        if not 0 <= float(self.dropout) < 1:
-            raise ConfigError(f"ClassifierConfig.dropout must be in [0, 1), got {self.dropout}")
+        batched.check_training_settings(self, {
+            "hidden": 1, "n_layers": 1, "lr_patience": 0, "batch_size": 1, "max_epochs": 1, "patience": 1,
+            "n_runs": 1, "max_dim": 1, "n_boot": 1,
+        })
         if not 0 < float(self.lr_factor) < 1:
             raise ConfigError(f"ClassifierConfig.lr_factor must be in (0, 1), got {self.lr_factor}")
-        if not float(self.lr) > 0:
-            raise ConfigError(f"ClassifierConfig.lr must be > 0, got {self.lr}")
-        if self.memory_mb is not None and not float(self.memory_mb) > 0:
-            raise ConfigError(f"ClassifierConfig.memory_mb must be > 0 (or None for the device default), got {self.memory_mb}")
         fr = (float(self.train_frac), float(self.val_frac), float(self.test_frac))
         if min(fr) <= 0 or abs(sum(fr) - 1.0) > 1e-9:
             raise ConfigError(
@@ -234,8 +227,8 @@ def _mlp_forward(P: Mapping[str, torch.Tensor], x: torch.Tensor, n_layers: int, 
                  train: bool, gen: torch.Generator | None) -> torch.Tensor:
     h = x
     for i in range(n_layers - 1):
-        h = lf._dropout(torch.relu(lf._linear(P, f"l{i}", h)), p_drop, train, gen)
-    return lf._linear(P, f"l{n_layers - 1}", h)
+        h = batched.dropout(torch.relu(batched.linear(P, f"l{i}", h)), p_drop, train, gen)
+    return batched.linear(P, f"l{n_layers - 1}", h)
 
 
 def _train_models(
@@ -269,7 +262,7 @@ def _train_models(
     for d, members in by_dim.items():
         widths = [d] + [config.hidden] * (config.n_layers - 1) + [C]
         n_par = sum(widths[i] * widths[i + 1] + widths[i + 1] for i in range(config.n_layers))
-        for idx in lf._model_chunks(len(members), n_par, N * d, lf._budget_mb(config.memory_mb, device)):
+        for idx in batched.model_chunks(len(members), n_par, N * d, batched.memory_budget_mb(config.memory_mb, device)):
             chunks.append((widths, [members[i] for i in idx]))
     it: Iterable = chunks
     if progress:
@@ -282,7 +275,7 @@ def _train_models(
         G = len(members)
         params: dict[str, torch.Tensor] = {}
         for i in range(config.n_layers):
-            w, b = lf._init_linear(G, widths[i], widths[i + 1], gen)
+            w, b = batched.init_linear(G, widths[i], widths[i + 1], gen)
             params[f"l{i}.w"], params[f"l{i}.b"] = w.to(device), b.to(device)
         X = torch.from_numpy(np.stack([prepared[m] for m in members])).to(device)
         tr = torch.as_tensor(np.stack([np.flatnonzero(splits[runs[m]] == 0) for m in members]), device=device)
@@ -303,13 +296,13 @@ def _train_models(
                 preds[m] = pred[j]
                 epochs[m] = ep[j]
 
-        spec = lf._FitSpec(
+        spec = batched.FitSpec(
             train_loss=lambda P, Bf, D, rows, g: loss_on(P, D, rows, True, g),
             val_loss=lambda P, Bf, D: loss_on(P, D, D["val_rows"], False, None),
             finish=finish, lr=config.lr, max_epochs=config.max_epochs, patience=config.patience,
             batch_size=config.batch_size, lr_factor=config.lr_factor, lr_patience=config.lr_patience,
         )
-        lf._fit_batched(params, {}, data, spec, gen)
+        batched.fit_batched(params, {}, data, spec, gen)
     return preds, epochs
 
 
@@ -378,8 +371,7 @@ def _bootstrap_mean(values: np.ndarray, n_boot: int, level: float, seed: int, wh
         u = 1.0 - (0.5 * (1.0 - level)) ** (1.0 / v.size)
         lo, hi = max(bounds[0], float(v[0]) - u), min(bounds[1], float(v[0]) + u)
         return Estimate(float(v[0]), lo, hi, int(v.size), level)
-    rng = np.random.default_rng([int(seed), 2])
-    idx = rng.integers(0, v.size, size=(int(n_boot), v.size))
+    idx = bootstrap_indices(v.size, int(n_boot), np.random.default_rng([int(seed), 2]))
     lo, hi = percentile_interval(v[idx].mean(1), level)
     return Estimate(float(v.mean()), float(lo), float(hi), int(v.size), level)
 
@@ -473,7 +465,7 @@ def rank_layers(
         )
     if not isinstance(config, ClassifierConfig):
         raise ConfigError("config must be a ClassifierConfig")
-    names = lf._check_matrices(matrices, names)
+    names = lf.check_matrices(matrices, names)
     classes, codes = _labels(y)
     feats = lf.per_matrix_features(representation, matrices, names)
     for n, f in feats.items():
@@ -557,7 +549,7 @@ def ablation_study(
         raise ConfigError(f"representations is empty; choose from {list(lf.REPRESENTATIONS)}")
     for r in reps:
         lf.get_representation(r)
-    names = lf._check_matrices(matrices)
+    names = lf.check_matrices(matrices)
     removed = tuple(str(n) for n in removed)
     unknown = [n for n in removed if n not in matrices]
     if unknown:
@@ -644,11 +636,9 @@ def _matrix_kind(name: str) -> str:
 def plot_layer_accuracy(table: pd.DataFrame, ax=None, chance: float | None = None, title: str | None = None):
     """Per-matrix test accuracy (with its interval) against decoder-layer depth, one colour
     per matrix type (e.g. ``q_proj.lora_B``; a single colour beyond 12 types)."""
-    import matplotlib.pyplot as plt
+    from qhelpers.report.plots import new_axes
 
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-    fig = ax.figure
+    fig, ax = new_axes(ax, figsize=(9, 4.5))
     kinds = table["kind"] if "kind" in table.columns else table["layer"].map(_matrix_kind)
     x = pd.to_numeric(table["depth"], errors="coerce")
     if x.isna().all():
@@ -677,11 +667,9 @@ def plot_layer_accuracy(table: pd.DataFrame, ax=None, chance: float | None = Non
 def plot_ablation(table: pd.DataFrame, ax=None, chance: float | None = None, title: str | None = None):
     """Grouped bars: test accuracy per representation with all matrices and after ablation,
     with the per-adapter bootstrap intervals as error bars."""
-    import matplotlib.pyplot as plt
+    from qhelpers.report.plots import new_axes
 
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-    fig = ax.figure
+    fig, ax = new_axes(ax, figsize=(9, 4.5))
     reps = list(dict.fromkeys(table["representation"]))
     x = np.arange(len(reps))
     for j, (setting, color) in enumerate((("all", "#1f77b4"), ("ablated", "#ff7f0e"))):

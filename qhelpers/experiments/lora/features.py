@@ -86,6 +86,7 @@ import torch
 import torch.nn.functional as F
 
 from qhelpers import stats as _stats
+from qhelpers.experiments.lora import batched
 from qhelpers.util.errors import ConfigError
 
 __all__ = [
@@ -108,6 +109,7 @@ __all__ = [
     "effective_rank_features",
     "coupling_features",
     "matrix_features",
+    "check_matrices",
     "per_matrix_features",
     "per_pair_features",
     "feature_matrix",
@@ -401,7 +403,9 @@ def matrix_features(name: str, X: Any) -> np.ndarray:
     return rep.features(X)
 
 
-def _check_matrices(matrices: Mapping[str, Any], names: Iterable[str] | None = None) -> list[str]:
+def check_matrices(matrices: Mapping[str, Any], names: Iterable[str] | None = None) -> list[str]:
+    """The names to use (``names``, default every matrix) after checking that ``matrices`` is a
+    non-empty ``{name: [n_adapters, rows, cols]}`` dict holding them, all with the same n_adapters."""
     if not isinstance(matrices, Mapping) or not matrices:
         raise ConfigError("matrices must be a non-empty dict {name: array [n_adapters, rows, cols]} (Zoo.matrices())")
     names = list(matrices) if names is None else list(names)
@@ -419,7 +423,7 @@ def _check_matrices(matrices: Mapping[str, Any], names: Iterable[str] | None = N
 
 def per_matrix_features(name: str, matrices: Mapping[str, Any], names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """``{matrix name: features [N, d]}`` for a per-matrix representation."""
-    names = _check_matrices(matrices, names)
+    names = check_matrices(matrices, names)
     return {n: matrix_features(name, matrices[n]) for n in names}
 
 
@@ -428,7 +432,7 @@ def per_pair_features(matrices: Mapping[str, Any], pairs: Sequence[tuple[str, st
     pairs = [tuple(p) for p in pairs]
     if not pairs or any(len(p) != 2 for p in pairs):
         raise ConfigError("pairs must be a non-empty list of (lora_A name, lora_B name) tuples (Zoo.pairs())")
-    _check_matrices(matrices, [n for p in pairs for n in p])
+    check_matrices(matrices, [n for p in pairs for n in p])
     return {p: coupling_features(matrices[p[0]], matrices[p[1]]) for p in pairs}
 
 
@@ -452,271 +456,10 @@ def feature_matrix(
         if not keep:
             raise ConfigError("every LoRA pair is excluded; exclude fewer matrices")
         return np.concatenate(list(per_pair_features(matrices, keep).values()), axis=1)
-    keep = [n for n in _check_matrices(matrices) if n not in drop]
+    keep = [n for n in check_matrices(matrices) if n not in drop]
     if not keep:
         raise ConfigError("every matrix is excluded; exclude fewer matrices")
     return np.concatenate(list(per_matrix_features(name, matrices, keep).values()), axis=1)
-
-
-# --------------------------------------------------------------------------- batched networks
-# G independent small networks held as stacked parameter tensors [G, ...] and trained at once
-# (torch.baddbmm); used by the autoencoders here and by the classifiers in qhelpers.experiments.lora.classify.
-
-
-def _init_linear(G: int, fan_in: int, fan_out: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """nn.Linear's default init (uniform +-1/sqrt(fan_in)) for G independent layers: W [G, in, out], b [G, 1, out]."""
-    bound = 1.0 / math.sqrt(fan_in)
-    w = (torch.rand(G, fan_in, fan_out, generator=gen) * 2 - 1) * bound
-    b = (torch.rand(G, 1, fan_out, generator=gen) * 2 - 1) * bound
-    return w, b
-
-
-def _linear(params: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
-    return torch.baddbmm(params[name + ".b"], x, params[name + ".w"])
-
-
-class _Noise:
-    """Random draws for a stack of models. Every draw is made for the whole original stack
-    (``n_models``) on the CPU and then restricted to ``slots`` (the original positions of the
-    models still training), so a model's random stream never depends on when the others
-    stop, nor on the device."""
-
-    def __init__(self, gen: torch.Generator, n_models: int, slots: torch.Tensor | None = None):
-        self.gen = gen
-        self.n_models = int(n_models)
-        self.slots = torch.arange(self.n_models) if slots is None else slots.detach().cpu()
-
-    def rand(self, shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-        """Uniform [0, 1) draws, ``[len(slots), *shape]``."""
-        return torch.rand(self.n_models, *shape, generator=self.gen)[self.slots].to(device)
-
-    def randn(self, shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-        """Standard normal draws, ``[len(slots), *shape]``."""
-        return torch.randn(self.n_models, *shape, generator=self.gen)[self.slots].to(device)
-
-
-def _dropout(x: torch.Tensor, p: float, train: bool, noise: _Noise | None) -> torch.Tensor:
-    if not train or p <= 0:
-        return x
-    keep = noise.rand(x.shape[1:], x.device) >= p
-    return x * keep / (1.0 - p)
-
-
-def _batchnorm(params, buffers, name, x, train: bool, momentum: float = 0.1, eps: float = 1e-5):
-    """Batch norm over the sample axis of x [G, B, H], per model; running stats in ``buffers``."""
-    if train:
-        mean = x.mean(1, keepdim=True)
-        var = x.var(1, unbiased=False, keepdim=True)
-        with torch.no_grad():
-            nb = x.shape[1]
-            unbiased = var * nb / max(nb - 1, 1)
-            buffers[name + ".mean"].mul_(1 - momentum).add_(momentum * mean.detach())
-            buffers[name + ".var"].mul_(1 - momentum).add_(momentum * unbiased.detach())
-    else:
-        mean, var = buffers[name + ".mean"], buffers[name + ".var"]
-    return (x - mean) / torch.sqrt(var + eps) * params[name + ".g"] + params[name + ".beta"]
-
-
-_FUSED_OK: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def _fused_adam_available(like: torch.Tensor) -> bool:
-    """Whether torch's fused Adam runs for tensors like ``like`` (probed once per device/dtype)."""
-    key = (like.device.type, like.dtype)
-    if key not in _FUSED_OK:
-        try:
-            from torch.optim.adam import adam
-
-            p = torch.zeros(2, device=like.device, dtype=like.dtype)
-            adam([p], [torch.ones_like(p)], [torch.zeros_like(p)], [torch.zeros_like(p)], [], [torch.tensor(0.0)],
-                 fused=True, amsgrad=False, beta1=0.9, beta2=0.999, lr=1e-3, weight_decay=0.0, eps=1e-8,
-                 maximize=False)
-            _FUSED_OK[key] = bool(torch.isfinite(p).all())
-        except Exception:  # no fused kernel for this device, dtype or torch version
-            _FUSED_OK[key] = False
-    return _FUSED_OK[key]
-
-
-class _Adam:
-    """Adam (torch defaults) over stacked parameters with a per-model learning rate [G];
-    a model with lr 0 is frozen. Adam is element-wise, so each model's update equals that of
-    its own optimizer. Models sharing a learning rate are updated by torch's fused kernel
-    (``torch.optim.adam.adam(fused=True)``) where available, else by plain tensor ops."""
-
-    def __init__(self, params: Mapping[str, torch.Tensor], lr: torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params = params
-        self.lr = lr
-        self.b1, self.b2 = betas
-        self.eps = eps
-        self.t = 0
-        self.m = {k: torch.zeros_like(v) for k, v in params.items()}
-        self.v = {k: torch.zeros_like(v) for k, v in params.items()}
-        self.fused = _fused_adam_available(next(iter(params.values())))
-
-    @torch.no_grad()
-    def step(self, grads: Mapping[str, torch.Tensor]) -> None:
-        self.t += 1
-        lrs = self.lr.detach().cpu().numpy()
-        if self.fused:
-            self._fused_step(grads, lrs)
-            return
-        c1, c2 = 1 - self.b1**self.t, 1 - self.b2**self.t
-        for k, p in self.params.items():
-            g, m, v = grads[k], self.m[k], self.v[k]
-            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
-            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            buf = torch.sqrt(v).mul_(1 / math.sqrt(c2)).add_(self.eps)
-            torch.div(m, buf, out=buf)
-            buf.mul_(self.lr.view(-1, *([1] * (p.dim() - 1))) / c1)
-            p.detach().sub_(buf)
-
-    def _fused_step(self, grads: Mapping[str, torch.Tensor], lrs: np.ndarray) -> None:
-        from torch.optim.adam import adam
-
-        for value in np.unique(lrs):
-            if value <= 0:
-                continue
-            idx = np.flatnonzero(lrs == value).tolist()
-            ps, gs, ms, vs = [], [], [], []
-            for k, p in self.params.items():
-                for src, dst in ((p.detach(), ps), (grads[k], gs), (self.m[k], ms), (self.v[k], vs)):
-                    views = src.unbind(0)
-                    dst.extend(views[i] for i in idx)
-            steps = [torch.tensor(float(self.t - 1)) for _ in ps]
-            adam(ps, gs, ms, vs, [], steps, fused=True, amsgrad=False, beta1=self.b1, beta2=self.b2,
-                 lr=float(value), weight_decay=0.0, eps=self.eps, maximize=False)
-
-    def select(self, keep: torch.Tensor) -> None:
-        self.m = {k: v[keep] for k, v in self.m.items()}
-        self.v = {k: v[keep] for k, v in self.v.items()}
-
-
-@dataclass
-class _FitSpec:
-    """What :func:`_fit_batched` needs: per-model data (dict of [G, ...] tensors, compacted
-    together with the parameters), a per-model training loss, a per-model validation loss
-    and what to do with the finished (best) models."""
-
-    train_loss: Callable[[dict, dict, dict, torch.Tensor, "_Noise"], torch.Tensor]
-    val_loss: Callable[[dict, dict, dict], torch.Tensor]
-    finish: Callable[[dict, dict, dict, np.ndarray, np.ndarray], None]
-    lr: float
-    max_epochs: int
-    patience: int
-    batch_size: int
-    lr_factor: float | None = None
-    lr_patience: int = 10
-    lr_threshold: float = 1e-4
-
-
-def _fit_batched(params: dict, buffers: dict, data: dict, spec: _FitSpec, gen: torch.Generator) -> None:
-    """Train G models at once. ``data["train_rows"]`` [G, n_train] are each model's training
-    rows. Each epoch: a fresh per-model permutation, minibatches of near-equal size (never a
-    batch of 1 when n_train >= 2), Adam steps; then the validation loss per model, the
-    optional ReduceLROnPlateau rule (torch's: relative threshold 1e-4, reduce when more than
-    ``lr_patience`` epochs without improvement), best-state tracking and early stopping after
-    ``patience`` epochs without a strictly lower validation loss. Finished models are handed
-    to ``spec.finish`` with their best state and dropped from the batch (compaction)."""
-    G = next(iter(params.values())).shape[0]
-    device = next(iter(params.values())).device
-    ids = np.arange(G)
-    data.setdefault("slot", torch.arange(G, device=device))
-    noise = _Noise(gen, G)
-    for p in params.values():
-        p.requires_grad_(True)
-    lr = torch.full((G,), float(spec.lr), device=device)
-    opt = _Adam(params, lr)
-    best = {k: v.detach().clone() for k, v in {**params, **buffers}.items()}
-    best_val = torch.full((G,), math.inf, device=device)
-    sched_best = torch.full((G,), math.inf, device=device)
-    wait = torch.zeros(G, dtype=torch.long, device=device)
-    bad = torch.zeros(G, dtype=torch.long, device=device)
-    epochs = np.zeros(G, dtype=np.int64)
-    n_train = data["train_rows"].shape[1]
-    n_batches = max(1, math.ceil(n_train / spec.batch_size))
-    bounds = np.cumsum([0] + [len(c) for c in np.array_split(np.arange(n_train), n_batches)])
-
-    def finish(local: np.ndarray) -> None:
-        sel = torch.as_tensor(local, device=device)
-        bp = {k: best[k][sel] for k in params}
-        bb = {k: best[k][sel] for k in buffers}
-        dd = {k: v[sel] for k, v in data.items()}
-        with torch.no_grad():
-            spec.finish(bp, bb, dd, ids[local], epochs[local])
-
-    for epoch in range(spec.max_epochs):
-        noise.slots = data["slot"].detach().cpu()
-        perm = torch.argsort(noise.rand((n_train,)), dim=1).to(device)
-        rows_all = torch.take_along_dim(data["train_rows"], perm, dim=1)
-        for i in range(n_batches):
-            rows = rows_all[:, bounds[i]:bounds[i + 1]]
-            loss = spec.train_loss(params, buffers, data, rows, noise)
-            grads = torch.autograd.grad(loss.sum(), list(params.values()))
-            opt.step(dict(zip(params.keys(), grads)))
-        epochs += 1
-        with torch.no_grad():
-            val = spec.val_loss(params, buffers, data)
-            val = torch.where(torch.isfinite(val), val, torch.full_like(val, math.inf))
-            improved = val < best_val
-            if improved.any():
-                sel = torch.nonzero(improved).flatten()
-                for k, v in {**params, **buffers}.items():
-                    best[k][sel] = v.detach()[sel]
-                best_val = torch.where(improved, val, best_val)
-            wait = torch.where(improved, torch.zeros_like(wait), wait + 1)
-            if spec.lr_factor is not None:
-                better = val < sched_best * (1 - spec.lr_threshold)
-                sched_best = torch.where(better, val, sched_best)
-                bad = torch.where(better, torch.zeros_like(bad), bad + 1)
-                cut = bad > spec.lr_patience
-                opt.lr.mul_(torch.where(cut, spec.lr_factor, 1.0))
-                bad = torch.where(cut, torch.zeros_like(bad), bad)
-        done = (wait >= spec.patience).cpu().numpy()
-        if epoch == spec.max_epochs - 1:
-            done[:] = True
-        if done.any():
-            finish(np.flatnonzero(done))
-            if done.all():
-                break
-            keep_np = np.flatnonzero(~done)
-            keep = torch.as_tensor(keep_np, device=device)
-            ids, epochs = ids[keep_np], epochs[keep_np]
-            for k in list(params):
-                params[k] = params[k].detach()[keep].requires_grad_(True)
-            for k in list(buffers):
-                buffers[k] = buffers[k][keep]
-            for k in list(data):
-                data[k] = data[k][keep]
-            best = {k: v[keep] for k, v in best.items()}
-            opt.params = params
-            opt.lr = opt.lr[keep]
-            opt.select(keep)
-            best_val, sched_best, wait, bad = best_val[keep], sched_best[keep], wait[keep], bad[keep]
-
-
-def _model_chunks(n_models: int, params_per_model: int, data_per_model: int, budget_mb: float) -> list[np.ndarray]:
-    """Split model indices into chunks whose parameters (x6: weights, grads, two Adam moments,
-    best copy, temporaries) and data fit ``budget_mb``."""
-    per = (6 * params_per_model + 2 * data_per_model) * 4
-    size = int(max(1, min(n_models, budget_mb * 2**20 // max(per, 1))))
-    return [np.arange(i, min(i + size, n_models)) for i in range(0, n_models, size)]
-
-
-def _budget_mb(memory_mb: float | None, device: torch.device, cpu_default: float = 512.0) -> float:
-    """The memory budget of one stack of networks: the given one, else ``cpu_default`` on the
-    CPU and 8 times that on a GPU (fewer, larger stacks: GPU time is kernel launches)."""
-    if memory_mb is not None:
-        return float(memory_mb)
-    return cpu_default * (8.0 if torch.device(device).type == "cuda" else 1.0)
-
-
-def _standardize(X: torch.Tensor, train_rows: torch.Tensor) -> torch.Tensor:
-    """Per-model, per-feature z-scores with the training rows' mean and std (std < 1e-12 -> 1)."""
-    tr = torch.take_along_dim(X, train_rows[..., None], dim=1)
-    mu = tr.mean(1, keepdim=True)
-    sd = tr.std(1, unbiased=False, keepdim=True)
-    sd = torch.where(sd < 1e-12, torch.ones_like(sd), sd)
-    return (X - mu) / sd
 
 
 # --------------------------------------------------------------------------- learned
@@ -748,17 +491,12 @@ class AutoencoderConfig:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "patience", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"AutoencoderConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "tau") + (("memory_mb",) if self.memory_mb is not None else ()):
-            if not float(getattr(self, name)) > 0:
-                raise ConfigError(f"AutoencoderConfig.{name} must be > 0, got {getattr(self, name)}")
+        batched.check_training_settings(self, {"epochs": 1, "patience": 1, "batch_size": 1})
+        if not float(self.tau) > 0:
+            raise ConfigError(f"AutoencoderConfig.tau must be > 0, got {self.tau}")
         for name in ("beta", "noise", "view_noise"):
             if float(getattr(self, name)) < 0:
                 raise ConfigError(f"AutoencoderConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= float(self.dropout) < 1:
-            raise ConfigError(f"AutoencoderConfig.dropout must be in [0, 1), got {self.dropout}")
 
 
 _AE_LAYERS: dict[str, dict[str, list[int]]] = {
@@ -776,7 +514,7 @@ def _ae_init(kind: str, G: int, d: int, gen: torch.Generator) -> tuple[dict, dic
     buffers: dict[str, torch.Tensor] = {}
 
     def lin(name, i, o):
-        params[name + ".w"], params[name + ".b"] = _init_linear(G, i, o, gen)
+        params[name + ".w"], params[name + ".b"] = batched.init_linear(G, i, o, gen)
 
     def bn(name, h):
         params[name + ".g"] = torch.ones(G, 1, h)
@@ -812,25 +550,25 @@ def _ae_encode(kind, P, Bf, x, train, noise, cfg: AutoencoderConfig):
     h = x
     n_enc = len(_AE_LAYERS[kind]["enc"])
     for i in range(n_enc):
-        h = _linear(P, f"enc{i}", h)
+        h = batched.linear(P, f"enc{i}", h)
         if kind == "vae":
-            h = _batchnorm(P, Bf, f"enc{i}.bn", h, train)
+            h = batched.batchnorm(P, Bf, f"enc{i}.bn", h, train)
         h = torch.relu(h)
         if kind != "vae":
-            h = _dropout(h, cfg.dropout, train, noise)
+            h = batched.dropout(h, cfg.dropout, train, noise)
     if kind == "vae":
-        return _linear(P, "mu", h), _linear(P, "logvar", h)
-    return _linear(P, "latent", h), None
+        return batched.linear(P, "mu", h), batched.linear(P, "logvar", h)
+    return batched.linear(P, "latent", h), None
 
 
 def _ae_decode(kind, P, Bf, z, train):
     h = z
     for i in range(len(_AE_LAYERS[kind]["dec"])):
-        h = _linear(P, f"dec{i}", h)
+        h = batched.linear(P, f"dec{i}", h)
         if kind == "vae":
-            h = _batchnorm(P, Bf, f"dec{i}.bn", h, train)
+            h = batched.batchnorm(P, Bf, f"dec{i}.bn", h, train)
         h = torch.relu(h)
-    return _linear(P, "out", h)
+    return batched.linear(P, "out", h)
 
 
 def _info_nce(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
@@ -845,7 +583,7 @@ def _info_nce(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
     return -logp[:, torch.arange(2 * b, device=z.device), pos].mean(1)
 
 
-def _ae_loss(kind, P, Bf, x, train, noise: _Noise, cfg: AutoencoderConfig) -> torch.Tensor:
+def _ae_loss(kind, P, Bf, x, train, noise: batched.Noise, cfg: AutoencoderConfig) -> torch.Tensor:
     """Per-model loss [G] on x [G, b, d] (standardised)."""
     if kind == "vae":
         mu, logvar = _ae_encode(kind, P, Bf, x, train, noise, cfg)
@@ -869,7 +607,7 @@ def _ae_loss(kind, P, Bf, x, train, noise: _Noise, cfg: AutoencoderConfig) -> to
     rec = ((_ae_decode(kind, P, Bf, z1, train) - x) ** 2).mean((1, 2))
 
     def proj(z):
-        return _linear(P, "proj1", torch.relu(_linear(P, "proj0", z)))
+        return batched.linear(P, "proj1", torch.relu(batched.linear(P, "proj0", z)))
 
     return rec + _info_nce(proj(z1), proj(z2), cfg.tau)
 
@@ -906,7 +644,7 @@ def learned_features(
         raise ConfigError(f"{name!r} is not learned; valid learned representations: {', '.join(LEARNED)}")
     if not isinstance(config, AutoencoderConfig):
         raise ConfigError("config must be an AutoencoderConfig")
-    names = _check_matrices(matrices, names)
+    names = check_matrices(matrices, names)
     n = int(np.shape(matrices[names[0]])[0])
     s = _check_splits(splits, n)
     R = s.shape[0]
@@ -925,7 +663,7 @@ def learned_features(
     for d, group in by_dim.items():
         probe, _ = _ae_init(name, 1, d, torch.Generator().manual_seed(0))
         n_par = sum(int(v.numel()) for v in probe.values())
-        for idx in _model_chunks(len(group), n_par, n * d, _budget_mb(config.memory_mb, device, 1024.0)):
+        for idx in batched.model_chunks(len(group), n_par, n * d, batched.memory_budget_mb(config.memory_mb, device, 1024.0)):
             chunks.append((d, [group[i] for i in idx]))
     it: Iterable = chunks
     if progress:
@@ -942,7 +680,7 @@ def learned_features(
         tr = torch.as_tensor(np.stack([train_rows[r] for _, r in group]), device=device)
         has_val = all(len(val_rows[r]) > 0 for _, r in group)
         va = torch.as_tensor(np.stack([val_rows[r] for _, r in group]), device=device) if has_val else tr
-        X = _standardize(X, tr)
+        X = batched.standardize(X, tr)
         data = {"X": X, "train_rows": tr, "val_rows": va, "job": torch.arange(G, device=device)}
         val_gen_seed = int(config.seed) * 7919 + ci
 
@@ -952,7 +690,7 @@ def learned_features(
 
         def val_loss(P, Bf, D, G=G, val_gen_seed=val_gen_seed):
             x = torch.take_along_dim(D["X"], D["val_rows"][..., None], dim=1)
-            fixed = _Noise(torch.Generator().manual_seed(val_gen_seed), G, D["slot"])  # same views every epoch
+            fixed = batched.Noise(torch.Generator().manual_seed(val_gen_seed), G, D["slot"])  # same views every epoch
             return _ae_loss(name, P, Bf, x, False, fixed, config)
 
         def finish(P, Bf, D, local_ids, epochs, group=group):
@@ -962,7 +700,7 @@ def learned_features(
                 m, r = group[int(gid)]
                 out[m][r] = code[j]
 
-        spec = _FitSpec(train_loss, val_loss, finish, lr=config.lr, max_epochs=config.epochs,
+        spec = batched.FitSpec(train_loss, val_loss, finish, lr=config.lr, max_epochs=config.epochs,
                         patience=config.patience, batch_size=config.batch_size)
-        _fit_batched(params, buffers, data, spec, gen)
+        batched.fit_batched(params, buffers, data, spec, gen)
     return out

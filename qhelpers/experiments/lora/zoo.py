@@ -311,7 +311,7 @@ def _check_loaded(loaded: Any) -> None:
     for attr in ("model", "tokenizer", "arch", "spec"):
         if not hasattr(loaded, attr):
             raise ConfigError(
-                f"expected a LoadedModel (from qhelpers.models.load_model), got {type(loaded).__name__}; "
+                f"expected a LoadedModel (from qhelpers.models.loading.load_model), got {type(loaded).__name__}; "
                 "load the model with load_model(spec) first"
             )
 
