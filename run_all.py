@@ -6,7 +6,8 @@
                       [--device cpu|cuda] [--out DIR | --resume DIR] [--workers N]
                       [--cell-timeout SECONDS] [--write-goldens DIR] [--kernel NAME]
 
-Everything lives in :mod:`qhelpers.runner.cli` (``python run_all.py --help`` for details).
+The command line is :mod:`qhelpers.runner.cli`; :mod:`qhelpers.runner` lists the modules behind it
+(``python run_all.py --help`` for details).
 """
 import sys
 from pathlib import Path

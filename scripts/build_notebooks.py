@@ -8,6 +8,8 @@ The sources are the reviewed form of each notebook (plain text, diffable). Cell 
     # %%                     a code cell
 
 ``{colab_badge}`` in a markdown cell becomes the "Open in Colab" badge of that notebook.
+The cell tagged ``parameters`` must start with ``qhelpers.report.record.PARAMETERS_MARKER``: that
+line is how ``current_parameters`` finds the cell in a running kernel, which knows no tags.
 Cell ids are derived from the notebook name and position, so rebuilding is deterministic.
 
     python scripts/build_notebooks.py           # rebuild every notebook
@@ -22,6 +24,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's qhelpers, installed or not
+
+from qhelpers.report.record import PARAMETERS_MARKER
+
 SRC = ROOT / "notebooks" / "src"
 OUT = ROOT / "notebooks"
 GITHUB_REPO = "qhelpers/qhelpers"  # where Colab fetches the notebooks from; change for a fork
@@ -60,6 +66,8 @@ def parse(source: str, stem: str) -> list[dict]:
             text = "\n".join(lines).replace("{colab_badge}", colab_badge(stem))
             out.append({"cell_type": "markdown", "id": f"{stem}-{index:02d}", "metadata": {}, "source": text})
         else:
+            if "parameters" in cell["tags"] and not (lines and lines[0].startswith(PARAMETERS_MARKER)):
+                raise SystemExit(f"{stem}: the cell tagged 'parameters' must start with the line {PARAMETERS_MARKER!r}")
             metadata = {"tags": cell["tags"]} if cell["tags"] else {}
             out.append(
                 {

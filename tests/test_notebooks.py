@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from qhelpers.report.record import PARAMETERS_MARKER
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
@@ -36,8 +38,10 @@ def test_notebook_conventions(path):
     assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
     names = {t.id for node in ast.parse("".join(tagged[0]["source"])).body if isinstance(node, ast.Assign) for t in node.targets}
     assert {"MODEL", "DEVICE", "SEED", "OUTPUT_DIR"} <= names
+    assert "".join(tagged[0]["source"]).startswith(PARAMETERS_MARKER), "current_parameters finds the cell by it"
     source = "\n".join("".join(c["source"]) for c in code)
     assert len(re.findall(r"^\s*(def|class) ", source, flags=re.M)) == 0, "computations belong in qhelpers"
     assert "google.colab" in source, "a setup cell that installs qhelpers only in Colab"
     assert "write_results(" in source and "Hypothesis.evaluate(" in source
+    assert re.search(r"current_parameters\(\s*globals\(\)", source), "parameters are recorded from the parameters cell, not typed again"
     assert not any(o for c in code for o in c.get("outputs", [])), "sources carry no outputs"

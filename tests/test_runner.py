@@ -17,7 +17,25 @@ from pathlib import Path
 
 import pytest
 
-from qhelpers.runner import cli as R
+from qhelpers.runner.cli import main
+from qhelpers.runner.environment import (
+    check_kernel,
+    cpu_threads_per_worker,
+    kernel_env,
+    visible_gpus,
+)
+from qhelpers.runner.errors import RunnerError
+from qhelpers.runner.locks import FileLock
+from qhelpers.runner.notebooks import notebook_purpose
+from qhelpers.runner.params import (
+    notebook_parameters,
+    parameters_hash,
+    parse_parameters_source,
+    parse_value,
+)
+from qhelpers.runner.plan import plan_parameters
+from qhelpers.runner.profiles import load_profiles, profile_parameters
+from qhelpers.runner.summary import fmt_duration, verdict_counts, write_summary
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "tests" / "fixtures" / "notebooks"
@@ -31,9 +49,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 def _kernel_available() -> bool:
     try:
-        R.check_kernel("python3")
+        check_kernel("python3")
         return True
-    except R.RunnerError:
+    except RunnerError:
         return False
 
 
@@ -98,7 +116,7 @@ OUTPUT_DIR = None
 
 
 def test_parse_parameters_names_and_defaults():
-    params = R.parse_parameters_source(PARAMS_SRC)
+    params = parse_parameters_source(PARAMS_SRC)
     assert list(params) == ["MODEL", "N", "A", "B", "DEVICE", "LANGS", "X", "cfg", "OUTPUT_DIR"]
     assert params["MODEL"].default == "gpt2" and params["MODEL"].literal
     assert params["N"].default == 4 and params["N"].annotation == "int"
@@ -111,23 +129,23 @@ def test_parse_parameters_names_and_defaults():
 
 
 def test_parse_parameters_syntax_error_names_the_cell():
-    with pytest.raises(R.RunnerError, match="cannot parse the parameters cell"):
-        R.parse_parameters_source("MODEL = (")
+    with pytest.raises(RunnerError, match="cannot parse the parameters cell"):
+        parse_parameters_source("MODEL = (")
 
 
 def test_notebook_parameters_and_purpose_of_fixtures():
-    a = R.notebook_parameters(FIX / "a_ok.ipynb")
+    a = notebook_parameters(FIX / "a_ok.ipynb")
     assert {"MODEL", "LANGS", "N_TEXTS", "N_BOOT", "SEED", "DEVICE", "STATEMENT", "OUTPUT_DIR"} <= set(a)
     assert a["LANGS"].default == ["en", "sw"]
-    assert R.notebook_parameters(FIX / "c_sleep.ipynb")["SLEEP"].default == 3.0
+    assert notebook_parameters(FIX / "c_sleep.ipynb")["SLEEP"].default == 3.0
     # metadata qhelpers.purpose wins; else the first markdown heading
-    assert R.notebook_purpose(FIX / "a_ok.ipynb").startswith("Fixture: succeeds")
-    assert R.notebook_purpose(FIX / "b_fail.ipynb") == "Fixture that raises"
-    assert R.notebook_purpose(FIX / "c_sleep.ipynb") == "Fixture that sleeps"
+    assert notebook_purpose(FIX / "a_ok.ipynb").startswith("Fixture: succeeds")
+    assert notebook_purpose(FIX / "b_fail.ipynb") == "Fixture that raises"
+    assert notebook_purpose(FIX / "c_sleep.ipynb") == "Fixture that sleeps"
 
 
 def test_list_prints_each_notebook_with_its_purpose(capsys):
-    assert R.main([*BASE, "--list"]) == 0
+    assert main([*BASE, "--list"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [ln.split()[0] for ln in lines] == ["a_ok", "b_fail", "c_sleep"]
     assert "Fixture that raises" in lines[1]
@@ -143,19 +161,19 @@ def test_list_prints_each_notebook_with_its_purpose(capsys):
     ("__import__('os').system('false')", "__import__('os').system('false')"),
 ])
 def test_parse_value_is_yaml_never_eval(text, value):
-    assert R.parse_value(text) == value
+    assert parse_value(text) == value
 
 
 def test_parse_value_bad_yaml():
-    with pytest.raises(R.RunnerError, match="cannot parse value"):
-        R.parse_value("[unclosed")
+    with pytest.raises(RunnerError, match="cannot parse value"):
+        parse_value("[unclosed")
 
 
 def _plan(profile="ci", overrides=(), stems=("a_ok", "b_fail", "c_sleep")):
     nbs = [FIX / f"{s}.ipynb" for s in stems]
-    defined = {p.stem: R.notebook_parameters(p) for p in nbs}
-    profiles = R.load_profiles(PROFILES)
-    plans, notes = R.plan_parameters(nbs, defined, profiles, profile, overrides, PROFILES)
+    defined = {p.stem: notebook_parameters(p) for p in nbs}
+    profiles = load_profiles(PROFILES)
+    plans, notes = plan_parameters(nbs, defined, profiles, profile, overrides, PROFILES)
     return {p.stem: p.parameters for p in plans}, notes
 
 
@@ -171,34 +189,34 @@ def test_profile_all_applies_only_where_defined_and_notebook_entries_win():
 
 
 def test_profile_errors(tmp_path):
-    with pytest.raises(R.RunnerError, match=r"sets NOT_A_PARAM for b_fail.*defines: MESSAGE, MODEL, OUTPUT_DIR"):
+    with pytest.raises(RunnerError, match=r"sets NOT_A_PARAM for b_fail.*defines: MESSAGE, MODEL, OUTPUT_DIR"):
         _plan("bad")
-    with pytest.raises(R.RunnerError, match="unknown profile 'nope'.*available profiles: bad, ci, full, quick"):
+    with pytest.raises(RunnerError, match="unknown profile 'nope'.*available profiles: bad, ci, full, quick"):
         _plan("nope")
     p = tmp_path / "p.yaml"
     p.write_text("ci:\n  _all: {OUTPUT_DIR: x}\n")
-    with pytest.raises(R.RunnerError, match="runner always sets"):
-        R.load_profiles(p)
+    with pytest.raises(RunnerError, match="runner always sets"):
+        load_profiles(p)
     p.write_text("ci: [1, 2]\n")
-    with pytest.raises(R.RunnerError, match="must be a mapping"):
-        R.load_profiles(p)
+    with pytest.raises(RunnerError, match="must be a mapping"):
+        load_profiles(p)
     p.write_text("quick:\nci:\n  a_ok:\n")
-    assert R.load_profiles(p) == {"quick": {}, "ci": {"a_ok": {}}}
-    assert R.load_profiles(tmp_path / "missing.yaml") == {}
+    assert load_profiles(p) == {"quick": {}, "ci": {"a_ok": {}}}
+    assert load_profiles(tmp_path / "missing.yaml") == {}
     # quick needs no file: the notebooks' own defaults
-    assert R.profile_parameters({}, "quick", "a_ok", {"MODEL"}) == {}
+    assert profile_parameters({}, "quick", "a_ok", {"MODEL"}) == {}
 
 
 def test_repo_profiles_file_has_the_three_profiles():
-    profiles = R.load_profiles(REPO / "notebooks" / "profiles.yaml")
+    profiles = load_profiles(REPO / "notebooks" / "profiles.yaml")
     assert set(profiles) >= {"ci", "quick", "full"}
     assert profiles["quick"] == {}
     assert profiles["ci"]["_all"]["N_TEXTS"] == 4 and profiles["ci"]["_all"]["N_BOOT"] == 200
     assert profiles["ci"]["exp003_kurtosis"]["MODEL"] == "tiny:bloom"
     assert profiles["full"]["_all"] == {"N_TEXTS": None, "N_BOOT": 2000}
     defined = {"MODEL", "N_TEXTS", "N_BOOT"}
-    assert R.profile_parameters(profiles, "ci", "exp003_kurtosis", defined)["MODEL"] == "tiny:bloom"
-    assert R.profile_parameters(profiles, "ci", "exp005_layer_ablation", defined)["MODEL"] == "tiny:gpt2"
+    assert profile_parameters(profiles, "ci", "exp003_kurtosis", defined)["MODEL"] == "tiny:bloom"
+    assert profile_parameters(profiles, "ci", "exp005_layer_ablation", defined)["MODEL"] == "tiny:gpt2"
 
 
 def test_cli_overrides_precedence_and_partial_names():
@@ -213,30 +231,30 @@ def test_cli_overrides_precedence_and_partial_names():
 
 
 def test_unknown_parameter_exits_2_listing_parameters(capsys, tmp_path):
-    rc = R.main([*BASE, "--out", str(tmp_path / "o"), "-p", "NOT_DEFINED", "1"])
+    rc = main([*BASE, "--out", str(tmp_path / "o"), "-p", "NOT_DEFINED", "1"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "unknown parameter 'NOT_DEFINED'" in err
     assert "a_ok: MODEL, LANGS, N_TEXTS" in err and "c_sleep: SLEEP, N_TEXTS, OUTPUT_DIR" in err
     assert not (tmp_path / "o").exists()
     # a name only one selected notebook lacks is an error when that notebook is all that runs
-    assert R.main([*BASE, "--only", "b_fail", "-p", "SLEEP", "1"]) == 2
+    assert main([*BASE, "--only", "b_fail", "-p", "SLEEP", "1"]) == 2
     assert "b_fail: MODEL, MESSAGE, OUTPUT_DIR" in capsys.readouterr().err
-    assert R.main([*BASE, "--device", "cuda", "--only", "c_sleep"]) == 2  # DEVICE not defined there
+    assert main([*BASE, "--device", "cuda", "--only", "c_sleep"]) == 2  # DEVICE not defined there
     capsys.readouterr()
-    assert R.main([*BASE, "-p", "OUTPUT_DIR", "x"]) == 2
+    assert main([*BASE, "-p", "OUTPUT_DIR", "x"]) == 2
     assert "set by the runner" in capsys.readouterr().err
 
 
 def test_unknown_only_exits_2_listing_notebooks(capsys):
-    assert R.main([*BASE, "--only", "a_ok", "nope"]) == 2
+    assert main([*BASE, "--only", "a_ok", "nope"]) == 2
     err = capsys.readouterr().err
     assert "unknown notebook(s) nope" in err
     assert all(f"  {s}" in err for s in ("a_ok", "b_fail", "c_sleep"))
 
 
 def test_missing_kernel_message(capsys, tmp_path):
-    rc = R.main([*BASE, "--kernel", "no_such_kernel_qh", "--out", str(tmp_path / "o")])
+    rc = main([*BASE, "--kernel", "no_such_kernel_qh", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2
     assert "kernel 'no_such_kernel_qh' not found" in err
@@ -245,33 +263,33 @@ def test_missing_kernel_message(capsys, tmp_path):
 
 
 def test_bad_profile_entry_exits_2(capsys):
-    assert R.main([*BASE, "--profile", "bad"]) == 2
+    assert main([*BASE, "--profile", "bad"]) == 2
     assert "NOT_A_PARAM" in capsys.readouterr().err
 
 
 def test_parameters_hash_ignores_key_order():
-    h1 = R.parameters_hash({"A": 1, "B": [1, 2], "C": None})
-    assert h1 == R.parameters_hash({"C": None, "B": [1, 2], "A": 1})
-    assert h1 != R.parameters_hash({"A": 1, "B": [2, 1], "C": None})
+    h1 = parameters_hash({"A": 1, "B": [1, 2], "C": None})
+    assert h1 == parameters_hash({"C": None, "B": [1, 2], "A": 1})
+    assert h1 != parameters_hash({"A": 1, "B": [2, 1], "C": None})
 
 
 def test_visible_gpus():
-    assert R.visible_gpus({}, torch_count=2) == ["0", "1"]
-    assert R.visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}, torch_count=2) == ["2", "3"]
-    assert R.visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3,5"}, torch_count=None) == ["2", "3", "5"]
-    assert R.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, torch_count=None) == []
-    assert R.visible_gpus({"CUDA_VISIBLE_DEVICES": "1,-1,2"}, torch_count=None) == ["1"]
-    assert R.visible_gpus({}, torch_count=None) == []
-    assert R.visible_gpus({}, torch_count=0) == []
+    assert visible_gpus({}, torch_count=2) == ["0", "1"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}, torch_count=2) == ["2", "3"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3,5"}, torch_count=None) == ["2", "3", "5"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, torch_count=None) == []
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "1,-1,2"}, torch_count=None) == ["1"]
+    assert visible_gpus({}, torch_count=None) == []
+    assert visible_gpus({}, torch_count=0) == []
 
 
 def test_second_runner_in_the_same_folder_is_refused(capsys, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
-    lock = R._Lock(out / ".runner.lock")
+    lock = FileLock(out / ".runner.lock")
     assert lock.acquire()
     try:
-        assert R.main([*BASE, "--only", "a_ok", "--out", str(out)]) == 2
+        assert main([*BASE, "--only", "a_ok", "--out", str(out)]) == 2
         assert "another run_all.py is running" in capsys.readouterr().err
     finally:
         lock.release()
@@ -305,7 +323,7 @@ def _fake_run(out: Path) -> None:
 def test_summary_escapes_html_and_lists_every_hypothesis(tmp_path):
     out = tmp_path / "run"
     _fake_run(out)
-    rows = R.write_summary(out, {"profile": "ci", "kernel": "python3", "state": "finished"}, ["nb_one", "nb_three"])
+    rows = write_summary(out, {"profile": "ci", "kernel": "python3", "state": "finished"}, ["nb_one", "nb_three"])
     assert [r["stem"] for r in rows] == ["nb_one", "nb_three", "nb_two"]
     page = (out / "index.html").read_text(encoding="utf-8")
     md = (out / "summary.md").read_text(encoding="utf-8")
@@ -325,11 +343,11 @@ def test_summary_escapes_html_and_lists_every_hypothesis(tmp_path):
 
 
 def test_progress_helpers():
-    assert R.fmt_duration(3.21) == "3.2 s" and R.fmt_duration(41.4) == "41 s"
-    assert R.fmt_duration(125) == "2 min 05 s"
-    assert R.verdict_counts([{"verdict": "INCONCLUSIVE"}, {"verdict": "SUPPORTED"}]) == \
+    assert fmt_duration(3.21) == "3.2 s" and fmt_duration(41.4) == "41 s"
+    assert fmt_duration(125) == "2 min 05 s"
+    assert verdict_counts([{"verdict": "INCONCLUSIVE"}, {"verdict": "SUPPORTED"}]) == \
         "2 hypotheses: 1 SUPPORTED, 1 INCONCLUSIVE"
-    assert R.verdict_counts([]) == "no hypotheses"
+    assert verdict_counts([]) == "no hypotheses"
 
 
 # --------------------------------------------------------------------------- real runs
@@ -506,13 +524,13 @@ def test_sigint_marks_interrupted_and_exits_130(tmp_path):
 
 
 def test_cpu_workers_share_the_cores_and_the_users_setting_wins(monkeypatch):
-    assert R.cpu_threads_per_worker(1, cpu_count=16) is None
-    assert R.cpu_threads_per_worker(2, cpu_count=2) == 1
-    assert R.cpu_threads_per_worker(3, cpu_count=16) == 5
-    assert R.cpu_threads_per_worker(4, cpu_count=2) == 1
+    assert cpu_threads_per_worker(1, cpu_count=16) is None
+    assert cpu_threads_per_worker(2, cpu_count=2) == 1
+    assert cpu_threads_per_worker(3, cpu_count=16) == 5
+    assert cpu_threads_per_worker(4, cpu_count=2) == 1
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("MKL_NUM_THREADS", "7")
-    env = R._kernel_env("quick", None, threads=1)
+    env = kernel_env("quick", None, threads=1)
     assert env["OMP_NUM_THREADS"] == "1" and env["OPENBLAS_NUM_THREADS"] == "1"
     assert env["MKL_NUM_THREADS"] == "7"
-    assert "OMP_NUM_THREADS" not in R._kernel_env("quick", None, threads=None)
+    assert "OMP_NUM_THREADS" not in kernel_env("quick", None, threads=None)

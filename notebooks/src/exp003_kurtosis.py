@@ -46,6 +46,7 @@ if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers", "bitsandbytes"], check=True)
 
 # %% tags=["parameters"]
+# Notebook parameters: papermill and run_all.py -p override them; results.json records their values
 MODEL = "embedded:smollm2-135m"   # hub id, local folder, embedded:<name> or tiny:<arch>
 CORPUS = "udhr"                   # "udhr" (50 parallel paragraphs) or "seed-exp003" (the seed's sentences)
 LANGS = ["en", "fr", "zh", "ar", "he", "sw"]  # seed 003's six languages
@@ -73,6 +74,7 @@ from qhelpers.models.loading import load_model
 from qhelpers.quant.engine import Variant
 from qhelpers.quant.quantizers import QuantConfig
 from qhelpers.report import plots
+from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
     print_verdicts,
@@ -292,8 +294,7 @@ metrics = {
     "clipping_weight_errors": weight_errors,
     "seconds": {**sweep.seconds, "nf4": nf4.seconds},
 }
-parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, N_TEXTS=N_TEXTS, BITS=BITS, NF4_PATH=NF4_PATH, CLIPPING=CLIPPING,
-                  MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
+parameters = current_parameters(globals(), DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"])
 path = write_results(OUTPUT_DIR, "exp003_kurtosis", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

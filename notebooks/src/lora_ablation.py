@@ -35,6 +35,7 @@ if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
 # %% tags=["parameters"]
+# Notebook parameters: papermill and run_all.py -p override them; results.json records their values
 MODEL = "embedded:smollm2-135m"   # base model the adapters are trained on
 ZOO = None                        # None: build the zoo (cached); or the folder of a zoo (PEFT adapters + labels.csv)
 CORPUS = "udhr"                   # texts the adapters are trained on
@@ -74,6 +75,7 @@ from qhelpers.experiments.lora.zoo import (
 )
 from qhelpers.models.loading import load_model
 from qhelpers.report import plots
+from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
     atomic_write_json,
@@ -246,11 +248,11 @@ metrics = {
     "effective_rank_classifier": erank.summary(),
     "classifier_config": config,
 }
-parameters = dict(MODEL=MODEL, ZOO=ZOO, CORPUS=CORPUS, LANGS=LANGS, N_TEXTS=N_TEXTS, ADAPTERS_PER_LANG=ADAPTERS_PER_LANG,
-                  TEXTS_PER_ADAPTER=TEXTS_PER_ADAPTER, STEPS=STEPS, MAX_LENGTH=MAX_LENGTH, RANK=RANK, TARGETS=TARGETS,
-                  TOP_K=TOP_K, N_RUNS=N_RUNS, REPRESENTATIONS=REPRESENTATIONS, BASELINE_REPR=BASELINE_REPR,
-                  DEVICE=DEVICE if loaded is None else str(loaded.device),
-                  DTYPE=DTYPE if loaded is None else loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
+parameters = current_parameters(
+    globals(),
+    DEVICE=DEVICE if loaded is None else str(loaded.device),
+    DTYPE=DTYPE if loaded is None else loaded.metadata["dtype"],
+)
 path = write_results(OUTPUT_DIR, "lora_ablation", parameters, metrics, hypotheses, figures,
                      loaded.metadata if loaded is not None else {"zoo_manifest": zoo.manifest})
 print("wrote", path)

@@ -55,6 +55,7 @@ if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
 # %% tags=["parameters"]
+# Notebook parameters: papermill and run_all.py -p override them; results.json records their values
 MODEL = "embedded:smollm2-135m"   # hub id, local folder, embedded:<name> or tiny:<arch>
 CORPUS = "udhr"                   # "udhr" (parallel paragraphs) or "seed-exp032" (the seeds' fox sentence; en, he, ar)
 LANGS = ["en", "de", "fr", "zh", "ar", "he", "sw"]
@@ -87,6 +88,7 @@ from qhelpers.models.loading import load_model
 from qhelpers.quant import strategies
 from qhelpers.quant.engine import QuantEngine
 from qhelpers.report import plots
+from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
     print_verdicts,
@@ -424,10 +426,7 @@ metrics = {
     "index_comparison": comparison,
     "seconds": sweep.seconds,
 }
-parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
-                  PROTOCOL=PROTOCOL, BITS=BITS, STRATEGIES=STRATEGIES, LAYER_SWEEP=LAYER_SWEEP,
-                  MAX_SWEEP_LAYERS=MAX_SWEEP_LAYERS, DETAIL=DETAIL, RANDOM_DRAWS=RANDOM_DRAWS,
-                  PRECISION_BITS=PRECISION_BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
+parameters = current_parameters(globals(), DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"])
 path = write_results(OUTPUT_DIR, "protection_strategies", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

@@ -62,6 +62,7 @@ if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
 # %% tags=["parameters"]
+# Notebook parameters: papermill and run_all.py -p override them; results.json records their values
 MODEL = "embedded:smollm2-135m"   # hub id, local folder, embedded:<name> or tiny:<arch>
 CORPUS = "udhr"                   # "udhr" (50 parallel paragraphs per language)
 LANGS = ["en", "de", "fr", "zh", "ar", "he", "sw"]
@@ -92,6 +93,7 @@ from qhelpers.measure.scoring import MeasureConfig
 from qhelpers.measure.weight_stats import layer_table
 from qhelpers.models.loading import load_model
 from qhelpers.report import plots
+from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
     print_verdicts,
@@ -238,10 +240,7 @@ metrics = {
                      "variance_accuracy_previous": r_var_prev, "entropy_criticality": r_entropy_crit,
                      "accuracy_criticality": r_acc_crit},
 }
-parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
-                  CRIT_N_TEXTS=CRIT_N_TEXTS,
-                  MAX_TOKENS_PER_TEXT=MAX_TOKENS_PER_TEXT, K_CLASSES=K_CLASSES, TEST_FRAC=TEST_FRAC, VAL_FRAC=VAL_FRAC,
-                  BITS=BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
+parameters = current_parameters(globals(), DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"])
 path = write_results(OUTPUT_DIR, "t001_information_content", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

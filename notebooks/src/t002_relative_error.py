@@ -51,6 +51,7 @@ if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
 # %% tags=["parameters"]
+# Notebook parameters: papermill and run_all.py -p override them; results.json records their values
 MODEL = "embedded:smollm2-135m"   # hub id, local folder, embedded:<name> or tiny:<arch>
 CORPUS = "udhr"                   # "udhr": 50 parallel paragraphs per language
 LANGS = ["en", "de", "fr", "zh", "ar", "he", "sw"]
@@ -78,6 +79,7 @@ from qhelpers.measure.scoring import MeasureConfig
 from qhelpers.models.loading import load_model
 from qhelpers.quant import strategies
 from qhelpers.report import plots
+from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
     print_verdicts,
@@ -248,9 +250,7 @@ metrics = {
     "correlations": corr.reset_index(drop=True),
     "correlations_by_group": corr_group.reset_index(drop=True),
 }
-parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
-                  QUANTIZERS=QUANTIZERS, PROTOCOL=PROTOCOL, BITS=BITS, COMPONENTS=COMPONENTS, MAX_LENGTH=MAX_LENGTH,
-                  DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
+parameters = current_parameters(globals(), DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"])
 path = write_results(OUTPUT_DIR, "t002_relative_error", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

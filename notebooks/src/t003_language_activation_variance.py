@@ -48,6 +48,7 @@ if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
 # %% tags=["parameters"]
+# Notebook parameters: papermill and run_all.py -p override them; results.json records their values
 MODEL = "embedded:smollm2-135m"   # hub id, local folder, embedded:<name> or tiny:<arch>
 CORPUS = "udhr"                   # "udhr": 50 parallel paragraphs per language
 LANGS = ["en", "de", "fr", "zh", "ar", "he", "sw"]
@@ -78,6 +79,7 @@ from qhelpers.measure.criticality import layer_criticality
 from qhelpers.measure.scoring import MeasureConfig
 from qhelpers.models.loading import load_model
 from qhelpers.report import plots
+from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
     print_verdicts,
@@ -225,9 +227,7 @@ metrics = {
     "spearman_cross_var_criticality": r_var,
     "spearman_cross_var_depth": r_depth,
 }
-parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
-                  BITS=BITS, MAX_LENGTH=MAX_LENGTH, MAX_TOKENS_PER_TEXT=MAX_TOKENS_PER_TEXT, BATCH_SIZE=BATCH_SIZE,
-                  MASSIVE_RATIO=MASSIVE_RATIO, DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
+parameters = current_parameters(globals(), DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"])
 path = write_results(OUTPUT_DIR, "t003_language_activation_variance", parameters, metrics, hypotheses, figures,
                      loaded.metadata)
 print("wrote", path)

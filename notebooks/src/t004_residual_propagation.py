@@ -41,6 +41,7 @@ if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
 # %% tags=["parameters"]
+# Notebook parameters: papermill and run_all.py -p override them; results.json records their values
 MODEL = "embedded:smollm2-135m"   # hub id, local folder, embedded:<name> or tiny:<arch>
 CORPUS = "udhr"                   # 50 parallel paragraphs per language
 LANGS = ["en", "de", "he", "sw"]  # seed 000's languages
@@ -63,6 +64,7 @@ import pandas as pd
 from qhelpers.experiments import error_propagation
 from qhelpers.models.loading import load_model
 from qhelpers.report import plots
+from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
     print_verdicts,
@@ -228,8 +230,7 @@ metrics = {
     "lr_vs_hr": lr_table,
     "seconds": prop.seconds,
 }
-parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
-                  PROTOCOL=PROTOCOL, BITS=BITS, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
+parameters = current_parameters(globals(), DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"])
 path = write_results(OUTPUT_DIR, "t004_residual_propagation", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

@@ -62,6 +62,7 @@ if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
 # %% tags=["parameters"]
+# Notebook parameters: papermill and run_all.py -p override them; results.json records their values
 MODEL = "embedded:smollm2-135m"   # hub id, local folder, embedded:<name> or tiny:<arch>
 LANGS = ["he", "ar", "en", "de", "fr", "sw"]
 MRL_LANGS = ["he", "ar"]          # the morphologically rich languages of H3.2
@@ -86,6 +87,7 @@ import pandas as pd
 from qhelpers.experiments import morphology
 from qhelpers.models.loading import load_model
 from qhelpers.report import plots
+from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
     print_verdicts,
@@ -249,9 +251,7 @@ metrics = {
     "h32c_recovery_difference": h32c.to_dict(),
     "gateway_recovery_difference": gateway_mrl_vs_hr.to_dict(),
 }
-parameters = dict(MODEL=MODEL, LANGS=LANGS, MRL_LANGS=MRL_LANGS, HR_LANGS=HR_LANGS, N_TEXTS=N_TEXTS, PROTOCOL=PROTOCOL, BITS=BITS,
-                  PEAK_DEPTH=PEAK_DEPTH, DEPTH_TOLERANCE=DEPTH_TOLERANCE, TIE=TIE, BATCH_TOKENS=BATCH_TOKENS,
-                  DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
+parameters = current_parameters(globals(), DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"])
 path = write_results(OUTPUT_DIR, "t008_morphological_probing", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

@@ -47,6 +47,7 @@ if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
 # %% tags=["parameters"]
+# Notebook parameters: papermill and run_all.py -p override them; results.json records their values
 MODEL = "embedded:smollm2-135m"   # hub id, local folder, embedded:<name> or tiny:<arch>
 CORPUS = "udhr"                   # must be parallel: "udhr" (50 paragraphs per language)
 LANGS = ["en", "de", "fr", "zh", "ar", "he", "sw"]
@@ -75,6 +76,7 @@ from qhelpers.experiments.representation_geometry import (
 )
 from qhelpers.models.loading import load_model
 from qhelpers.report import plots
+from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
     print_verdicts,
@@ -206,9 +208,7 @@ metrics = {
     "peak_raw": {"layers": peak_raw["layers"], "depth": peak_raw["depth"].to_dict(), "distance": peak_raw["distance"].to_dict()},
     "lr_minus_hr_peak": lr_vs_hr.to_dict(),
 }
-parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, REF_LANG=REF_LANG, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS,
-                  N_TEXTS=N_TEXTS, MAX_LENGTH=MAX_LENGTH, BATCH_SIZE=BATCH_SIZE, TARGET_DEPTH=TARGET_DEPTH,
-                  TOLERANCE=TOLERANCE, DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
+parameters = current_parameters(globals(), DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"])
 path = write_results(OUTPUT_DIR, "t009_representation_convergence", parameters, metrics, hypotheses, figures,
                      loaded.metadata)
 print("wrote", path)

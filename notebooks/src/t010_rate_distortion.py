@@ -46,6 +46,7 @@ if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
 
 # %% tags=["parameters"]
+# Notebook parameters: papermill and run_all.py -p override them; results.json records their values
 MODEL = "embedded:smollm2-135m"   # hub id, local folder, embedded:<name> or tiny:<arch>
 CORPUS = "udhr"                   # 50 parallel paragraphs per language
 LANGS = ["en", "de", "he", "sw"]
@@ -79,6 +80,7 @@ from qhelpers.measure.scoring import MeasureConfig
 from qhelpers.measure.sweep import run_sweep
 from qhelpers.models.loading import load_model
 from qhelpers.report import plots
+from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
     print_verdicts,
@@ -258,10 +260,7 @@ metrics = {
     "seconds": sweep.seconds,
     "prefix_stats": sweep.prefix_stats,
 }
-parameters = dict(MODEL=MODEL, CORPUS=CORPUS, LANGS=LANGS, HR_LANGS=HR_LANGS, LR_LANGS=LR_LANGS, N_TEXTS=N_TEXTS,
-                  PROTOCOL=PROTOCOL, BITS_LIST=BITS_LIST, PROTECT_PCTS=PROTECT_PCTS, POLICY=POLICY,
-                  LAYER_ORDER=LAYER_ORDER, RULE=RULE, BITS=BITS, MODELS=MODELS, LOO_MARGIN_PCT=LOO_MARGIN_PCT,
-                  N_FIT_BOOT=N_FIT_BOOT, MAX_LENGTH=MAX_LENGTH, DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"], SEED=SEED, N_BOOT=N_BOOT)
+parameters = current_parameters(globals(), DEVICE=str(loaded.device), DTYPE=loaded.metadata["dtype"])
 path = write_results(OUTPUT_DIR, "t010_rate_distortion", parameters, metrics, hypotheses, figures, loaded.metadata)
 print("wrote", path)
 

@@ -1,1 +1,10 @@
-"""TODO"""
+"""Reporting: recording what an experiment measured and drawing it. May import ``measure`` and
+the layers below it; every notebook uses it.
+
+- ``results``: ``Hypothesis`` with its computed verdict, the environment, versions and git
+  commit, and the atomically written ``results.json``;
+- ``record``: ``current_parameters``, a notebook's parameters as run (the names its parameters
+  cell assigns, with papermill's overrides), read from the cells the kernel ran;
+- ``plots``: the standard figures (per-language bars, layer profiles and heatmaps, Pareto
+  fronts, estimates with intervals) and ``save_figure``.
+"""

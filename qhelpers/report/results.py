@@ -56,7 +56,7 @@ _VERDICTS = (_stats.SUPPORTED, _stats.NOT_SUPPORTED, _stats.INCONCLUSIVE)
 @dataclass(frozen=True)
 class Hypothesis:
     """One tested hypothesis. Build it with :meth:`evaluate` so the verdict is computed by
-    :func:`qhelpers.stats.scores.verdict` from the estimate's interval, never written by hand."""
+    :func:`qhelpers.stats.verdict` from the estimate's interval, never written by hand."""
 
     id: str
     statement: str
@@ -90,8 +90,8 @@ class Hypothesis:
         quantity: str | None = None,
         criterion: str | None = None,
     ) -> "Hypothesis":
-        """Judge ``estimate`` (an :class:`~qhelpers.stats.scores.Estimate` or the dict of
-        :func:`~qhelpers.stats.scores.correlation`) against ``threshold``.
+        """Judge ``estimate`` (an :class:`~qhelpers.stats.Estimate` or the dict of
+        :func:`~qhelpers.stats.correlation`) against ``threshold``.
 
         ``quantity`` names the estimate in the generated criterion (default "value", or "r"
         for a correlation); ``criterion`` replaces the generated text. An undefined

@@ -1,1 +1,32 @@
-"""TODO"""
+"""The notebook runner behind ``run_all.py``: executes every ``notebooks/*.ipynb`` headless with
+papermill, each in its own worker subprocess and kernel, and summarises their verdicts.
+
+It imports no numeric library (an import-linter contract): the process that supervises the
+kernels stays light. One run writes one folder::
+
+    runs/<UTC timestamp>/            (or --out DIR / --resume DIR)
+        summary.md  index.html       rewritten atomically after every notebook
+        run_config.json  runner.log  how the suite was invoked; the progress lines
+        <stem>/<stem>.ipynb          the executed notebook (partial if it failed)
+        <stem>/results.json, figures written by the notebook into OUTPUT_DIR
+        <stem>/log.txt               papermill's log and every cell's output
+        <stem>/run.json              status, parameters as run, their hash, times, error
+
+Modules, each importing only those above it in this list:
+
+- ``errors``: ``RunnerError`` (exit code 2) and the exit codes;
+- ``records``: run.json / results.json of a notebook folder, JSON written atomically;
+- ``notebooks``: finding, selecting and reading the notebooks (purpose line, code hash);
+- ``params``: a notebook's parameters cell (parsed with ``ast``, never run), ``-p`` values
+  (YAML, never eval), the parameters hash;
+- ``profiles``: ``notebooks/profiles.yaml`` (``_all`` and per-notebook values);
+- ``plan``: what each notebook gets injected (profile, then ``--model``/``--device``/``-p``);
+- ``environment``: the Jupyter kernel check, GPUs per worker, BLAS threads, the kernel's variables;
+- ``locks``: the run folder's and each notebook's lock;
+- ``processes``: worker sessions, death of the runner, killing a kernel left behind;
+- ``summary``: summary.md and index.html;
+- ``goldens``: ``--write-goldens`` (relative OUTPUT_DIR, copies for nbval);
+- ``worker``: one notebook executed with papermill (``python -m qhelpers.runner.worker JOB``);
+- ``supervise``: ``Runner``, the workers scheduled, stopped on a signal, resumed;
+- ``cli``: the command line, ``main`` (``python run_all.py --help``).
+"""

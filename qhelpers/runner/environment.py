@@ -1,0 +1,95 @@
+"""What a notebook's kernel runs in: the Jupyter kernel check, the GPUs a worker may be given,
+BLAS threads per worker and the kernel's environment variables.
+
+Kernel environment: ``MPLBACKEND`` = the inline backend, ``PYTHONHASHSEED=0``, ``QHELPERS_PROFILE=<profile>``,
+the repository root prepended to ``PYTHONPATH`` (so ``import qhelpers`` is this checkout), and
+with ``--workers N`` on a machine with several GPUs, one GPU per worker slot through
+``CUDA_VISIBLE_DEVICES``; several workers on the CPU share the cores (``OMP_NUM_THREADS`` and co.)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+from qhelpers.runner.errors import RunnerError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+
+
+def check_kernel(name: str) -> None:
+    """Raise RunnerError (with the install command) if Jupyter has no kernel ``name``."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    ksm = KernelSpecManager()
+    try:
+        ksm.get_kernel_spec(name)
+    except NoSuchKernel:
+        try:
+            avail = ", ".join(sorted(ksm.find_kernel_specs())) or "none"
+        except Exception:
+            avail = "unknown"
+        raise RunnerError(
+            f"Jupyter kernel {name!r} not found (installed kernels: {avail}). Install it with:\n"
+            f"  python -m ipykernel install --user --name {name}\n"
+            f"or pass --kernel NAME for an installed one."
+        ) from None
+
+
+def visible_gpus(env: Mapping[str, str] | None = None, torch_count: int | None = -1) -> list[str]:
+    """The GPU ids a worker may be given through CUDA_VISIBLE_DEVICES.
+
+    ``torch.cuda.device_count()`` when torch imports (``torch_count=-1`` means ask torch), the
+    entries of CUDA_VISIBLE_DEVICES naming those devices when it is set (so ``"2,3"`` stays
+    ``["2", "3"]``), else ``0..n-1``; without torch, the entries of CUDA_VISIBLE_DEVICES."""
+    env = os.environ if env is None else env
+    raw = env.get("CUDA_VISIBLE_DEVICES")
+    listed = [x.strip() for x in raw.split(",") if x.strip()] if raw is not None else None
+    if listed is not None:
+        # CUDA stops at the first invalid entry such as -1
+        valid: list[str] = []
+        for x in listed:
+            if x.startswith("-"):
+                break
+            valid.append(x)
+        listed = valid
+    if torch_count == -1:
+        try:
+            import torch
+
+            torch_count = int(torch.cuda.device_count())
+        except Exception:
+            torch_count = None
+    if torch_count is None:
+        return listed or []
+    if listed is not None:
+        return listed[:torch_count]
+    return [str(i) for i in range(torch_count)]
+
+
+def cpu_threads_per_worker(workers: int, cpu_count: int | None = None) -> int | None:
+    """BLAS threads for each of ``workers`` notebooks running side by side on the CPU: the
+    cores shared out (at least 1), or None for a single worker (the libraries' default).
+    Oversubscribed threads (2 kernels x all cores) made linear algebra up to 10x slower."""
+    if workers <= 1:
+        return None
+    return max(1, (cpu_count or os.cpu_count() or 1) // workers)
+
+
+def kernel_env(profile: str, gpu: str | None, threads: int | None = None) -> dict[str, str]:
+    """The environment of a notebook's worker and kernel: this process's, plus the settings above
+    (``gpu``: the one CUDA device it sees; ``threads``: BLAS threads, unless the user set them)."""
+    env = dict(os.environ)
+    if threads is not None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env.setdefault(var, str(threads))  # the user's own setting wins
+    # figures inline in the executed notebooks, whatever the caller's MPLBACKEND
+    env["MPLBACKEND"] = INLINE_BACKEND
+    env["PYTHONHASHSEED"] = "0"
+    env["QHELPERS_PROFILE"] = profile
+    env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # silences ipykernel's debugger warning
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + old if old else "")
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env

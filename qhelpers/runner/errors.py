@@ -1,0 +1,14 @@
+"""The runner's usage error and its exit codes (shared by the command line, the supervisor and the workers)."""
+from __future__ import annotations
+
+from qhelpers.util.errors import ConfigError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class RunnerError(ConfigError):
+    """A usage or configuration error of the runner (exit code 2)."""

@@ -1,0 +1,308 @@
+"""The run's summary: ``summary.md`` and ``index.html`` in the run folder, rewritten atomically after
+every notebook (the hypotheses across notebooks, then one row per notebook), and the short
+formats the progress lines share with them (durations, values with intervals, verdict counts)."""
+from __future__ import annotations
+
+import html
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from qhelpers.runner.records import (
+    STATUSES,
+    hypotheses_of,
+    load_record,
+    load_results,
+    utc_now,
+)
+from qhelpers.util.atomic import atomic_write_text
+
+VERDICTS = ("SUPPORTED", "NOT_SUPPORTED", "INCONCLUSIVE")
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """``3.2 s``, ``41 s``, ``2 min 05 s``, ``1 h 02 min``."""
+    if seconds is None:
+        return ""
+    s = float(seconds)
+    if s < 10:
+        return f"{s:.1f} s"
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 3600:
+        m, r = divmod(int(round(s)), 60)
+        return f"{m} min {r:02d} s"
+    h, r = divmod(int(round(s)), 3600)
+    return f"{h} h {r // 60:02d} min"
+
+
+def _fmt_num(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return str(v)
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if not math.isfinite(f):
+        return "n/a"
+    return f"{f:.4g}"
+
+
+def fmt_value_ci(h: Mapping[str, Any]) -> str:
+    """``0.123 [0.05, 0.2]`` (``n/a`` for a missing or non-finite number)."""
+    value = _fmt_num(h.get("value"))
+    if h.get("ci_low") is None and h.get("ci_high") is None:
+        return value
+    return f"{value} [{_fmt_num(h.get('ci_low'))}, {_fmt_num(h.get('ci_high'))}]"
+
+
+def verdict_counts(hypotheses: Sequence[Mapping[str, Any]]) -> str:
+    """``2 hypotheses: 1 SUPPORTED, 1 INCONCLUSIVE`` / ``no hypotheses``."""
+    if not hypotheses:
+        return "no hypotheses"
+    counts: dict[str, int] = {}
+    for h in hypotheses:
+        v = str(h.get("verdict", "?"))
+        counts[v] = counts.get(v, 0) + 1
+    order = [v for v in VERDICTS if v in counts] + sorted(v for v in counts if v not in VERDICTS)
+    n = len(hypotheses)
+    word = "hypothesis" if n == 1 else "hypotheses"
+    return f"{n} {word}: " + ", ".join(f"{counts[v]} {v}" for v in order)
+
+
+def _model_name(results: Mapping[str, Any] | None, rec: Mapping[str, Any]) -> str:
+    model = (results or {}).get("model")
+    if isinstance(model, Mapping):
+        for key in ("spec", "name", "id", "model"):
+            if model.get(key):
+                return str(model[key])
+    elif isinstance(model, str) and model:
+        return model
+    params = rec.get("parameters") or {}
+    if params.get("MODEL"):
+        return str(params["MODEL"])
+    defaults = rec.get("defaults") or {}
+    return str(defaults["MODEL"]) if defaults.get("MODEL") is not None else ""
+
+
+def collect_records(out_dir: Path, stems: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """One entry per notebook of the run folder (every ``<stem>/run.json``) plus ``stems`` not
+    started yet (status pending), sorted by stem; each with its results.json loaded."""
+    out_dir = Path(out_dir)
+    names = set(stems)
+    if out_dir.is_dir():
+        for d in out_dir.iterdir():
+            if d.is_dir() and not d.name.startswith(".") and (d / "run.json").is_file():
+                names.add(d.name)
+    rows = []
+    for stem in sorted(names):
+        nb_dir = out_dir / stem
+        rec = load_record(nb_dir) or {"notebook": stem, "status": "pending"}
+        rec.setdefault("notebook", stem)
+        results, err = load_results(nb_dir)
+        figures = []
+        if results:
+            for f in results.get("figures") or []:
+                figures.append(f"{stem}/{Path(str(f)).as_posix()}")
+        exec_nb = nb_dir / f"{stem}.ipynb"
+        rows.append({
+            "stem": stem,
+            "record": rec,
+            "results": results,
+            "results_error": err,
+            "hypotheses": hypotheses_of(results),
+            "figures": figures,
+            "notebook_link": f"{stem}/{stem}.ipynb" if exec_nb.is_file() else None,
+            "log_link": f"{stem}/log.txt" if (nb_dir / "log.txt").is_file() else None,
+            "model": _model_name(results, rec),
+        })
+    return rows
+
+
+def error_text(rec: Mapping[str, Any], short: bool = False) -> str:
+    """A run.json record's error as ``ename: evalue (In [n])``; ``short``: the first line of evalue, at most 200 characters."""
+    err = rec.get("error")
+    if not err:
+        return ""
+    if isinstance(err, Mapping):
+        ename, evalue = err.get("ename") or "", str(err.get("evalue") or "")
+        if short:
+            lines = evalue.strip().splitlines()
+            first = lines[0] if lines else ""
+            evalue = (first[:197] + "...") if len(first) > 200 or len(lines) > 1 else first
+        where = f" (In [{err['exec_count']}])" if err.get("exec_count") is not None else ""
+        return f"{ename}: {evalue}{where}" if ename else f"{evalue}{where}"
+    return str(err)
+
+
+def _row_error(row: Mapping[str, Any]) -> str:
+    """A summary row's error: the notebook's own, else what is wrong with its results.json, else ''."""
+    return error_text(row["record"]) or (row["results_error"] or "")
+
+
+def _md_cell(text: Any) -> str:
+    s = " ".join(str(text if text is not None else "").split())
+    s = s.replace("\\", "\\\\").replace("|", "\\|")
+    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", s)
+
+
+def _md_link(label: str, href: str | None) -> str:
+    if not href:
+        return ""
+    from urllib.parse import quote
+
+    return f"[{_md_cell(label)}]({quote(href)})"
+
+
+def _status_counts(rows: Sequence[Mapping[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for r in rows:
+        s = str(r["record"].get("status", "pending"))
+        counts[s] = counts.get(s, 0) + 1
+    order = [s for s in STATUSES if s in counts] + sorted(s for s in counts if s not in STATUSES)
+    return ", ".join(f"{counts[s]} {s}" for s in order) or "no notebooks"
+
+
+def render_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
+    """summary.md: the hypotheses across notebooks, then one row per notebook."""
+    lines = [
+        "# qhelpers run summary",
+        "",
+        f"- run folder: `{meta.get('out_dir', '')}`",
+        f"- profile: `{meta.get('profile', '')}`; kernel: `{meta.get('kernel', '')}`",
+        f"- updated: {meta.get('updated', '')}; state: {meta.get('state', '')}",
+        f"- notebooks: {len(rows)} ({_status_counts(rows)})",
+        "",
+        "## Hypotheses",
+        "",
+    ]
+    hyp_rows = [(r, h) for r in rows for h in r["hypotheses"]]
+    if hyp_rows:
+        lines += ["| notebook | id | statement | value [CI] | verdict | n |", "|---|---|---|---|---|---|"]
+        for r, h in hyp_rows:
+            status = r["record"].get("status")
+            nb = r["stem"] + ("" if status == "completed" else f" ({status})")
+            lines.append(
+                f"| {_md_cell(nb)} | {_md_cell(h.get('id'))} | {_md_cell(h.get('statement'))} | "
+                f"{_md_cell(fmt_value_ci(h))} | {_md_cell(h.get('verdict'))} | {_md_cell(h.get('n', ''))} |"
+            )
+    else:
+        lines.append("(no hypotheses recorded yet)")
+    lines += [
+        "",
+        "## Notebooks",
+        "",
+        "| notebook | status | duration | model | hypotheses | executed notebook | figures | error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rec = r["record"]
+        figs = ", ".join(_md_link(Path(f).name, f) for f in r["figures"])
+        err = _row_error(r)
+        if err and r["log_link"]:
+            err += f" (see {r['log_link']})"
+        lines.append(
+            f"| {_md_cell(r['stem'])} | {_md_cell(rec.get('status', 'pending'))} | "
+            f"{_md_cell(fmt_duration(rec.get('duration_s')))} | {_md_cell(r['model'])} | "
+            f"{_md_cell(verdict_counts(r['hypotheses']) if r['results'] else '')} | "
+            f"{_md_link(r['stem'] + '.ipynb', r['notebook_link'])} | {figs} | {_md_cell(err)} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1400px}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em}
+table{border-collapse:collapse;width:100%;font-size:.92em}
+th,td{border:1px solid #ccc;padding:.35em .55em;text-align:left;vertical-align:top}
+th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}
+.meta{color:#555}.num{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:nowrap}
+.v-SUPPORTED{background:#d7f5d7 !important;font-weight:600}
+.v-NOT_SUPPORTED{background:#f8d7d7 !important;font-weight:600}
+.v-INCONCLUSIVE{background:#f5efd0 !important}
+.s-completed{color:#17702a;font-weight:600}.s-failed{color:#b00020;font-weight:600}
+.s-interrupted{color:#a05a00;font-weight:600}.s-running{color:#0050a0}.s-pending{color:#777}
+pre{white-space:pre-wrap;margin:0;font-size:.9em}
+"""
+
+
+def render_html(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
+    """index.html: self-contained (inline CSS, no scripts or external assets), every text
+    HTML-escaped, links relative to the run folder."""
+    from urllib.parse import quote
+
+    def e(s: Any) -> str:
+        return html.escape(str(s if s is not None else ""), quote=True)
+
+    def link(label: str, href: str | None) -> str:
+        return f'<a href="{e(quote(href))}">{e(label)}</a>' if href else ""
+
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>qhelpers run {e(Path(str(meta.get('out_dir', ''))).name)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>qhelpers run summary</h1>",
+        '<p class="meta">',
+        f"run folder <code>{e(meta.get('out_dir', ''))}</code> &middot; profile <code>{e(meta.get('profile', ''))}</code>"
+        f" &middot; kernel <code>{e(meta.get('kernel', ''))}</code><br>",
+        f"updated {e(meta.get('updated', ''))} &middot; state {e(meta.get('state', ''))} &middot; "
+        f"{len(rows)} notebooks ({e(_status_counts(rows))})",
+        "</p>",
+        "<h2>Hypotheses</h2>",
+    ]
+    hyp_rows = [(r, h) for r in rows for h in r["hypotheses"]]
+    if hyp_rows:
+        out.append("<table><thead><tr><th>notebook</th><th>id</th><th>statement</th><th>value [CI]</th>"
+                   "<th>verdict</th><th>n</th></tr></thead><tbody>")
+        for r, h in hyp_rows:
+            status = r["record"].get("status")
+            nb = e(r["stem"]) + ("" if status == "completed" else f' <span class="s-{e(status)}">({e(status)})</span>')
+            verdict = str(h.get("verdict", ""))
+            vclass = f"v-{verdict}" if verdict in VERDICTS else ""
+            out.append(
+                f"<tr><td>{nb}</td><td>{e(h.get('id'))}</td>"
+                f'<td title="{e(h.get("criterion", ""))}">{e(h.get("statement"))}</td>'
+                f'<td class="num">{e(fmt_value_ci(h))}</td><td class="{vclass}">{e(verdict)}</td>'
+                f'<td class="num">{e(h.get("n", ""))}</td></tr>'
+            )
+        out.append("</tbody></table>")
+    else:
+        out.append("<p>(no hypotheses recorded yet)</p>")
+    out.append("<h2>Notebooks</h2>")
+    out.append("<table><thead><tr><th>notebook</th><th>status</th><th>duration</th><th>model</th>"
+               "<th>hypotheses</th><th>executed notebook</th><th>figures</th><th>error</th></tr></thead><tbody>")
+    for r in rows:
+        rec = r["record"]
+        status = str(rec.get("status", "pending"))
+        figs = "<br>".join(link(Path(f).name, f) for f in r["figures"])
+        err = _row_error(r)
+        err_html = f"<pre>{e(err)}</pre>" if err else ""
+        if err and r["log_link"]:
+            err_html += link("log.txt", r["log_link"])
+        nb_links = " ".join(x for x in (link(r["stem"] + ".ipynb", r["notebook_link"]), link("log", r["log_link"])) if x)
+        out.append(
+            f"<tr><td>{e(r['stem'])}</td><td class=\"s-{e(status)}\">{e(status)}</td>"
+            f'<td class="num">{e(fmt_duration(rec.get("duration_s")))}</td><td>{e(r["model"])}</td>'
+            f"<td>{e(verdict_counts(r['hypotheses']) if r['results'] else '')}</td>"
+            f"<td>{nb_links}</td><td>{figs}</td><td>{err_html}</td></tr>"
+        )
+    out.append("</tbody></table>")
+    out.append('<p class="meta">Written by run_all.py (qhelpers.runner.cli).</p>')
+    out.append("</body></html>\n")
+    return "\n".join(out)
+
+
+def write_summary(out_dir: str | os.PathLike, meta: Mapping[str, Any], stems: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Rewrite ``summary.md`` and ``index.html`` of ``out_dir`` atomically; returns the rows."""
+    out_dir = Path(out_dir)
+    rows = collect_records(out_dir, stems)
+    meta = {**meta, "out_dir": str(out_dir), "updated": utc_now()}
+    atomic_write_text(out_dir / "summary.md", render_markdown(rows, meta))
+    atomic_write_text(out_dir / "index.html", render_html(rows, meta))
+    return rows

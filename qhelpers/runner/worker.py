@@ -1,0 +1,133 @@
+"""A worker: the subprocess that executes one notebook with papermill, as described by a job file
+that the supervisor writes, and records its end in the notebook's run.json.
+
+SIGINT or SIGTERM (from the supervisor, or from the kernel when the runner dies) interrupts the
+notebook: it is recorded ``interrupted`` and its kernel is shut down. Run as
+``python -m qhelpers.runner.worker JOB.json``."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from qhelpers.runner.errors import EXIT_SIGINT, RunnerError
+from qhelpers.runner.locks import FileLock
+from qhelpers.runner.processes import kill_descendants, watch_parent
+from qhelpers.runner.records import (
+    atomic_write_json,
+    clean_json,
+    error_record,
+    mark_finished,
+)
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def _error_dict(exc: BaseException) -> dict[str, Any]:
+    """run.json's ``error`` for a failed notebook: the failing cell's error, or the worker's own."""
+    try:
+        from papermill.exceptions import PapermillExecutionError
+    except Exception:  # pragma: no cover
+        PapermillExecutionError = ()  # type: ignore[assignment]
+    if PapermillExecutionError and isinstance(exc, PapermillExecutionError):
+        tb = _strip_ansi("\n".join(exc.traceback or []))
+        return error_record(exc.ename, _strip_ansi(str(exc.evalue)), "\n".join(tb.splitlines()[-30:]),
+                            cell_index=exc.cell_index, exec_count=exc.exec_count)
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return error_record(type(exc).__name__, _strip_ansi(str(exc)) or repr(exc), "\n".join(tb.splitlines()[-30:]))
+
+
+def worker_main(job_path: str) -> int:
+    """Execute one notebook as described by the job file; write its final run.json.
+    Exit 0 completed, 1 failed, 130 interrupted (SIGINT/SIGTERM, or the runner died)."""
+    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
+    interrupted = {"signal": None}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if interrupted["signal"] is None:
+            interrupted["signal"] = signum
+            raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    parent = job.get("parent_pid")
+    if parent and os.getppid() != parent:
+        interrupted["signal"] = signal.SIGTERM  # the runner died before PDEATHSIG was set up
+    elif parent:
+        watch_parent(parent)
+
+    record = dict(job["record"])
+    status, error = "completed", None
+    lock = FileLock(Path(job["lock"])) if job.get("lock") else None
+    t0 = time.time()
+    try:
+        if interrupted["signal"] is not None:
+            raise KeyboardInterrupt("runner exited")
+        if lock is not None and not lock.acquire(blocking=True, timeout=30):
+            raise RunnerError(f"notebook lock {job['lock']} is held by another process")
+        import logging
+
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+        print(f"[runner] notebook {job['input']}", file=sys.stderr)
+        print(f"[runner] parameters {json.dumps(clean_json(job['parameters']), sort_keys=True)}", file=sys.stderr)
+        print(f"[runner] kernel {job['kernel']}; cwd {job['cwd']}; CUDA_VISIBLE_DEVICES="
+              f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}", file=sys.stderr, flush=True)
+        import papermill as pm
+
+        pm.execute_notebook(
+            job["input"],
+            job["output"],
+            parameters=job["parameters"],
+            kernel_name=job["kernel"],
+            language=job.get("language"),
+            cwd=job["cwd"],
+            progress_bar=False,
+            log_output=True,
+            request_save_on_cell_execute=True,
+            # nbclient's timeout trait is an int
+            execution_timeout=None if job.get("cell_timeout") is None else max(1, math.ceil(job["cell_timeout"])),
+            start_timeout=job.get("start_timeout", 120),
+        )
+    except KeyboardInterrupt:
+        status = "interrupted"
+        sig = interrupted["signal"]
+        name = signal.Signals(sig).name if sig else "SIGINT"
+        why = " (run_all stopped, or exited without stopping this worker)" if sig == signal.SIGTERM else ""
+        error = error_record("Interrupted", f"run stopped by {name}{why}")
+    except BaseException as exc:
+        if interrupted["signal"] is not None:
+            status = "interrupted"
+            error = error_record("Interrupted", f"run stopped ({type(exc).__name__}: {exc})")
+        else:
+            status, error = "failed", _error_dict(exc)
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        kill_descendants(os.getpid())  # a kernel left behind (normally nbclient has shut it down)
+    end = time.time()
+    mark_finished(record, status, end - t0, error, Path(job["output_dir"]))
+    atomic_write_json(Path(job["run_json"]), record)
+    if error:
+        print(f"[runner] {status}: {error['ename']}: {error['evalue']}", file=sys.stderr)
+        if error.get("traceback"):
+            print(error["traceback"], file=sys.stderr)
+    else:
+        print(f"[runner] completed in {end - t0:.1f} s", file=sys.stderr)
+    sys.stderr.flush()
+    if lock is not None:
+        lock.release()
+    return {"completed": 0, "failed": 1}.get(status, EXIT_SIGINT)
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1]))
