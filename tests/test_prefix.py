@@ -18,7 +18,7 @@ from qhelpers.measure.sweep import run_sweep
 from qhelpers.models.archs import decoder_layers
 from qhelpers.quant import prefix_cache as prefix_mod
 from qhelpers.quant.engine import QuantEngine, Variant
-from qhelpers.quant.prefix_cache import PrefixCache, PrefixSignature, run_order
+from qhelpers.quant.prefix_cache import PrefixCache, PrefixSignature, prefix_signature, run_order
 from qhelpers.quant.protection import ProtectionSpec
 from qhelpers.quant.quantizers import QuantConfig
 from qhelpers.text.corpora import Corpus
@@ -90,8 +90,8 @@ def test_signatures_and_plan(tiny_model):
     loaded = tiny_model("gpt2")  # 4 layers, lm_head tied to wte
     engine = QuantEngine(loaded)
     n = loaded.n_layers
-    sig = {v.name: engine.prefix_signature(v) for v in [Variant("fp")] + sweep_variants(n)}
-    assert sig["fp"] == engine.prefix_signature() and len(sig["fp"].boundaries) == n + 1
+    sig = {v.name: prefix_signature(engine, v) for v in [Variant("fp")] + sweep_variants(n)}
+    assert sig["fp"] == prefix_signature(engine) and len(sig["fp"].boundaries) == n + 1
     assert sig["all"].common_depth(sig["p1"]) == 1
     assert sig["all"].common_depth(sig["p3"]) == 3
     assert sig["fp"].common_depth(sig["p0"]) == 1  # layer 0 protected = layer 0 in fp
@@ -117,16 +117,16 @@ def test_resident_mode_and_weight_edits_change_nothing_or_everything(tiny_model)
     loaded = tiny_model("llama", fresh=True)
     streaming, resident = QuantEngine(loaded), QuantEngine(loaded, resident=True)
     variant = Variant("p1", INT4, ProtectionSpec(layers=(1,)))
-    expected = streaming.prefix_signature(variant)
+    expected = prefix_signature(streaming, variant)
     with resident.applied(variant):
-        assert resident.prefix_signature() == expected  # mode is irrelevant, originals fingerprinted
+        assert prefix_signature(resident) == expected  # mode is irrelevant, originals fingerprinted
     param = loaded.model.model.layers[2].mlp.up_proj.weight
     with torch.no_grad():
         param.mul_(1.0)  # an in-place edit (version counter)
-    edited = streaming.prefix_signature(variant)
+    edited = prefix_signature(streaming, variant)
     assert edited.common_depth(expected) == 2
     loaded.model.model.layers[3].mlp.up_proj.weight.data[0, :] += 1.0  # through .data: sampled checksum
-    assert streaming.prefix_signature(variant).common_depth(edited) == 3
+    assert prefix_signature(streaming, variant).common_depth(edited) == 3
 
 
 def test_untied_lm_head_and_final_norm_are_outside_the_prefix(tiny_model, corpus):
@@ -136,7 +136,7 @@ def test_untied_lm_head_and_final_norm_are_outside_the_prefix(tiny_model, corpus
     head_only = Variant("head_only", INT4, everything_but_head, scope="all")
     engine = QuantEngine(loaded)
     assert list(engine.plan(head_only).tensors) == ["lm_head.weight"]
-    assert engine.prefix_signature(head_only) == engine.prefix_signature(Variant("fp"))
+    assert prefix_signature(engine, head_only) == prefix_signature(engine, Variant("fp"))
     plain = run_sweep(loaded, corpus, [head_only], MEASURE, engine=engine, progress=False, prefix_cache=False)
     cached = run_sweep(loaded, corpus, [head_only], MEASURE, engine=engine, progress=False)
     np.testing.assert_allclose(per_token(cached), per_token(plain), rtol=0, atol=1e-6)
@@ -167,7 +167,7 @@ def test_hand_written_loop_with_lru_budget_and_with_a_plan(tiny_model, corpus):
     cache.clear()
     cache.budget_bytes = 1 << 30
     cache.stats.clear()
-    signatures = [engine.prefix_signature(v) for v in variants]
+    signatures = [prefix_signature(engine, v) for v in variants]
     assert cache.plan(signatures) == [0, 0, 4, 1, 1, 2, 3]
     for variant, want in zip(variants, expected):
         with engine.applied(variant):
@@ -254,8 +254,8 @@ def test_signature_of_another_model_is_refused(tiny_model, corpus):
     a, b = tiny_model("gpt2"), tiny_model("gpt2", seed=1)
     scorer = corpus_scorer(a, corpus, MEASURE)
     with pytest.raises(Exception, match="another model"):
-        scorer.score_nll(prefix=QuantEngine(b).prefix_signature())
-    assert isinstance(QuantEngine(a).prefix_signature(), PrefixSignature)
+        scorer.score_nll(prefix=prefix_signature(QuantEngine(b)))
+    assert isinstance(prefix_signature(QuantEngine(a)), PrefixSignature)
 
 
 # ----------------------------------------------------------------------------- OOM and batch sizing

@@ -250,16 +250,17 @@ class Scorer:
         return self.prefix_cache
 
     def _signature(self, prefix: Any):
-        from qhelpers.quant.prefix_cache import PrefixSignature
+        from qhelpers.quant.engine import QuantEngine
+        from qhelpers.quant.prefix_cache import PrefixSignature, prefix_signature
 
         if prefix is None:
             return None
         if isinstance(prefix, PrefixSignature):
             signature = prefix
-        elif callable(getattr(prefix, "prefix_signature", None)):  # a QuantEngine
-            if getattr(prefix, "model", None) is not self.model:
+        elif isinstance(prefix, QuantEngine):
+            if prefix.model is not self.model:
                 raise ConfigError("prefix=engine: the engine works on another model than this scorer")
-            signature = prefix.prefix_signature()
+            signature = prefix_signature(prefix)
         else:
             raise ConfigError(
                 f"prefix must be None, a QuantEngine or a PrefixSignature, got {type(prefix).__name__}"
@@ -270,9 +271,10 @@ class Scorer:
 
     @staticmethod
     def _is_prefix(value: Any) -> bool:
+        from qhelpers.quant.engine import QuantEngine
         from qhelpers.quant.prefix_cache import PrefixSignature
 
-        return value is None or isinstance(value, PrefixSignature) or callable(getattr(value, "prefix_signature", None))
+        return value is None or isinstance(value, (PrefixSignature, QuantEngine))
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
