@@ -1,29 +1,47 @@
-"""Notebook conventions: built from their sources, a parameters cell, a Colab badge, thin code."""
+"""Notebook conventions: paired with their sources by jupytext, a parameters cell, a Colab badge, thin code."""
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
+import jupytext
+import jupytext.cli
 import pytest
 
 from qhelpers.report.record import PARAMETERS_MARKER
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+SOURCES = sorted((ROOT / "notebooks" / "src").glob("*.py"))
 
 
-def load_builder():
-    spec = importlib.util.spec_from_file_location("build_notebooks", ROOT / "scripts" / "build_notebooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_notebooks_are_in_sync_with_their_sources(tmp_path):
+    """``jupytext --sync notebooks/src/*.py`` (pairing in notebooks/jupytext.toml) would change no file."""
+    copy = tmp_path / "notebooks"
+    (copy / "src").mkdir(parents=True)
+    shutil.copy(ROOT / "notebooks" / "jupytext.toml", copy)
+    for path in NOTEBOOKS:
+        shutil.copy(path, copy)
+    for path in SOURCES:
+        shutil.copy(path, copy / "src")
+        os.utime(copy / "src" / path.name, (2e9, 2e9))  # the sources are newer: they are what gets edited
+    assert {p.stem for p in SOURCES} == {p.stem for p in NOTEBOOKS}, "every notebook has a source and back"
+    jupytext.cli.jupytext(["--sync", "--quiet", *map(str, sorted((copy / "src").glob("*.py")))])
+    stale = [p.name for p in NOTEBOOKS if (copy / p.name).read_bytes() != p.read_bytes()]
+    stale += [p.name for p in SOURCES if (copy / "src" / p.name).read_bytes() != p.read_bytes()]
+    assert not stale, f"out of date: {stale}; run: jupytext --sync notebooks/src/*.py"
 
 
-def test_notebooks_are_built_from_their_sources():
-    assert load_builder().main(["--check"]) == 0, "run: python scripts/build_notebooks.py"
+@pytest.mark.parametrize("path", SOURCES, ids=[p.stem for p in SOURCES])
+def test_source_names_itself(path):
+    notebook = jupytext.read(path)
+    assert notebook.metadata["qhelpers"]["source"] == f"notebooks/src/{path.name}"
+    assert notebook.metadata["qhelpers"]["purpose"], "the runner lists each notebook by its purpose"
+    assert notebook.metadata["kernelspec"]["name"] == "python3"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -33,6 +51,7 @@ def test_notebook_conventions(path):
     assert nb["nbformat"] == 4 and nb["nbformat_minor"] >= 5 and all("id" in c for c in cells)
     assert cells[0]["cell_type"] == "markdown" and "colab-badge.svg" in "".join(cells[0]["source"])
     assert f"notebooks/{path.stem}.ipynb" in "".join(cells[0]["source"])
+    assert len({c["id"] for c in cells}) == len(cells), "cell ids are unique (jupytext --sync keeps them)"
     code = [c for c in cells if c["cell_type"] == "code"]
     tagged = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
     assert len(tagged) == 1, "exactly one cell tagged 'parameters'"

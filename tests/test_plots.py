@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
-from matplotlib.collections import PathCollection  # noqa: E402
+from matplotlib.collections import LineCollection, PathCollection, QuadMesh  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -96,18 +96,43 @@ def test_language_bars_counts_and_colours():
         plots.language_bars(t, value="delta_nll")
 
 
+def test_language_points_draws_our_intervals_not_seaborns():
+    t = _table()
+    fig = plots.language_points(t)
+    ax = fig.axes[0]
+    points = [line for line in ax.lines if line.get_marker() == "o" and len(line.get_xdata())]  # not legend handles
+    assert len(points) == 2  # one per config
+    assert list(points[0].get_ydata()) == pytest.approx([0.1, 0.12, 0.3])
+    intervals = [seg for c in ax.collections if isinstance(c, LineCollection) for seg in c.get_segments()]
+    assert len(intervals) == 5  # the NaN row has none
+    assert max((round(s[0][1], 6), round(s[1][1], 6)) for s in intervals) == (0.28, 0.33)
+    assert [tk.get_text() for tk in ax.get_xticklabels()] == ["en\nHR", "de\nHR", "he\nLR"]
+    assert ax.get_xlim() == pytest.approx((-0.5, 2.5))
+    single = plots.language_points(t[t["config"] == "gateway"], hue=None, lang_groups={"en": "HR"})
+    assert [tk.get_text() for tk in single.axes[0].get_xticklabels()] == ["en\nHR", "de\nLR", "he\nLR"]
+    with pytest.raises(ConfigError):
+        plots.language_points(pd.concat([t, t]))
+
+
+def test_theme_is_shared_and_colour_blind_safe():
+    plots.apply_theme()
+    cycle = [to_hex(c) for c in plt.rcParams["axes.prop_cycle"].by_key()["color"][:2]]
+    assert cycle == [plots.GROUP_COLORS["HR"], plots.GROUP_COLORS["LR"]]
+
+
 def test_layer_heatmap_cells_and_centre():
     m = pd.DataFrame(np.arange(12, dtype=float).reshape(4, 3) - 4.0, columns=["en", "he", "sw"])
     m.iloc[1, 1] = np.nan
     fig = plots.layer_heatmap(m, center=0.0)
     ax = fig.axes[0]
-    assert len(ax.images) == 1 and ax.images[0].get_array().shape == (4, 3)
+    meshes = [c for c in ax.collections if isinstance(c, QuadMesh)]  # seaborn.heatmap draws one QuadMesh
+    assert len(meshes) == 1 and meshes[0].get_array().shape == (4, 3)
     assert len(ax.texts) == 12 and "nan" in [t.get_text() for t in ax.texts]
-    norm = ax.images[0].norm
+    norm = meshes[0].norm
     assert norm.vmin == pytest.approx(-7.0) and norm.vmax == pytest.approx(7.0)
     fig = plots.layer_heatmap(m, annotate=False)
     assert len(fig.axes[0].texts) == 0
-    assert fig.axes[0].images[0].norm.vmin == pytest.approx(-4.0)
+    assert fig.axes[0].collections[0].norm.vmin == pytest.approx(-4.0)
     with pytest.raises(ConfigError):
         plots.layer_heatmap(pd.DataFrame())
 

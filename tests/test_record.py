@@ -2,13 +2,13 @@
 kernel ran (papermill with an injected override, nbval without history, plain namespaces)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import linecache
 import subprocess
 import sys
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
 
@@ -33,11 +33,12 @@ Path(OUTPUT_DIR, "parameters.json").write_text(json.dumps(current_parameters(glo
 """
 
 
-def load_builder():
-    spec = importlib.util.spec_from_file_location("build_notebooks", ROOT / "scripts" / "build_notebooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def parameters_cell(notebook) -> str:
+    """The source of ``notebook``'s one cell tagged ``parameters``, which must start with the marker."""
+    tagged = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    if len(tagged) != 1 or not tagged[0].source.startswith(PARAMETERS_MARKER):
+        raise ValueError(f"the cell tagged 'parameters' must start with the line {PARAMETERS_MARKER!r}")
+    return tagged[0].source
 
 
 def tiny_notebook(path: Path) -> Path:
@@ -135,13 +136,11 @@ def test_assigned_names_skips_functions_attributes_and_subscripts():
 
 @pytest.mark.parametrize("path", SOURCES, ids=[p.stem for p in SOURCES])
 def test_every_parameters_cell_starts_with_the_marker(path):
-    cells = json.loads(load_builder().build(path))["cells"]
-    tagged = [c for c in cells if "parameters" in c["metadata"].get("tags", [])]
-    assert len(tagged) == 1 and tagged[0]["source"][0].startswith(PARAMETERS_MARKER)
+    assert parameters_cell(jupytext.read(path)).startswith(PARAMETERS_MARKER)
     assert "parameters = dict(" not in path.read_text(encoding="utf-8"), "record parameters with current_parameters"
 
 
-def test_build_refuses_a_parameters_cell_without_the_marker():
+def test_a_parameters_cell_without_the_marker_is_refused():
     source = '# %% tags=["parameters"]\nMODEL = "tiny:gpt2"\n'
-    with pytest.raises(SystemExit, match="must start with the line"):
-        load_builder().parse(source, "nb")
+    with pytest.raises(ValueError, match="must start with the line"):
+        parameters_cell(jupytext.reads(source, fmt="py:percent"))

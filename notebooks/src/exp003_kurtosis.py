@@ -1,8 +1,23 @@
-# PURPOSE: EXP-003 kurtosis: does activation-weighted weight kurtosis predict which languages NF4 hurts (H2), and does kurtosis-based clipping beat absmax?
+# ---
+# jupyter:
+#   colab:
+#     provenance: []
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+#   qhelpers:
+#     purpose: 'EXP-003 kurtosis: does activation-weighted weight kurtosis predict which
+#       languages NF4 hurts (H2), and does kurtosis-based clipping beat absmax?'
+#     source: notebooks/src/exp003_kurtosis.py
+# ---
+
 # %% [markdown]
 # # EXP-003: does effective kurtosis predict quantization sensitivity?
 #
-# {colab_badge}
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qhelpers/qhelpers/blob/main/notebooks/exp003_kurtosis.ipynb)
 #
 # **Question.** Layers whose weights are heavy-tailed (high excess kurtosis) are hard to quantize. If
 # different languages lean on different layers, a language whose activations sit in high-kurtosis layers
@@ -257,7 +272,7 @@ else:
 
 # %%
 fig, ax = plt.subplots(figsize=(14, 5))
-plots.language_bars(clip_table, "delta_bpb", ax=ax, title=f"Change in bits per byte per clipping policy (INT{BITS}, per channel)")
+plots.language_points(clip_table, "delta_bpb", ax=ax, title=f"Change in bits per byte per clipping policy (INT{BITS}, per channel)")
 figures.append(plots.save_figure(fig, OUTPUT_DIR, "exp003_clipping"))
 
 # %% [markdown]

@@ -1,8 +1,23 @@
-# PURPOSE: EXP-005 layer ablation: do the gateway layers (L0 + L_final) carry the low-resource disparity? (H5)
+# ---
+# jupyter:
+#   colab:
+#     provenance: []
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+#   qhelpers:
+#     purpose: 'EXP-005 layer ablation: do the gateway layers (L0 + L_final) carry the
+#       low-resource disparity? (H5)'
+#     source: notebooks/src/exp005_layer_ablation.py
+# ---
+
 # %% [markdown]
 # # EXP-005: layer ablation — are the gateway layers critical for low-resource languages?
 #
-# {colab_badge}
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qhelpers/qhelpers/blob/main/notebooks/exp005_layer_ablation.ipynb)
 #
 # **Question.** When a model's weights are quantized to INT4, which decoder layers must stay in full
 # precision so that low-resource languages (Hebrew, Swahili) do not lose more than high-resource ones
@@ -158,7 +173,7 @@ plots.estimate_bars(difference, "disparity", ax=axes[0, 0], reference=0.0, highl
                     title="LR - HR change in bits per byte", xlabel="disparity (bits per byte)")
 plots.estimate_bars(ratio, "disparity", ax=axes[0, 1], reference=1.0, highlight=["gateway_protected"],
                     title="Disparity ratio (seed definition)", xlabel="mean LR degradation / mean HR degradation")
-plots.language_bars(table, "delta_bpb", ax=axes[1, 0], title="Per-language change in bits per byte")
+plots.language_points(table, "delta_bpb", ax=axes[1, 0], title="Per-language change in bits per byte")
 plots.hr_lr_scatter(mean_change, ax=axes[1, 1], title="HR vs LR change (above the diagonal: LR hurt more)",
                     xlabel="HR change (bits per byte)", ylabel="LR change (bits per byte)")
 fig.tight_layout()

@@ -1,8 +1,23 @@
-# PURPOSE: Seed 001 LoRA ablation: which adapted matrices reveal the language a LoRA adapter was trained on, and does the signal survive removing the best ones?
+# ---
+# jupyter:
+#   colab:
+#     provenance: []
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+#   qhelpers:
+#     purpose: 'Seed 001 LoRA ablation: which adapted matrices reveal the language a
+#       LoRA adapter was trained on, and does the signal survive removing the best ones?'
+#     source: notebooks/src/lora_ablation.py
+# ---
+
 # %% [markdown]
 # # LoRA weight-space ablation: which layers' adaptations carry language identity?
 #
-# {colab_badge}
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qhelpers/qhelpers/blob/main/notebooks/lora_ablation.ipynb)
 #
 # **Question.** A "zoo" of LoRA adapters is fine-tuned on the same base model, each on texts of one
 # language. Can a classifier tell the language from the adapter's weights alone, which adapted matrices

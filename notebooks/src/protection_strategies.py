@@ -1,8 +1,24 @@
-# PURPOSE: Seed 002 (experiment index) replication: which layers or components must stay in full precision so that low-resource languages do not lose more under quantization?
+# ---
+# jupyter:
+#   colab:
+#     provenance: []
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+#   qhelpers:
+#     purpose: 'Seed 002 (experiment index) replication: which layers or components
+#       must stay in full precision so that low-resource languages do not lose more
+#       under quantization?'
+#     source: notebooks/src/protection_strategies.py
+# ---
+
 # %% [markdown]
 # # Protection strategies: does protecting a few layers keep quantization fair to low-resource languages?
 #
-# {colab_badge}
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qhelpers/qhelpers/blob/main/notebooks/protection_strategies.ipynb)
 #
 # **Question.** When a small model's weights are quantized to INT4, do low-resource languages (Arabic,
 # Hebrew, Swahili) lose more than high-resource ones (English, German, French, Chinese), and which layers

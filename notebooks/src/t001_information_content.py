@@ -1,8 +1,24 @@
-# PURPOSE: T-001 information content: do high-variance layers carry more information (activation entropy, token decodability), and does information predict criticality? (seed 004 H1.1)
+# ---
+# jupyter:
+#   colab:
+#     provenance: []
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+#   qhelpers:
+#     purpose: 'T-001 information content: do high-variance layers carry more information
+#       (activation entropy, token decodability), and does information predict criticality?
+#       (seed 004 H1.1)'
+#     source: notebooks/src/t001_information_content.py
+# ---
+
 # %% [markdown]
 # # T-001: do high-variance layers encode more information?
 #
-# {colab_badge}
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qhelpers/qhelpers/blob/main/notebooks/t001_information_content.ipynb)
 #
 # **Question.** Seed 004 found that a layer's weight variance predicts how critical it is for the
 # low-resource disparity. Is that because high-variance layers carry more information, so that losing

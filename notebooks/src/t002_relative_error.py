@@ -1,8 +1,23 @@
-# PURPOSE: T-002 (seed 004, H1.2): do high-variance layers have a smaller relative INT4 quantization error, and does that error predict layer criticality?
+# ---
+# jupyter:
+#   colab:
+#     provenance: []
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+#   qhelpers:
+#     purpose: 'T-002 (seed 004, H1.2): do high-variance layers have a smaller relative
+#       INT4 quantization error, and does that error predict layer criticality?'
+#     source: notebooks/src/t002_relative_error.py
+# ---
+
 # %% [markdown]
 # # T-002: relative quantization error — does weight variance buy robustness?
 #
-# {colab_badge}
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qhelpers/qhelpers/blob/main/notebooks/t002_relative_error.ipynb)
 #
 # **Question.** Seed 002 found that a layer's weight variance predicts how critical it is for the
 # low-resource disparity (r = -0.798 between variance and disparity when the layer is protected). Why?

@@ -1,8 +1,23 @@
-# PURPOSE: T-003 (seed 004, H1.3): do the layers that are critical for low-resource languages show more cross-language activation variance?
+# ---
+# jupyter:
+#   colab:
+#     provenance: []
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+#   qhelpers:
+#     purpose: 'T-003 (seed 004, H1.3): do the layers that are critical for low-resource
+#       languages show more cross-language activation variance?'
+#     source: notebooks/src/t003_language_activation_variance.py
+# ---
+
 # %% [markdown]
 # # T-003: language activation variance — are critical layers the ones languages use differently?
 #
-# {colab_badge}
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qhelpers/qhelpers/blob/main/notebooks/t003_language_activation_variance.ipynb)
 #
 # **Question.** Seed 004 found that layers whose weights have high variance are the ones that must stay in
 # full precision. One explanation (H1.3) is that different languages activate those layers differently, so

@@ -1,8 +1,23 @@
-# PURPOSE: T-004 residual stream theory: is L_last closer to full precision when L0 is protected too? (seed 004 H2.1)
+# ---
+# jupyter:
+#   colab:
+#     provenance: []
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+#   qhelpers:
+#     purpose: 'T-004 residual stream theory: is L_last closer to full precision when
+#       L0 is protected too? (seed 004 H2.1)'
+#     source: notebooks/src/t004_residual_propagation.py
+# ---
+
 # %% [markdown]
 # # T-004: residual propagation — does protecting L0 keep the last layer closer to full precision?
 #
-# {colab_badge}
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qhelpers/qhelpers/blob/main/notebooks/t004_residual_propagation.ipynb)
 #
 # **Question.** Seed 000 found that protecting the last decoder layer alone barely helps, while
 # protecting layer 0 and the last layer together does. Is that because layer 0's quantization error

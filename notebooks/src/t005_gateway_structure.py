@@ -1,8 +1,23 @@
-# PURPOSE: T-005 (seed 004, H2.2): do the first and last decoder layers have a weight structure (SVD spectrum) unlike the middle layers'?
+# ---
+# jupyter:
+#   colab:
+#     provenance: []
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+#   qhelpers:
+#     purpose: 'T-005 (seed 004, H2.2): do the first and last decoder layers have a
+#       weight structure (SVD spectrum) unlike the middle layers''?'
+#     source: notebooks/src/t005_gateway_structure.py
+# ---
+
 # %% [markdown]
 # # T-005: gateway structure — are L0 and L_last built differently?
 #
-# {colab_badge}
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qhelpers/qhelpers/blob/main/notebooks/t005_gateway_structure.ipynb)
 #
 # **Question.** Protecting the first and last decoder layers together was the seed's most effective small
 # intervention. Are these "gateway" layers special already in their weights, before any text is run?

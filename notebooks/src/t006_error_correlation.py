@@ -1,8 +1,23 @@
-# PURPOSE: T-006 error cancellation: are the output errors of quantizing L0 and L_last negatively correlated? (seed 004 H2.3)
+# ---
+# jupyter:
+#   colab:
+#     provenance: []
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+#   qhelpers:
+#     purpose: 'T-006 error cancellation: are the output errors of quantizing L0 and
+#       L_last negatively correlated? (seed 004 H2.3)'
+#     source: notebooks/src/t006_error_correlation.py
+# ---
+
 # %% [markdown]
 # # T-006: error cancellation — do the quantization errors of L0 and L_last cancel?
 #
-# {colab_badge}
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qhelpers/qhelpers/blob/main/notebooks/t006_error_correlation.ipynb)
 #
 # **Question.** Seed 000 found that protecting layer 0 and the last layer together helps far more than
 # either alone. One proposed explanation is that the errors the two layers cause partly cancel when

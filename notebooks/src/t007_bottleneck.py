@@ -1,8 +1,23 @@
-# PURPOSE: T-007 (seed 004, H3.1): is the residual stream's effective dimensionality lowest at ~75 % depth (an information bottleneck)?
+# ---
+# jupyter:
+#   colab:
+#     provenance: []
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+#   qhelpers:
+#     purpose: 'T-007 (seed 004, H3.1): is the residual stream''s effective dimensionality
+#       lowest at ~75 % depth (an information bottleneck)?'
+#     source: notebooks/src/t007_bottleneck.py
+# ---
+
 # %% [markdown]
 # # T-007: is there an information bottleneck at ~75 % depth?
 #
-# {colab_badge}
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qhelpers/qhelpers/blob/main/notebooks/t007_bottleneck.ipynb)
 #
 # **Question.** In seed 004, protecting layer 9 of 12 (75 % depth) together with the first and last layers
 # gave the lowest disparity. Is that layer special because representations are compressed there before

@@ -1,8 +1,23 @@
-# PURPOSE: T-008 morphological probing (seed 004 H3.2): where in depth do agreement minimal pairs get resolved, and does INT4 hurt agreement more for Hebrew/Arabic?
+# ---
+# jupyter:
+#   colab:
+#     provenance: []
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+#   qhelpers:
+#     purpose: 'T-008 morphological probing (seed 004 H3.2): where in depth do agreement
+#       minimal pairs get resolved, and does INT4 hurt agreement more for Hebrew/Arabic?'
+#     source: notebooks/src/t008_morphological_probing.py
+# ---
+
 # %% [markdown]
 # # T-008: morphological probing with agreement minimal pairs
 #
-# {colab_badge}
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qhelpers/qhelpers/blob/main/notebooks/t008_morphological_probing.ipynb)
 #
 # **Question.** Is there a layer at about 75 % depth where a model settles grammatical agreement in the
 # morphologically rich languages (Hebrew, Arabic), and does INT4 quantization damage that agreement more

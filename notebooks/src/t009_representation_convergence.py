@@ -1,8 +1,24 @@
-# PURPOSE: T-009 (seed 004, H3.3): do parallel texts in different languages converge to similar representations at ~75 % depth, and do low-resource languages converge less?
+# ---
+# jupyter:
+#   colab:
+#     provenance: []
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+#   qhelpers:
+#     purpose: 'T-009 (seed 004, H3.3): do parallel texts in different languages converge
+#       to similar representations at ~75 % depth, and do low-resource languages converge
+#       less?'
+#     source: notebooks/src/t009_representation_convergence.py
+# ---
+
 # %% [markdown]
 # # T-009: where do multilingual representations converge?
 #
-# {colab_badge}
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qhelpers/qhelpers/blob/main/notebooks/t009_representation_convergence.ipynb)
 #
 # **Question.** Seed 004 found layer 9 of 12 (75 % depth) important for the low-resource disparity. Is it
 # the layer where the model's representations of the same meaning in different languages are most alike,

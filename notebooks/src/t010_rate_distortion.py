@@ -1,8 +1,23 @@
-# PURPOSE: T-010 rate-distortion (seed 004 H4.1): does disparity follow a * 2^(-b*bits) * (1 - c*p) over bit width and protection?
+# ---
+# jupyter:
+#   colab:
+#     provenance: []
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+#   qhelpers:
+#     purpose: 'T-010 rate-distortion (seed 004 H4.1): does disparity follow a * 2^(-b*bits)
+#       * (1 - c*p) over bit width and protection?'
+#     source: notebooks/src/t010_rate_distortion.py
+# ---
+
 # %% [markdown]
 # # T-010: rate-distortion — how does the low-resource disparity depend on bit width and protection?
 #
-# {colab_badge}
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qhelpers/qhelpers/blob/main/notebooks/t010_rate_distortion.ipynb)
 #
 # **Question.** Quantizing a model's weights to fewer bits saves memory; keeping a share `p` of them in
 # full precision costs some of it back. How does the extra damage to low-resource languages (Hebrew,

@@ -5,6 +5,8 @@ the layers below it; every notebook uses it.
   commit, and the atomically written ``results.json``;
 - ``record``: ``current_parameters``, a notebook's parameters as run (the names its parameters
   cell assigns, with papermill's overrides), read from the cells the kernel ran;
-- ``plots``: the standard figures (per-language bars, layer profiles and heatmaps, Pareto
-  fronts, estimates with intervals) and ``save_figure``.
+- ``plots``: the standard figures (per-language bars and points, layer profiles and heatmaps,
+  Pareto fronts, estimates with intervals) in one seaborn theme, and ``save_figure``;
+- ``html``: the run report's headline, change-in-bits-per-byte table and figures inline, for
+  ``runner.summary`` (standard library only: the runner imports no numeric library).
 """

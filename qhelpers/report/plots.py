@@ -1,8 +1,12 @@
-"""Figures for quantization-disparity studies (matplotlib; headless-safe).
+"""Figures for quantization-disparity studies (seaborn where it is the idiom, matplotlib elsewhere;
+headless-safe).
 
 Every plotting function takes ``ax=None`` (a new figure is made when omitted), returns the
 :class:`~matplotlib.figure.Figure`, and never calls ``plt.show()``. This module does not
 select a backend: matplotlib falls back to Agg without a display, and notebooks keep theirs.
+Importing it applies the shared theme (:func:`apply_theme`), so every figure a notebook draws
+after ``from qhelpers.report import plots`` looks the same. Intervals are always ours (paired
+bootstrap, from the ``<value>_ci_low``/``_ci_high`` columns): seaborn never recomputes them.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.colors import Normalize
+import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
@@ -22,6 +26,9 @@ from qhelpers.util.atomic import atomic_write
 from qhelpers.util.errors import ConfigError
 
 __all__ = [
+    "THEME",
+    "apply_theme",
+    "language_points",
     "layer_profile",
     "layer_scatter",
     "DEFAULT_GROUPS",
@@ -39,8 +46,20 @@ __all__ = [
 
 #: High-resource languages of the project; every other language counts as low-resource.
 DEFAULT_GROUPS: dict[str, str] = {"en": "HR", "de": "HR", "fr": "HR", "zh": "HR"}
-GROUP_COLORS: dict[str, str] = {"HR": "#1f77b4", "LR": "#d62728"}
-_OTHER_COLORS = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+#: Resource-group colours from seaborn's colour-blind-safe palette (blue vs orange, never red vs green).
+GROUP_COLORS: dict[str, str] = {"HR": "#0173b2", "LR": "#de8f05"}
+_OTHER_COLORS = ["#029e73", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133", "#56b4e9"]
+
+#: The shared look of every figure: seaborn's white grid and colour-blind palette, slightly small type.
+THEME: dict[str, Any] = {"context": "notebook", "style": "whitegrid", "palette": "colorblind", "font_scale": 0.85}
+
+
+def apply_theme() -> None:
+    """Apply :data:`THEME` to matplotlib's defaults (done on import; call again after changing rcParams)."""
+    sns.set_theme(**THEME)
+
+
+apply_theme()
 
 
 def resource_group(lang: str, lang_groups: Mapping[str, str] | None = None) -> str:
@@ -139,6 +158,63 @@ def language_bars(
     return fig
 
 
+def language_points(
+    table: pd.DataFrame,
+    value: str = "delta_bpb",
+    hue: str | None = "config",
+    ax: Any = None,
+    lang_groups: Mapping[str, str] | None = None,
+    lang_col: str = "lang",
+    title: str | None = None,
+    ylabel: str | None = None,
+) -> Figure:
+    """One point per row of ``table`` (e.g. :func:`qhelpers.stats.language_table`): languages on x,
+    one colour per ``hue`` level side by side (``seaborn.pointplot``), each with its interval
+    ``<value>_ci_low`` .. ``<value>_ci_high`` drawn from the table (our paired bootstrap; seaborn
+    computes none, and a point outside its percentile interval is shown as it is). Each tick names
+    the language and its resource group. Each (language, hue) pair must be one row."""
+    _require(table, [value, lang_col] + ([hue] if hue else []), "language_points")
+    keys = [lang_col] + ([hue] if hue else [])
+    if table.duplicated(keys).any():
+        raise ConfigError(f"language_points: several rows per {keys}; one row is one estimate")
+    fig, ax = new_axes(ax)
+    data = table.assign(**{value: pd.to_numeric(table[value], errors="coerce"), lang_col: table[lang_col].astype(str)})
+    langs = list(dict.fromkeys(data[lang_col]))
+    levels = list(dict.fromkeys(data[hue].astype(str))) if hue else [None]
+    if hue:
+        data = data.assign(**{hue: data[hue].astype(str)})
+    before = len(ax.lines)
+    sns.pointplot(
+        data=data, x=lang_col, y=value, hue=hue, order=langs, hue_order=levels if hue else None,
+        errorbar=None, estimator="mean", dodge=0.5 if hue and len(levels) > 1 else False,
+        linestyle="none", markersize=5, ax=ax,
+    )
+    lo_col, hi_col = f"{value}_ci_low", f"{value}_ci_high"
+    if lo_col in data.columns and hi_col in data.columns:
+        rows = data.set_index(keys)
+        for level, line in zip(levels, ax.lines[before:]):
+            for x, y in zip(line.get_xdata(), line.get_ydata()):
+                if not math.isfinite(float(y)):
+                    continue
+                lang = langs[round(float(x))]
+                row = rows.loc[(lang, level) if hue else lang]
+                lo, hi = float(row[lo_col]), float(row[hi_col])
+                if math.isfinite(lo) and math.isfinite(hi):
+                    ax.vlines(float(x), lo, hi, color=line.get_color(), linewidth=1.4)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xlim(-0.5, len(langs) - 0.5)  # the intervals' autoscaling would crop the categorical axis
+    ax.set_xticks(range(len(langs)), [f"{lang}\n{resource_group(lang, lang_groups)}" for lang in langs])
+    level_ci = float(table.attrs.get("level", 0.95))
+    ax.set_xlabel(f"{lang_col} and resource group")
+    ax.set_ylabel(ylabel or f"{value} ({level_ci:.0%} CI)")
+    if title:
+        ax.set_title(title)
+    if hue and ax.get_legend() is not None:
+        ax.legend(title=hue, fontsize=8, title_fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def layer_heatmap(
     matrix: pd.DataFrame,
     ax=None,
@@ -149,44 +225,35 @@ def layer_heatmap(
     title: str | None = None,
     cbar_label: str | None = None,
 ) -> Figure:
-    """Heatmap of a (layers x languages) DataFrame. ``center`` makes the colour scale
-    symmetric around it (diverging map "RdBu_r" by default; "viridis" otherwise). NaN cells
-    are left blank (annotated "nan")."""
+    """Heatmap of a (layers x languages) DataFrame (``seaborn.heatmap``). ``center`` makes the
+    colour scale symmetric around it (diverging map "RdBu_r" by default; "viridis" otherwise).
+    NaN cells are left blank (annotated "nan")."""
     if not isinstance(matrix, pd.DataFrame) or matrix.empty:
         raise ConfigError("layer_heatmap needs a non-empty DataFrame (rows layers, columns languages)")
-    data = matrix.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-    fig, ax = new_axes(ax, figsize=(1.0 + 0.8 * data.shape[1], 1.0 + 0.35 * data.shape[0]))
-    finite = data[np.isfinite(data)]
+    data = matrix.apply(pd.to_numeric, errors="coerce").astype(np.float64)
+    values = data.to_numpy()
+    fig, ax = new_axes(ax, figsize=(1.0 + 0.8 * values.shape[1], 1.0 + 0.35 * values.shape[0]))
+    finite = values[np.isfinite(values)]
     if center is not None:
         half = float(np.max(np.abs(finite - center))) if finite.size else 1.0
         half = half if half > 0 else 1.0
-        norm = Normalize(center - half, center + half)
+        vmin, vmax = center - half, center + half
         cmap = cmap or "RdBu_r"
     else:
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        norm = Normalize(lo, hi if hi > lo else lo + 1.0)
+        vmin, vmax = lo, (hi if hi > lo else lo + 1.0)
         cmap = cmap or "viridis"
-    im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, norm=norm, aspect="auto")
-    ax.set_xticks(range(data.shape[1]))
-    ax.set_xticklabels([str(c) for c in matrix.columns])
-    ax.set_yticks(range(data.shape[0]))
-    ax.set_yticklabels([str(r) for r in matrix.index])
+    sns.heatmap(
+        data, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, mask=~np.isfinite(values), annot=annotate, fmt=fmt,
+        annot_kws={"fontsize": 7}, cbar_kws={"label": cbar_label} if cbar_label else {}, linewidths=0.3,
+        xticklabels=[str(c) for c in matrix.columns], yticklabels=[str(r) for r in matrix.index],
+    )
+    if annotate:
+        for i, j in zip(*np.nonzero(~np.isfinite(values))):
+            ax.text(j + 0.5, i + 0.5, "nan", ha="center", va="center", fontsize=7, color="gray")
+    ax.tick_params(axis="y", rotation=0)
     ax.set_xlabel(str(matrix.columns.name or "language"))
     ax.set_ylabel(str(matrix.index.name or "layer"))
-    cbar = fig.colorbar(im, ax=ax)
-    if cbar_label:
-        cbar.set_label(cbar_label)
-    if annotate:
-        cm = im.get_cmap()
-        for i in range(data.shape[0]):
-            for j in range(data.shape[1]):
-                v = data[i, j]
-                if math.isfinite(v):
-                    r, g, b, _ = cm(norm(v))
-                    color = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
-                    ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7, color=color)
-                else:
-                    ax.text(j, i, "nan", ha="center", va="center", fontsize=7, color="gray")
     if title:
         ax.set_title(title)
     fig.tight_layout()

@@ -21,7 +21,7 @@ from qhelpers.util.errors import ConfigError
 __all__ = ["NOT_RECORDED", "PAPERMILL_HEADER", "PARAMETERS_MARKER", "assigned_names", "current_parameters"]
 
 PARAMETERS_MARKER = "# Notebook parameters"
-"""First line of every notebook's parameters cell (``scripts/build_notebooks.py`` enforces it)."""
+"""First line of every notebook's parameters cell (tests/test_notebooks.py checks it)."""
 
 PAPERMILL_HEADER = "# Parameters"
 """First line of the cell papermill injects (its ``comment`` argument, "Parameters" by default)."""
