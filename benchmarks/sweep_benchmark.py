@@ -123,7 +123,7 @@ def load(spec: str, device: str | None, dtype: str | None, seed: int = 0) -> Loa
     config = AutoConfig.for_model(model_type, **kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     if dt != torch.float32:
         model = model.to(dt)
     model.to(dev).eval().requires_grad_(False)

@@ -328,7 +328,8 @@ def test_summary_escapes_html_and_lists_every_hypothesis(tmp_path):
     page = (out / "index.html").read_text(encoding="utf-8")
     md = (out / "summary.md").read_text(encoding="utf-8")
     # self-contained and escaped
-    assert "<script" not in page and "<link" not in page and "src=" not in page and "http" not in page
+    external = page.replace('src="data:image/png;base64,', "")  # figures are embedded, nothing is fetched
+    assert "<script" not in page and "<link" not in page and "src=" not in external and "http" not in page
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; a|b" in page
     assert "H&lt;1&gt;" in page and "tiny:&lt;gpt2&gt;" in page
     assert "bad &lt;b&gt;thing&lt;/b&gt;" in page and "ValueError" in page
@@ -534,3 +535,32 @@ def test_cpu_workers_share_the_cores_and_the_users_setting_wins(monkeypatch):
     assert env["OMP_NUM_THREADS"] == "1" and env["OPENBLAS_NUM_THREADS"] == "1"
     assert env["MKL_NUM_THREADS"] == "7"
     assert "OMP_NUM_THREADS" not in kernel_env("quick", None, threads=None)
+
+
+# --------------------------------------------------------------------------- the run manifest
+
+
+def test_resume_merges_the_recorded_command_and_lists_each_change():
+    from qhelpers.runner.manifest import RunCommand, merge_on_resume
+
+    recorded = RunCommand(profile="ci", only=["a_ok", "c_sleep"], params=[["N_BOOT", "150"], ["SLEEP", "1"]])
+    same, changes = merge_on_resume(recorded, RunCommand())
+    assert same == recorded and changes == []
+    merged, changes = merge_on_resume(recorded, RunCommand(only=["a_ok"], params=[["SLEEP", "2"], ["SEED", "3"]],
+                                                           workers=2))
+    assert merged.only == ["a_ok"] and merged.profile == "ci" and merged.workers == 2
+    assert merged.params == [["N_BOOT", "150"], ["SLEEP", "2"], ["SEED", "3"]]
+    assert changes == ["--only: a_ok c_sleep -> a_ok", "--workers: (not set) -> 2", "-p SLEEP: 1 -> 2",
+                       "-p SEED: (not set) -> 3"]
+    assert recorded.params == [["N_BOOT", "150"], ["SLEEP", "1"]]  # the recorded command is not changed
+
+
+def test_a_manifest_of_an_older_runner_is_read_from_its_argv():
+    from qhelpers.runner.cli import parse_recorded_argv
+    from qhelpers.runner.manifest import recorded_command
+
+    old = {"profile": "ci", "argv": ["--only", "a_ok", "-p", "N_BOOT", "7", "--out", "somewhere"]}
+    cmd = recorded_command(old, parse_recorded_argv)
+    assert cmd.profile == "ci" and cmd.only == ["a_ok"] and cmd.params == [["N_BOOT", "7"]]
+    with pytest.raises(RunnerError, match="records no command"):
+        recorded_command({"profile": "ci"}, parse_recorded_argv)

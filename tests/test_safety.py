@@ -1,8 +1,10 @@
-"""Safety: no remote code, no arbitrary unpickling, parameters never run as code.
+"""Safety: no remote code, no arbitrary unpickling, no shell, parameters never run as code.
 
 Two kinds of test: real attacks on the loader (a model folder that ships its own modelling
 code, a ``.bin`` whose pickle runs a command), each of which would leave a marker file if it
-succeeded; and a scan of the package's source for calls that could reopen those doors.
+succeeded; and a scan of every Python source we ship (the package, run_all.py, scripts/, the
+notebooks' sources in notebooks/src/ and benchmarks/) for calls that could reopen those doors,
+including a command line handed to a shell (``shell=True``, ``os.system``, ``os.popen``).
 Parameters as YAML, never code, are tested in tests/test_runner.py.
 """
 from __future__ import annotations
@@ -18,7 +20,8 @@ from qhelpers.models.loading import load_model
 from qhelpers.util.errors import ModelLoadError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SOURCES = sorted([*(REPO / "qhelpers").rglob("*.py"), REPO / "run_all.py", *(REPO / "scripts").glob("*.py")])
+SOURCES = sorted([*(REPO / "qhelpers").rglob("*.py"), REPO / "run_all.py", *(REPO / "scripts").glob("*.py"),
+                  *(REPO / "notebooks" / "src").glob("*.py"), *(REPO / "benchmarks").rglob("*.py")])
 
 
 class _RunsACommand:
@@ -91,7 +94,10 @@ def _where(path: pathlib.Path, node: ast.stmt | ast.expr) -> str:
     return f"{shown}:{node.lineno}"
 
 
-FORBIDDEN_CALLS = {"pickle.load", "pickle.loads", "marshal.loads", "eval", "exec", "yaml.load", "yaml.unsafe_load"}
+FORBIDDEN_CALLS = {"pickle.load", "pickle.loads", "marshal.loads", "eval", "exec", "yaml.load", "yaml.unsafe_load",
+                   # a command line run by a shell: quoting mistakes become code
+                   "os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput",
+                   "asyncio.create_subprocess_shell"}
 AUTO_LOADERS = ("AutoModelForCausalLM.from_pretrained", "AutoModelForCausalLM.from_config",
                 "AutoTokenizer.from_pretrained", "AutoConfig.from_pretrained")
 
@@ -116,6 +122,9 @@ def violations(path: pathlib.Path) -> list[str]:
                 found.append(f"{where} {name} without an explicit trust_remote_code=False")
             if name == "torch.load" and not _is_const(_keyword(node, "weights_only"), True):
                 found.append(f"{where} torch.load without weights_only=True")
+            shell = _keyword(node, "shell")
+            if shell is not None and not _is_const(shell, False):
+                found.append(f"{where} {name} with shell={ast.unparse(shell)}")
             if name in FORBIDDEN_CALLS:
                 found.append(f"{where} {name}")
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -153,3 +162,56 @@ def test_the_scan_flags_each_kind_of_violation(tmp_path):
     found = violations(bad)
     assert len(found) == 8, found
     assert violations(REPO / "qhelpers" / "models" / "loading.py") == []
+
+
+def test_the_scan_covers_notebook_sources_benchmarks_and_the_shell(tmp_path):
+    names = {p.relative_to(REPO).as_posix() for p in SOURCES}
+    assert "notebooks/src/exp003_kurtosis.py" in names and "benchmarks/sweep_benchmark.py" in names
+    bad = tmp_path / "shell.py"
+    bad.write_text(
+        "import os, subprocess, asyncio\n"
+        "subprocess.run('ls ' + path, shell=True)\n"
+        "subprocess.Popen(cmd, shell=flag)\n"
+        "os.system('rm -rf ' + folder)\n"
+        "os.popen('ls')\n"
+        "subprocess.getoutput('ls')\n"
+        "subprocess.run(['ls', path], shell=False)\n"
+        "subprocess.run(['ls', path])\n"
+    )
+    found = violations(bad)
+    assert len(found) == 5, found
+    assert any("shell=True" in v for v in found) and any("os.system" in v for v in found)
+
+
+def _pin_colab():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pin_colab", REPO / "scripts" / "pin_colab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_colab_install_cells_pin_the_tested_code():
+    """A notebook on Colab installs the qhelpers tag of this version and pinned packages, from the
+    one setting [tool.qhelpers.colab] in pyproject.toml (python scripts/pin_colab.py applies it)."""
+    pins = _pin_colab()
+    setting = pins.colab_setting(REPO)
+    assert setting["qhelpers"].endswith("@v" + __import__("qhelpers").__version__)
+    lines = {}
+    for path in sorted((REPO / "notebooks" / "src").glob("*.py")) + sorted((REPO / "notebooks").glob("*.ipynb")):
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".ipynb":
+            text = "\n".join("".join(c["source"]) for c in json.loads(text)["cells"] if c["cell_type"] == "code")
+        found = [line for line in text.splitlines() if pins.requirements_of(line) is not None]
+        assert found, f"{path.name}: no Colab install line"
+        lines[path] = found
+    for path, found in lines.items():
+        for line in found:
+            requirements = pins.requirements_of(line)
+            assert setting["qhelpers"] in requirements, f"{path.name}: qhelpers not pinned: {line.strip()}"
+            unpinned = [r for r in requirements if "==" not in r and not r.startswith("qhelpers @ ")]
+            assert not unpinned, f"{path.name}: unpinned {unpinned}"
+    exp003 = pins.requirements_of(lines[REPO / "notebooks" / "src" / "exp003_kurtosis.py"][0])
+    assert f"bitsandbytes=={setting['pins']['bitsandbytes']}" in exp003
+    assert pins.stale_sources(REPO) == []

@@ -60,7 +60,7 @@ import subprocess
 import sys
 
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "qhelpers @ git+https://github.com/qhelpers/qhelpers@v0.1.0"], check=True)
 
 # %% tags=["parameters"]
 # Notebook parameters: papermill and run_all.py -p override them; results.json records their values

@@ -11,21 +11,22 @@ its per-text scores under a key that covers everything the scores depend on:
 * the torch and transformers versions.
 
 Values are stored as JSON with 17 significant digits, so a cache hit returns scores
-bit-identical to the run that wrote them. Files are written atomically. A process that
-finds another computing the same key (a lock file beside the entry) waits for its result
-rather than computing it twice.
+bit-identical to the run that wrote them. Files are written atomically, with the sha256 of
+their content: an entry that does not parse or does not match its hash (a damaged disk, a
+hand edit, an entry from an older qhelpers) is reported, computed again and replaced. A
+process that finds another computing the same key (a lock file beside the entry) waits for
+its result rather than computing it twice.
 Default folder: ``$QHELPERS_CACHE/sweeps`` when that variable is set, else
 ``~/.cache/qhelpers/sweeps``; ``cache=False`` turns caching off, a path chooses the folder.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -34,7 +35,7 @@ from qhelpers.measure.scoring import MeasureConfig
 from qhelpers.measure.sweep import SweepResult, as_variants, run_sweep
 from qhelpers.quant.engine import Variant
 from qhelpers.util.atomic import atomic_write_text
-from qhelpers.util.cache import qhelpers_cache_dir
+from qhelpers.util.cache import cache_lock, qhelpers_cache_dir
 
 __all__ = ["cached_sweep", "sweep_key", "default_sweep_cache"]
 
@@ -77,6 +78,11 @@ def sweep_key(loaded: Any, corpus: Any, variants: Mapping[str, Variant], measure
     return h.hexdigest()
 
 
+def _checksum(doc: Mapping[str, Any]) -> str:
+    """sha256 of an entry's content (canonical JSON: a float reads back as the same float)."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _encode(result: SweepResult) -> str:
     doc = {
         "format": _FORMAT,
@@ -87,11 +93,19 @@ def _encode(result: SweepResult) -> str:
         "run_order": result.run_order,
         "prefix_stats": result.prefix_stats,
     }
-    return json.dumps(doc, default=str)
+    doc = json.loads(json.dumps(doc, default=str))  # the content exactly as it will read back
+    return json.dumps({**doc, "sha256": _checksum(doc)})
 
 
 def _decode(text: str, variants: dict[str, Variant]) -> SweepResult:
     doc = json.loads(text)
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    recorded = doc.pop("sha256", None)
+    if recorded is None:
+        raise ValueError("no sha256 recorded (written by an older qhelpers)")
+    if recorded != _checksum(doc):
+        raise ValueError("content does not match its sha256")
     frame = lambda d: pd.DataFrame(d["data"], index=d["index"], columns=d["columns"])  # noqa: E731
     return SweepResult(
         scores=frame(doc["scores"]),
@@ -131,7 +145,8 @@ def cached_sweep(
         return hit, True
     # One process computes a key at a time; the others wait for its file instead of
     # computing the same sweep beside it (notebooks run with run_all.py --workers N).
-    with _key_lock(path):
+    lock = path.with_suffix(".lock")
+    with cache_lock(lock, f"another process is computing this sweep; waiting for it ({lock})"):
         hit = _read(path, ordered)
         if hit is not None:
             return hit, True
@@ -141,32 +156,17 @@ def cached_sweep(
 
 
 def _read(path: Path, variants: dict[str, Variant]) -> SweepResult | None:
-    if not path.is_file():
+    """The cached result in ``path``; None when there is none, or when it is damaged (reported:
+    the caller computes it again and replaces the entry)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"sweep cache entry {path} is unreadable ({exc}); computing the sweep again", flush=True)
         return None
     try:
-        return _decode(path.read_text(encoding="utf-8"), variants)
-    except (ValueError, KeyError):
-        return None  # unreadable entry (e.g. an older format): recompute and overwrite it
-
-
-@contextlib.contextmanager
-def _key_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``<path>.lock`` (POSIX ``flock``; released if the holder
-    dies). Where ``fcntl`` is missing (Windows) nothing is locked and both compute."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_suffix(".lock")
-    with open(lock, "a") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"another process is computing this sweep; waiting for it ({lock})", flush=True)
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return _decode(text, variants)
+    except (ValueError, KeyError, TypeError) as exc:
+        print(f"sweep cache entry {path} is damaged ({exc}); computing the sweep again and replacing it", flush=True)
+        return None

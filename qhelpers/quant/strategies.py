@@ -343,7 +343,15 @@ def custom_variants(specs: Mapping[str, Any], protocol: str = "sound", bits: int
         if isinstance(protect, Mapping):
             protect = dict(protect)
             scope = protect.pop("scope", None)
-            bits_here = int(protect.pop("bits", bits))
+            raw_bits = protect.pop("bits", bits)
+            try:
+                bits_here = int(raw_bits)
+            except (TypeError, ValueError):
+                bits_here = None
+            if bits_here is None or isinstance(raw_bits, bool) or (isinstance(raw_bits, float) and raw_bits != bits_here):
+                raise ConfigError(
+                    f"strategy {name!r}: bits must be a whole number between 2 and 8, got {raw_bits!r}"
+                )
         quant, default_scope = protocol_settings(protocol, bits_here)
         out[str(name)] = Variant(str(name), quant, ProtectionSpec.from_any(protect), scope or default_scope)
     return out

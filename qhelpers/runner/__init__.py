@@ -6,21 +6,33 @@ kernels stays light. One run writes one folder::
 
     runs/<UTC timestamp>/            (or --out DIR / --resume DIR)
         summary.md  index.html       rewritten atomically after every notebook
-        run_config.json  runner.log  how the suite was invoked; the progress lines
+        run_config.json              the manifest: the command (re-applied by --resume), qhelpers
+                                     version, git commit and code hash, each notebook's input hashes
+        runner.log                   the progress lines
         <stem>/<stem>.ipynb          the executed notebook (partial if it failed)
         <stem>/results.json, figures written by the notebook into OUTPUT_DIR
         <stem>/log.txt               papermill's log and every cell's output
-        <stem>/run.json              status, parameters as run, their hash, times, error
+        <stem>/run.json              status, parameters as run, hashes (parameters, code, qhelpers,
+                                     results.json), model fingerprint, times, error
+        <stem>.prev-<n>/             an earlier folder of a notebook that ran again (never deleted)
+
+Nothing completed is ever deleted or altered, "completed" means a results.json that still has its
+recorded hash, and every failure (a notebook, a worker, a kernel, a file that cannot be written)
+stays with its notebook; tests/test_faults.py breaks each on purpose.
 
 Modules, each importing only those above it in this list:
 
 - ``errors``: ``RunnerError`` (exit code 2) and the exit codes;
-- ``records``: run.json / results.json of a notebook folder, JSON written atomically;
+- ``records``: run.json / results.json of a notebook folder, JSON written atomically, what makes a
+  result completed, folders moved aside;
 - ``notebooks``: finding, selecting and reading the notebooks (purpose line, code hash);
 - ``params``: a notebook's parameters cell (parsed with ``ast``, never run), ``-p`` values
   (YAML, never eval), the parameters hash;
 - ``profiles``: ``notebooks/profiles.yaml`` (``_all`` and per-notebook values);
 - ``plan``: what each notebook gets injected (profile, then ``--model``/``--device``/``-p``);
+- ``checks``: the injected values checked before any work (kinds, language groups);
+- ``manifest``: run_config.json, the command it records and how ``--resume`` re-applies it;
+- ``fingerprints``: the qhelpers code hash, version and git commit, a model's files fingerprint;
 - ``environment``: the Jupyter kernel check, GPUs per worker, BLAS threads, the kernel's variables;
 - ``locks``: the run folder's and each notebook's lock;
 - ``processes``: worker sessions, death of the runner, killing a kernel left behind;

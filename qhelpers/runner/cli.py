@@ -5,14 +5,26 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from qhelpers.runner.checks import check_plans
 from qhelpers.runner.environment import REPO_ROOT, check_kernel
 from qhelpers.runner.errors import EXIT_OK, EXIT_USAGE, RunnerError
+from qhelpers.runner.fingerprints import git_state, qhelpers_code_hash, qhelpers_version
 from qhelpers.runner.goldens import GOLDEN_OUTPUT_PREFIX
 from qhelpers.runner.locks import FileLock
+from qhelpers.runner.manifest import (
+    MANIFEST,
+    RunCommand,
+    is_empty_for_a_run,
+    manifest_document,
+    merge_on_resume,
+    read_manifest,
+    recorded_command,
+)
 from qhelpers.runner.notebooks import (
     discover_notebooks,
     notebook_purpose,
@@ -21,7 +33,7 @@ from qhelpers.runner.notebooks import (
 from qhelpers.runner.params import notebook_parameters, parse_value
 from qhelpers.runner.plan import plan_parameters
 from qhelpers.runner.profiles import DEFAULT_PROFILE, load_profiles
-from qhelpers.runner.records import atomic_write_json, read_json, utc_now
+from qhelpers.runner.records import atomic_write_json, utc_now
 from qhelpers.runner.supervise import Runner
 from qhelpers.runner.worker import worker_main
 
@@ -31,7 +43,7 @@ DEFAULT_KERNEL = "python3"
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # exit 2 through main(), not sys.exit
-        raise RunnerError(f"{message}\n(run with --help for the options)")
+        raise RunnerError(f"{message} (run with --help for the options)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,12 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
             "  python run_all.py                          # every notebook, profile quick\n"
             "  python run_all.py --profile ci --only exp003_kurtosis\n"
             "  python run_all.py --model gpt2 -p LANGS '[en, sw]' -p N_TEXTS 8 --device cuda\n"
-            "  python run_all.py --resume runs/20250101T120000Z\n"
+            "  python run_all.py --resume runs/20250101T120000Z          # same options as that run\n"
+            "  python run_all.py --resume runs/20250101T120000Z -p N_BOOT 500   # one option changed\n"
             "  python run_all.py --profile ci --write-goldens tests/goldens\n"
             "\n"
             "exit codes: 0 all completed, 1 some notebook failed, 2 usage or configuration error,\n"
             "130 interrupted (SIGINT), 143 terminated (SIGTERM).\n"
-            "output: <out>/<stem>/{<stem>.ipynb,results.json,log.txt,run.json}, <out>/summary.md, <out>/index.html"
+            "output: <out>/<stem>/{<stem>.ipynb,results.json,log.txt,run.json}, <out>/summary.md, <out>/index.html,\n"
+            "<out>/run_config.json (the command, re-applied by --resume); a re-run notebook's earlier folder is\n"
+            "kept as <out>/<stem>.prev-<n>."
         ),
     )
     p.add_argument("--list", action="store_true", help="list the notebooks with their purpose and exit")
@@ -63,35 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="set a parameter (repeatable); VALUE is parsed as YAML: 4, 0.5, '[en, sw]', null, true")
     p.add_argument("--device", choices=("cpu", "cuda"), help="set DEVICE in every notebook that defines it")
-    p.add_argument("--kernel", default=DEFAULT_KERNEL, help=f"Jupyter kernel name (default {DEFAULT_KERNEL})")
-    p.add_argument("--out", metavar="DIR", help="run folder (default runs/<UTC timestamp>)")
+    p.add_argument("--kernel", default=None, help=f"Jupyter kernel name (default {DEFAULT_KERNEL})")
+    p.add_argument("--out", metavar="DIR",
+                   help="run folder (default runs/<UTC timestamp>): a new or empty folder, or an earlier run "
+                        "(every selected notebook runs again; its earlier folder is kept as <stem>.prev-<n>)")
     p.add_argument("--resume", metavar="DIR",
-                   help="continue the run in DIR: skip notebooks completed there with the same parameters")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="continue the run in DIR with the options recorded in its run_config.json (options given "
+                        "here replace those, and each change is printed): notebooks completed there with the same "
+                        "inputs and an intact results.json are skipped, the others run again")
+    p.add_argument("--keep-stale", action="store_true",
+                   help="with --resume: keep completed results whose qhelpers code or model files changed since "
+                        "(marked stale in the summary) instead of running them again")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="notebooks run in parallel (default 1); with several GPUs each worker gets one")
     p.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
                    help="fail a notebook whose cell runs longer than this (default: no limit)")
     p.add_argument("--write-goldens", metavar="DIR",
                    help="copy each completed executed notebook to DIR/<stem>.ipynb for nbval "
                         f"(runs with OUTPUT_DIR={GOLDEN_OUTPUT_PREFIX}/<stem>; normally with --profile ci)")
-    p.add_argument("--notebooks-dir", default=str(DEFAULT_NOTEBOOKS_DIR), metavar="DIR",
+    p.add_argument("--notebooks-dir", default=None, metavar="DIR",
                    help="folder of the notebooks (default: the repository's notebooks/)")
     p.add_argument("--profiles", metavar="FILE", default=None,
                    help="profiles file (default: <notebooks-dir>/profiles.yaml)")
     return p
-
-
-def _new_run_dir(base: Path) -> Path:
-    base.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    for k in range(1, 1000):
-        d = base / (stamp if k == 1 else f"{stamp}-{k}")
-        try:
-            d.mkdir()
-            return d
-        except FileExistsError:
-            continue
-    raise RunnerError(f"cannot create a run folder under {base}")
 
 
 def _list(notebooks: Sequence[Path]) -> int:
@@ -108,6 +117,82 @@ def _list(notebooks: Sequence[Path]) -> int:
     return EXIT_OK
 
 
+def command_from_args(args: argparse.Namespace) -> RunCommand:
+    """The options given on the command line (None where not given), paths made absolute."""
+    def absolute(path: str | None) -> str | None:
+        return None if path is None else str(Path(path).expanduser().resolve())
+
+    return RunCommand(
+        profile=args.profile,
+        only=list(args.only) if args.only else None,
+        params=[[name, value] for name, value in args.param],
+        model=args.model,
+        device=args.device,
+        kernel=args.kernel,
+        cell_timeout=args.cell_timeout,
+        workers=args.workers,
+        notebooks_dir=absolute(args.notebooks_dir),
+        profiles=absolute(args.profiles),
+        write_goldens=absolute(args.write_goldens),
+    )
+
+
+def parse_recorded_argv(argv: Sequence[str]) -> RunCommand:
+    """A format-1 manifest's argv read as a command (its --out/--resume ignored)."""
+    return command_from_args(build_parser().parse_args(list(argv)))
+
+
+def _path_error(what: str, path: Path, exc: OSError) -> RunnerError:
+    reason = exc.strerror or type(exc).__name__
+    return RunnerError(f"{what} {path}: {reason}; choose a folder you can write to")
+
+
+def _check_out_dir(path: Path) -> bool:
+    """Check that ``--out path`` may be used; returns whether it is an earlier run."""
+    if path.exists() and not path.is_dir():
+        raise RunnerError(f"--out {path} is an existing file, not a folder; give a folder path")
+    if not path.exists():
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise RunnerError(f"--out {path}: {parent} is a file, not a folder")
+        return False
+    if is_empty_for_a_run(path):
+        return False
+    if read_manifest(path) is None:
+        raise RunnerError(
+            f"--out {path} is a non-empty folder that is not a run folder (no {MANIFEST}); nothing was written. "
+            "Give a new or empty folder, or --resume an earlier run"
+        )
+    return True
+
+
+def _make_run_dir(path: Path | None) -> Path:
+    """Create the run folder (default ``runs/<UTC timestamp>``); a path error raises RunnerError."""
+    if path is not None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise _path_error("cannot write the run folder", path, exc) from None
+        return path
+    base = Path("runs").resolve()
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        for k in range(1, 1000):
+            d = base / (stamp if k == 1 else f"{stamp}-{k}")
+            try:
+                d.mkdir()
+                return d
+            except FileExistsError:
+                continue
+    except OSError as exc:
+        raise _path_error("cannot create a run folder under", base, exc) from None
+    raise RunnerError(f"cannot create a run folder under {base}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The run_all.py command line; returns the exit code. ``--worker JOB`` as the first
     argument runs one worker (:func:`qhelpers.runner.worker.worker_main`) instead."""
@@ -119,88 +204,113 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunnerError as exc:
         print(f"run_all.py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a path that cannot be read or written before the run starts
+        print(f"run_all.py: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    nb_dir = Path(args.notebooks_dir).resolve()
-    notebooks = discover_notebooks(nb_dir)
+    given = command_from_args(args)
     if args.list:
-        return _list(select_notebooks(notebooks, args.only))
-    if not notebooks:
-        raise RunnerError(f"no notebooks (*.ipynb) in {nb_dir}")
-    selected = select_notebooks(notebooks, args.only)
-    if args.workers < 1:
-        raise RunnerError("--workers must be at least 1")
-    if args.cell_timeout is not None and args.cell_timeout <= 0:
-        raise RunnerError("--cell-timeout must be positive (seconds)")
+        nb_dir = Path(given.notebooks_dir or DEFAULT_NOTEBOOKS_DIR)
+        return _list(select_notebooks(discover_notebooks(nb_dir), given.only))
 
-    # run folder
+    # the run folder and the command: --resume re-applies the recorded one
+    previous: dict[str, Any] | None = None
+    changes: list[str] = []
+    earlier_run = False
     if args.resume and args.out and Path(args.resume).resolve() != Path(args.out).resolve():
         raise RunnerError("--resume DIR is the run folder itself; do not pass a different --out")
+    if args.keep_stale and not args.resume:
+        raise RunnerError("--keep-stale applies to --resume DIR only")
     if args.resume:
-        out_dir = Path(args.resume).resolve()
+        out_dir: Path | None = Path(args.resume).expanduser().resolve()
         if not out_dir.is_dir():
             raise RunnerError(f"--resume {args.resume}: no such run folder")
+        previous = read_manifest(out_dir)
+        if previous is None:
+            raise RunnerError(
+                f"--resume {args.resume}: not a run folder (no {MANIFEST}); nothing was written. "
+                "Give the folder of an earlier run_all.py run"
+            )
+        command, changes = merge_on_resume(recorded_command(previous, parse_recorded_argv), given)
     else:
-        out_dir = None
+        out_dir = Path(args.out).expanduser().resolve() if args.out else None
+        if out_dir is not None:
+            try:
+                earlier_run = _check_out_dir(out_dir)
+            except OSError as exc:
+                raise _path_error("cannot use --out", out_dir, exc) from None
+        command = given
+    # the manifest records the options given (and the profile); defaults fill the rest
+    command.profile = command.profile or DEFAULT_PROFILE
+    resolved = command.with_defaults(kernel=DEFAULT_KERNEL, workers=1, notebooks_dir=str(DEFAULT_NOTEBOOKS_DIR))
 
-    profile = args.profile
-    prior = {}
-    if out_dir is not None and (out_dir / "run_config.json").is_file():
-        try:
-            prior = read_json(out_dir / "run_config.json")
-        except (OSError, ValueError):
-            prior = {}
-    if profile is None:
-        profile = prior.get("profile") or DEFAULT_PROFILE
-    profiles_path = Path(args.profiles) if args.profiles else nb_dir / "profiles.yaml"
-    if args.profiles and not profiles_path.is_file():
+    # everything is checked before anything is written
+    nb_dir = Path(resolved.notebooks_dir)
+    notebooks = discover_notebooks(nb_dir)
+    if not notebooks:
+        raise RunnerError(f"no notebooks (*.ipynb) in {nb_dir}")
+    selected = select_notebooks(notebooks, resolved.only)
+    if resolved.workers < 1:
+        raise RunnerError("--workers must be at least 1")
+    if resolved.cell_timeout is not None and resolved.cell_timeout <= 0:
+        raise RunnerError("--cell-timeout must be positive (seconds)")
+    profiles_path = Path(resolved.profiles) if resolved.profiles else nb_dir / "profiles.yaml"
+    if resolved.profiles and not profiles_path.is_file():
         raise RunnerError(f"profiles file {profiles_path} not found")
     profiles = load_profiles(profiles_path)
-
     overrides: list[tuple[str, Any]] = []
-    if args.model is not None:
-        overrides.append(("MODEL", args.model))
-    if args.device is not None:
-        overrides.append(("DEVICE", args.device))
-    for name, value in args.param:
+    if resolved.model is not None:
+        overrides.append(("MODEL", resolved.model))
+    if resolved.device is not None:
+        if resolved.device not in ("cpu", "cuda"):
+            raise RunnerError(f"--device {resolved.device}: use cpu or cuda")
+        overrides.append(("DEVICE", resolved.device))
+    for name, text in resolved.params:
         if not name.isidentifier():
             raise RunnerError(f"-p {name}: a parameter name must be a Python identifier")
-        overrides.append((name, parse_value(value)))
-
+        overrides.append((name, parse_value(text)))
     defined = {p.stem: notebook_parameters(p) for p in selected}
-    plans, notes = plan_parameters(selected, defined, profiles, profile, overrides, profiles_path)
-    check_kernel(args.kernel)
+    plans, notes = plan_parameters(selected, defined, profiles, resolved.profile, overrides, profiles_path)
+    check_plans(plans)
+    check_kernel(resolved.kernel)
 
-    if out_dir is None:
-        if args.out:
-            out_dir = Path(args.out).resolve()
-            out_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            out_dir = _new_run_dir(Path("runs").resolve())
+    out_dir = _make_run_dir(out_dir)
     folder_lock = FileLock(out_dir / ".runner.lock")
-    if not folder_lock.acquire(blocking=False):
+    try:
+        locked = folder_lock.acquire(blocking=False)
+    except OSError as exc:
+        raise _path_error("cannot lock the run folder", out_dir, exc) from None
+    if not locked:
         raise RunnerError(f"another run_all.py is running in {out_dir}; wait for it or use another --out")
     try:
-        if prior.get("profile") and prior["profile"] != profile:
-            print(f"note: {out_dir} was run with profile {prior['profile']}; this run uses {profile}", file=sys.stderr)
-        golden = bool(args.write_goldens)
-        config = {
-            "profile": profile,
-            "kernel": args.kernel,
-            "notebooks_dir": str(nb_dir),
-            "profiles": str(profiles_path),
-            "argv": argv,
-            "created": prior.get("created") or utc_now(),
-            "updated": utc_now(),
-            "golden": golden,
-        }
-        atomic_write_json(out_dir / "run_config.json", config)
-        runner = Runner(args, plans, out_dir, profile, notes, golden)
+        if not args.resume and not earlier_run and not is_empty_for_a_run(out_dir):
+            raise RunnerError(f"--out {out_dir} was filled by another process meanwhile; nothing was written")
+        code_hash = qhelpers_code_hash()
+        qhelpers_info = {"version": qhelpers_version(), **git_state(), "code_sha256": code_hash}
+        golden = bool(resolved.write_goldens)
+        run_args = argparse.Namespace(
+            kernel=resolved.kernel, workers=resolved.workers, device=resolved.device,
+            cell_timeout=resolved.cell_timeout, write_goldens=resolved.write_goldens,
+            resume=bool(args.resume), keep_stale=args.keep_stale)
+        runner = Runner(run_args, plans, out_dir, resolved.profile, notes, golden, code_hash)
+        entries = {plan.stem: runner.inputs_entry(plan) for plan in plans}
+        document = manifest_document(previous or read_manifest(out_dir), command, resolved, argv, changes,
+                                     qhelpers_info, entries, utc_now())
+        try:
+            atomic_write_json(out_dir / MANIFEST, document)
+        except OSError as exc:
+            raise _path_error("cannot write the manifest in", out_dir, exc) from None
         n = len(plans)
-        runner.say(f"run folder {out_dir} (profile {profile}, kernel {args.kernel}, "
+        runner.say(f"run folder {out_dir} (profile {resolved.profile}, kernel {resolved.kernel}, "
                    f"{n} notebook{'' if n == 1 else 's'})")
+        for line in changes:
+            runner.say(f"resume: option changed on the command line: {line}")
+        if earlier_run:
+            runner.say(f"note: {out_dir} holds an earlier run; every selected notebook runs again and the folder "
+                       "it had is kept as <stem>.prev-<n> (--resume skips completed notebooks instead)")
         return runner.run()
     finally:
         folder_lock.release()

@@ -6,6 +6,8 @@ from qhelpers.util.errors import ConfigError
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: A worker's exit code when it could not write its notebook's run.json (its record is in .jobs/).
+EXIT_RECORD_FAILED = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 

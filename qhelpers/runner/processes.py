@@ -35,6 +35,37 @@ def kill_descendants(pid: int) -> None:
             pass
 
 
+def descendant_identities(pid: int) -> set[tuple[int, float]]:
+    """``(pid, start time)`` of ``pid``'s descendants (psutil; empty without it). The start time
+    tells a process from a later one that reuses its pid."""
+    try:
+        import psutil
+
+        return {(c.pid, c.create_time()) for c in psutil.Process(pid).children(recursive=True)}
+    except Exception:
+        return set()
+
+
+def kill_identified(processes: set[tuple[int, float]]) -> list[int]:
+    """SIGKILL each ``(pid, start time)`` still running as that same process; returns the pids
+    killed. Used for a kernel whose worker died without shutting it down: the kernel runs in its
+    own session and would otherwise go on writing into the notebook's folder."""
+    killed = []
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover
+        return killed
+    for pid, started in processes:
+        try:
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - started) < 1e-3:
+                proc.kill()
+                killed.append(pid)
+        except Exception:
+            continue
+    return killed
+
+
 def watch_parent(parent_pid: int) -> None:
     """Portable backstop for PR_SET_PDEATHSIG (Linux only): a daemon thread that sends this
     worker SIGTERM once its runner has gone (the worker is then re-parented)."""
@@ -52,12 +83,20 @@ def watch_parent(parent_pid: int) -> None:
 
 
 def preexec_worker() -> None:  # pragma: no cover - runs in the child
-    """``preexec_fn`` of a worker: its own session, and SIGTERM when the runner dies."""
-    os.setsid()  # own session: a terminal's Ctrl-C reaches the runner, which stops workers itself
+    """``preexec_fn`` of a worker: its own session (a terminal's Ctrl-C reaches the runner, which
+    stops the workers itself)."""
+    os.setsid()
+
+
+def signal_on_parent_death(signum: int = signal.SIGTERM) -> None:
+    """Ask Linux to send this process ``signum`` when its parent dies (``PR_SET_PDEATHSIG``;
+    nothing elsewhere). A worker calls it once its handler for ``signum`` is installed: set in
+    ``preexec_fn`` instead, the signal could arrive during interpreter start-up and end the
+    worker before it records its notebook."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: SIGTERM when the runner dies
+        libc.prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG
     except Exception:
         pass

@@ -10,11 +10,15 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from qhelpers.report.html import REPORT_CSS, headline_html, headline_markdown, notebook_sections_html
 from qhelpers.runner.records import (
     STATUSES,
+    completion_problem,
     hypotheses_of,
+    is_moved_aside,
     load_record,
     load_results,
+    moved_aside_folders,
     utc_now,
 )
 from qhelpers.util.atomic import atomic_write_text
@@ -89,20 +93,42 @@ def _model_name(results: Mapping[str, Any] | None, rec: Mapping[str, Any]) -> st
     return str(defaults["MODEL"]) if defaults.get("MODEL") is not None else ""
 
 
-def collect_records(out_dir: Path, stems: Iterable[str] = ()) -> list[dict[str, Any]]:
+def _moved_aside(out_dir: Path, stem: str, rec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The notebook's earlier folders (``<stem>.prev-<n>``, newest first) with their status and
+    why they were moved aside (from the ``previous`` entry of the run that moved each)."""
+    folders = moved_aside_folders(out_dir, stem)
+    reasons: dict[str, Any] = {}
+    for record in [rec] + [load_record(d) or {} for d in folders]:
+        prev = record.get("previous")
+        if isinstance(prev, Mapping) and prev.get("folder"):
+            reasons[str(prev["folder"])] = prev.get("reason")
+    return [{"folder": d.name, "status": (load_record(d) or {}).get("status", "unknown"),
+             "reason": reasons.get(d.name)} for d in reversed(folders)]
+
+
+def collect_records(out_dir: Path, stems: Iterable[str] = (), records: Mapping[str, Mapping[str, Any]] | None = None,
+                    marks: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """One entry per notebook of the run folder (every ``<stem>/run.json``) plus ``stems`` not
-    started yet (status pending), sorted by stem; each with its results.json loaded."""
+    started yet (status pending), sorted by stem; each with its results.json loaded.
+
+    ``records`` (the runner's own view, e.g. of a notebook whose run.json could not be written)
+    win over the files; ``marks`` (e.g. ``stale: ...``) are shown beside the status, as is what is
+    wrong with a completed notebook's results.json. Earlier folders moved aside
+    (``<stem>.prev-<n>``) are listed with their notebook, not as notebooks."""
     out_dir = Path(out_dir)
-    names = set(stems)
+    names = set(stems) | set(records or {})
     if out_dir.is_dir():
         for d in out_dir.iterdir():
-            if d.is_dir() and not d.name.startswith(".") and (d / "run.json").is_file():
+            if d.is_dir() and not d.name.startswith(".") and not is_moved_aside(d.name) and (d / "run.json").is_file():
                 names.add(d.name)
     rows = []
     for stem in sorted(names):
         nb_dir = out_dir / stem
-        rec = load_record(nb_dir) or {"notebook": stem, "status": "pending"}
+        rec = dict((records or {}).get(stem) or load_record(nb_dir) or {"notebook": stem, "status": "pending"})
         rec.setdefault("notebook", stem)
+        mark = (marks or {}).get(stem)
+        if rec.get("status") == "completed" and mark is None:
+            mark = completion_problem(nb_dir, rec)
         results, err = load_results(nb_dir)
         figures = []
         if results:
@@ -119,8 +145,47 @@ def collect_records(out_dir: Path, stems: Iterable[str] = ()) -> list[dict[str, 
             "notebook_link": f"{stem}/{stem}.ipynb" if exec_nb.is_file() else None,
             "log_link": f"{stem}/log.txt" if (nb_dir / "log.txt").is_file() else None,
             "model": _model_name(results, rec),
+            "mark": mark,
+            "moved_aside": _moved_aside(out_dir, stem, rec),
         })
     return rows
+
+
+def status_label(row: Mapping[str, Any]) -> str:
+    """A row's status, with its mark: ``completed (stale: qhelpers code changed since it ran)``."""
+    status = str(row["record"].get("status", "pending"))
+    return f"{status} ({row['mark']})" if row.get("mark") else status
+
+
+def _moved_aside_lines(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    return [(str(m["folder"]), str(m["status"]), str(m["reason"] or ""))
+            for r in rows for m in r.get("moved_aside") or []]
+
+
+def moved_aside_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """summary.md's list of earlier results kept aside (empty when there are none)."""
+    lines = _moved_aside_lines(rows)
+    if not lines:
+        return []
+    out = ["## Earlier results kept (moved aside, never deleted)", "", "| folder | status | why it ran again |",
+           "|---|---|---|"]
+    out += [f"| {_md_link(folder, folder + '/')} | {_md_cell(status)} | {_md_cell(reason)} |"
+            for folder, status, reason in lines]
+    return out + [""]
+
+
+def moved_aside_html(rows: Sequence[Mapping[str, Any]]) -> str:
+    """index.html's list of earlier results kept aside ('' when there are none)."""
+    from urllib.parse import quote
+
+    lines = _moved_aside_lines(rows)
+    if not lines:
+        return ""
+    e = lambda x: html.escape(str(x), quote=True)  # noqa: E731
+    body = "".join(f'<tr><td><a href="{e(quote(folder))}/">{e(folder)}</a></td><td>{e(status)}</td><td>{e(reason)}</td></tr>'
+                   for folder, status, reason in lines)
+    return ("<h2>Earlier results kept (moved aside, never deleted)</h2><table><thead><tr><th>folder</th>"
+            f"<th>status</th><th>why it ran again</th></tr></thead><tbody>{body}</tbody></table>")
 
 
 def error_text(rec: Mapping[str, Any], short: bool = False) -> str:
@@ -177,9 +242,9 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) 
         f"- updated: {meta.get('updated', '')}; state: {meta.get('state', '')}",
         f"- notebooks: {len(rows)} ({_status_counts(rows)})",
         "",
-        "## Hypotheses",
-        "",
     ]
+    lines += headline_markdown(rows)
+    lines += ["## Hypotheses", ""]
     hyp_rows = [(r, h) for r in rows for h in r["hypotheses"]]
     if hyp_rows:
         lines += ["| notebook | id | statement | value [CI] | verdict | n |", "|---|---|---|---|---|---|"]
@@ -206,12 +271,13 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) 
         if err and r["log_link"]:
             err += f" (see {r['log_link']})"
         lines.append(
-            f"| {_md_cell(r['stem'])} | {_md_cell(rec.get('status', 'pending'))} | "
+            f"| {_md_cell(r['stem'])} | {_md_cell(status_label(r))} | "
             f"{_md_cell(fmt_duration(rec.get('duration_s')))} | {_md_cell(r['model'])} | "
             f"{_md_cell(verdict_counts(r['hypotheses']) if r['results'] else '')} | "
             f"{_md_link(r['stem'] + '.ipynb', r['notebook_link'])} | {figs} | {_md_cell(err)} |"
         )
     lines.append("")
+    lines += moved_aside_markdown(rows)
     return "\n".join(lines)
 
 
@@ -222,9 +288,9 @@ table{border-collapse:collapse;width:100%;font-size:.92em}
 th,td{border:1px solid #ccc;padding:.35em .55em;text-align:left;vertical-align:top}
 th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}
 .meta{color:#555}.num{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:nowrap}
-.v-SUPPORTED{background:#d7f5d7 !important;font-weight:600}
-.v-NOT_SUPPORTED{background:#f8d7d7 !important;font-weight:600}
-.v-INCONCLUSIVE{background:#f5efd0 !important}
+.v-SUPPORTED{background:#d6e9f8 !important;font-weight:600}
+.v-NOT_SUPPORTED{background:#fbe0cc !important;font-weight:600}
+.v-INCONCLUSIVE{background:#eeeeee !important}
 .s-completed{color:#17702a;font-weight:600}.s-failed{color:#b00020;font-weight:600}
 .s-interrupted{color:#a05a00;font-weight:600}.s-running{color:#0050a0}.s-pending{color:#777}
 pre{white-space:pre-wrap;margin:0;font-size:.9em}
@@ -246,7 +312,7 @@ def render_html(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> s
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>qhelpers run {e(Path(str(meta.get('out_dir', ''))).name)}</title>",
-        f"<style>{_CSS}</style></head><body>",
+        f"<style>{_CSS}{REPORT_CSS}</style></head><body>",
         "<h1>qhelpers run summary</h1>",
         '<p class="meta">',
         f"run folder <code>{e(meta.get('out_dir', ''))}</code> &middot; profile <code>{e(meta.get('profile', ''))}</code>"
@@ -254,6 +320,7 @@ def render_html(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> s
         f"updated {e(meta.get('updated', ''))} &middot; state {e(meta.get('state', ''))} &middot; "
         f"{len(rows)} notebooks ({e(_status_counts(rows))})",
         "</p>",
+        headline_html(rows),
         "<h2>Hypotheses</h2>",
     ]
     hyp_rows = [(r, h) for r in rows for h in r["hypotheses"]]
@@ -268,7 +335,7 @@ def render_html(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> s
             out.append(
                 f"<tr><td>{nb}</td><td>{e(h.get('id'))}</td>"
                 f'<td title="{e(h.get("criterion", ""))}">{e(h.get("statement"))}</td>'
-                f'<td class="num">{e(fmt_value_ci(h))}</td><td class="{vclass}">{e(verdict)}</td>'
+                f'<td class="num">{e(fmt_value_ci(h))}</td><td class="{vclass}"><a href="#nb-{e(r["stem"])}">{e(verdict)}</a></td>'
                 f'<td class="num">{e(h.get("n", ""))}</td></tr>'
             )
         out.append("</tbody></table>")
@@ -287,22 +354,33 @@ def render_html(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> s
             err_html += link("log.txt", r["log_link"])
         nb_links = " ".join(x for x in (link(r["stem"] + ".ipynb", r["notebook_link"]), link("log", r["log_link"])) if x)
         out.append(
-            f"<tr><td>{e(r['stem'])}</td><td class=\"s-{e(status)}\">{e(status)}</td>"
+            f"<tr><td>{e(r['stem'])}</td><td class=\"s-{e(status)}\">{e(status_label(r))}</td>"
             f'<td class="num">{e(fmt_duration(rec.get("duration_s")))}</td><td>{e(r["model"])}</td>'
             f"<td>{e(verdict_counts(r['hypotheses']) if r['results'] else '')}</td>"
             f"<td>{nb_links}</td><td>{figs}</td><td>{err_html}</td></tr>"
         )
     out.append("</tbody></table>")
+    out.append(moved_aside_html(rows))
+    out.append(notebook_sections_html(rows, meta.get("out_dir", ".")))
     out.append('<p class="meta">Written by run_all.py (qhelpers.runner.cli).</p>')
     out.append("</body></html>\n")
     return "\n".join(out)
 
 
-def write_summary(out_dir: str | os.PathLike, meta: Mapping[str, Any], stems: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Rewrite ``summary.md`` and ``index.html`` of ``out_dir`` atomically; returns the rows."""
+def write_summary(out_dir: str | os.PathLike, meta: Mapping[str, Any], stems: Iterable[str] = (),
+                  records: Mapping[str, Mapping[str, Any]] | None = None,
+                  marks: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """Rewrite ``summary.md`` and ``index.html`` of ``out_dir`` atomically; returns the rows
+    (``records`` and ``marks``: see :func:`collect_records`)."""
     out_dir = Path(out_dir)
-    rows = collect_records(out_dir, stems)
+    rows = collect_records(out_dir, stems, records, marks)
     meta = {**meta, "out_dir": str(out_dir), "updated": utc_now()}
-    atomic_write_text(out_dir / "summary.md", render_markdown(rows, meta))
-    atomic_write_text(out_dir / "index.html", render_html(rows, meta))
+    failed: list[OSError] = []
+    for name, render in (("summary.md", render_markdown), ("index.html", render_html)):
+        try:  # one that cannot be written does not keep the other from being written
+            atomic_write_text(out_dir / name, render(rows, meta))
+        except OSError as exc:
+            failed.append(exc)
+    if failed:
+        raise failed[0]
     return rows

@@ -3,25 +3,33 @@ most ``--workers`` at a time, and keeps run.json, summary.md and index.html up t
 
 Status and resume: ``run.json`` holds ``status`` (running / completed / failed / interrupted), the
 injected ``parameters``, ``parameters_hash`` (sha256 of the injected parameters, OUTPUT_DIR reduced
-to its mode) and ``notebook_sha256`` (of the notebook's code cells). ``--resume DIR`` skips a
-notebook whose run.json says completed with the same two hashes and re-runs the others (their
-folder is emptied first, so no stale results.json survives a failed re-run).
+to its mode), ``notebook_sha256`` (of the notebook's code cells), ``qhelpers_sha256`` (of the
+qhelpers package), and once completed ``results_sha256`` and ``model_fingerprint``. ``--resume DIR``
+skips a notebook whose run.json says completed, whose results.json still has its recorded hash and
+whose parameters and code hashes are the same; a changed qhelpers hash or model fingerprint makes
+the result *stale*: it runs again, or with ``--keep-stale`` it is kept and marked stale.
 
-A failing notebook does not stop the others; the exit code is then 1. SIGINT (or SIGTERM) stops
-the workers, marks running notebooks ``interrupted``, writes the summary and exits 130 (143 for
-SIGTERM). If run_all itself is SIGKILLed, each worker gets SIGTERM from the kernel
-(``PR_SET_PDEATHSIG``), marks its notebook interrupted and shuts its kernel down; every completed
-notebook's folder and the last summary stay valid, and ``--resume`` finishes the suite."""
+Nothing completed is deleted: a notebook that runs again has its earlier folder moved aside to
+``<stem>.prev-<n>`` first (its new run.json names it under ``previous``, and the summary lists it).
+
+Every failure stays with its notebook: one that fails, whose worker or kernel dies, or whose folder
+cannot be written is recorded failed (in memory when its run.json cannot be written) and the others
+go on; the exit code is then 1. An unexpected error of the supervisor itself stops the workers and
+still writes every record and the summary. SIGINT (or SIGTERM) stops the workers, marks running
+notebooks ``interrupted``, writes the summary and exits 130 (143 for SIGTERM). If run_all itself is
+SIGKILLed, each worker gets SIGTERM from the kernel (``PR_SET_PDEATHSIG``), marks its notebook
+interrupted, shuts its kernel down and rewrites the summary; ``--resume`` finishes the suite."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,19 +41,28 @@ from qhelpers.runner.errors import (
     EXIT_SIGTERM,
     RunnerError,
 )
+from qhelpers.runner.fingerprints import model_fingerprint
 from qhelpers.runner.goldens import golden_cwd, golden_output_dir, write_goldens
 from qhelpers.runner.locks import FileLock
 from qhelpers.runner.notebooks import notebook_code_hash, notebook_has_language
 from qhelpers.runner.params import Param, parameters_hash
 from qhelpers.runner.plan import Plan
-from qhelpers.runner.processes import kill_descendants, preexec_worker
+from qhelpers.runner.processes import (
+    descendant_identities,
+    kill_descendants,
+    kill_identified,
+    preexec_worker,
+)
 from qhelpers.runner.records import (
     atomic_write_json,
+    completion_problem,
     error_record,
     hypotheses_of,
     load_record,
     load_results,
     mark_finished,
+    move_aside,
+    read_json,
     utc_now,
 )
 from qhelpers.runner.summary import (
@@ -57,12 +74,21 @@ from qhelpers.runner.summary import (
 
 INTERRUPT_GRACE_S = 30.0
 LOCK_WAIT_S = 120.0
+KERNEL_POLL_S = 1.0
 
 
 def _hashable_parameters(params: Mapping[str, Any], golden: bool) -> dict[str, Any]:
     out = dict(params)
     out["OUTPUT_DIR"] = "<golden>" if golden else "<run>"
     return out
+
+
+def model_spec(plan: Plan) -> Any:
+    """The MODEL a notebook runs with: the injected value, else its literal default (else None)."""
+    if "MODEL" in plan.parameters:
+        return plan.parameters["MODEL"]
+    default = (plan.defined or {}).get("MODEL")
+    return default.default if default is not None and default.literal else None
 
 
 @dataclass
@@ -76,38 +102,69 @@ class RunningNotebook:
     gpu: str | None
     started: float
     log_fh: Any
+    result_path: Path
     stop_sent: float | None = None
+    kernels: set[tuple[int, float]] = field(default_factory=set)
+    polled: float = 0.0
 
 
 class Runner:
     """One invocation: plans, schedules workers, writes run.json / summaries."""
 
     def __init__(self, args: argparse.Namespace, plans: list[Plan], out_dir: Path, profile: str,
-                 notes: list[str], golden: bool):
+                 notes: list[str], golden: bool, code_hash: str = ""):
         self.args = args
         self.plans = plans
         self.out_dir = out_dir
         self.profile = profile
         self.notes = notes
         self.golden = golden
+        self.code_hash = code_hash
         self.total = len(plans)
-        self.workers = max(1, getattr(args, "workers", 1))
+        self.workers = max(1, getattr(args, "workers", 1) or 1)
         self.stop_signal: int | None = None
         self.outcomes: dict[str, str] = {}
+        self.records: dict[str, dict[str, Any]] = {}  # this invocation's view, kept when run.json cannot be written
+        self.marks: dict[str, str] = {}  # stem -> "stale: ..." for results kept with --keep-stale
+        self.prepared: set[str] = set()  # notebook folders this invocation emptied (moved aside) for a run
+        self.running: list[RunningNotebook] = []
         self.log_path = out_dir / "runner.log"
         self.meta = {"profile": profile, "kernel": args.kernel}
+        self._summary_warned = False
 
     # ---- output
-    def say(self, line: str, err: bool = False) -> None:
-        print(line, file=sys.stderr if err else sys.stdout, flush=True)
+    def log(self, line: str) -> None:
+        """Append ``line`` to runner.log (a log that cannot be written is skipped)."""
         try:
             with open(self.log_path, "a", encoding="utf-8") as fh:
                 fh.write(f"{utc_now()} {line}\n")
         except OSError:
             pass
 
+    def say(self, line: str, err: bool = False) -> None:
+        """Print a progress line and log it."""
+        print(line, file=sys.stderr if err else sys.stdout, flush=True)
+        self.log(line)
+
     def summary(self, state: str) -> None:
-        write_summary(self.out_dir, {**self.meta, "state": state}, [p.stem for p in self.plans])
+        """Rewrite summary.md and index.html; a failure to write them is reported, never raised."""
+        try:
+            write_summary(self.out_dir, {**self.meta, "state": state}, [p.stem for p in self.plans],
+                          records=self.records, marks=self.marks)
+        except Exception as exc:  # the bookkeeping must go on
+            if not self._summary_warned:
+                self.say(f"warning: cannot write the summary in {self.out_dir}: {type(exc).__name__}: {exc}", err=True)
+                self._summary_warned = True
+
+    def write_record(self, stem: str, record: dict[str, Any]) -> str | None:
+        """Write ``<stem>/run.json``; returns None, or why it could not be written (the record is
+        then kept in memory for the summary)."""
+        self.records[stem] = record
+        try:
+            atomic_write_json(self.nb_dir(stem) / "run.json", record)
+            return None
+        except OSError as exc:
+            return f"{type(exc).__name__}: {exc}"
 
     # ---- per notebook
     def nb_dir(self, stem: str) -> Path:
@@ -122,30 +179,55 @@ class Runner:
     def hashes(self, plan: Plan) -> tuple[str, str]:
         return parameters_hash(_hashable_parameters(plan.parameters, self.golden)), notebook_code_hash(plan.path)
 
-    def resume_decision(self, plan: Plan) -> tuple[bool, str]:
-        rec = load_record(self.nb_dir(plan.stem))
-        if rec is None:
-            return False, "not run yet"
+    def inputs_entry(self, plan: Plan) -> dict[str, Any]:
+        """The manifest's entry for a notebook: its parameters and the hashes of its inputs."""
         phash, nhash = self.hashes(plan)
-        if rec.get("status") != "completed":
-            return False, f"previous status {rec.get('status')}"
+        inputs = f"{phash}:{nhash}:{self.code_hash}"
+        return {"parameters": {**plan.parameters, "OUTPUT_DIR": self.output_dir_param(plan.stem)},
+                "parameters_hash": phash, "notebook_sha256": nhash, "qhelpers_sha256": self.code_hash,
+                "model": model_spec(plan), "inputs_sha256": hashlib.sha256(inputs.encode()).hexdigest()}
+
+    def resume_decision(self, plan: Plan) -> tuple[bool, str]:
+        """``(keep, why)`` for a notebook of the folder being resumed."""
+        d = self.nb_dir(plan.stem)
+        rec = load_record(d)
+        if rec is None:
+            return False, "not run yet" if not d.exists() else "no run.json"
+        problem = completion_problem(d, rec)
+        if problem:
+            return False, problem
+        phash, nhash = self.hashes(plan)
         if rec.get("parameters_hash") != phash:
             return False, "parameters changed"
         if rec.get("notebook_sha256") != nhash:
             return False, "notebook code changed"
-        return True, "completed earlier with the same parameters"
+        stale = []
+        if rec.get("qhelpers_sha256") != self.code_hash:
+            stale.append("qhelpers code changed")
+        if rec.get("model_fingerprint") != model_fingerprint(model_spec(plan)):
+            stale.append("model files changed")
+        if stale:
+            why = "stale: " + " and ".join(stale) + " since it ran"
+            if getattr(self.args, "keep_stale", False):
+                self.marks[plan.stem] = why
+                return True, f"kept, {why} (--keep-stale)"
+            return False, why
+        return True, "completed earlier with the same inputs; results.json intact"
 
-    def prepare_dir(self, stem: str) -> None:
+    def prepare_dir(self, stem: str) -> dict[str, Any] | None:
+        """An empty folder for the notebook; an earlier non-empty one is moved aside (never deleted).
+        Returns ``{"folder", "status"}`` of the folder moved aside, or None."""
         d = self.nb_dir(stem)
-        if d.exists():
-            if not (d / "run.json").is_file() and any(d.iterdir()):
-                raise RunnerError(
-                    f"{d} exists and was not written by the runner (no run.json); move it away or use another --out"
-                )
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
+        moved = None
+        if d.is_symlink() or (d.exists() and (not d.is_dir() or any(d.iterdir()))):
+            old = load_record(d) if d.is_dir() else None
+            target = move_aside(d)
+            moved = {"folder": target.name, "status": (old or {}).get("status")}
+            self.say(f"  {stem}: earlier folder kept as {target.name}")
+        d.mkdir(parents=True, exist_ok=True)
+        return moved
 
-    def start(self, plan: Plan, index: int, slot: int, gpu: str | None) -> RunningNotebook:
+    def start(self, plan: Plan, index: int, slot: int, gpu: str | None, why: str | None = None) -> RunningNotebook:
         stem = plan.stem
         lock = FileLock(self.out_dir / ".locks" / f"{stem}.lock")
         if not lock.acquire(blocking=True, timeout=LOCK_WAIT_S,
@@ -155,7 +237,10 @@ class Runner:
                 raise RunnerError(f"{stem}: not started ({signal.Signals(self.stop_signal).name} received)")
             raise RunnerError(f"{stem}: its lock is still held after {LOCK_WAIT_S:.0f} s by another process")
         try:
-            self.prepare_dir(stem)
+            moved = self.prepare_dir(stem)
+            self.prepared.add(stem)
+            if moved is not None and why:
+                moved["reason"] = why
             d = self.nb_dir(stem)
             params = {**plan.parameters, "OUTPUT_DIR": self.output_dir_param(stem)}
             phash, nhash = self.hashes(plan)
@@ -171,6 +256,7 @@ class Runner:
                 "parameters": params,
                 "parameters_hash": phash,
                 "notebook_sha256": nhash,
+                "qhelpers_sha256": self.code_hash,
                 "defaults": defaults,
                 "output_notebook": f"{stem}.ipynb",
                 "output_dir": str(d),
@@ -181,10 +267,14 @@ class Runner:
                 "duration_s": None,
                 "error": None,
                 "results": None,
+                "previous": moved,
                 "runner": {"pid": os.getpid(), "argv": sys.argv[1:], "host": os.uname().nodename if hasattr(os, "uname") else ""},
             }
-            atomic_write_json(d / "run.json", record)
+            self.records[stem] = record
             cwd = self.cwd_for(stem)
+            jobs = self.out_dir / ".jobs"
+            result_path = jobs / f"{stem}.result.json"
+            result_path.unlink(missing_ok=True)
             job = {
                 "input": str(plan.path),
                 "output": str(d / f"{stem}.ipynb"),
@@ -195,43 +285,109 @@ class Runner:
                 "cwd": str(cwd),
                 "cell_timeout": self.args.cell_timeout,
                 "run_json": str(d / "run.json"),
+                "result": str(result_path),
                 "lock": str(lock.path),
                 "record": record,
+                "model": model_spec(plan),
                 "parent_pid": os.getpid(),
+                "summary": {"out_dir": str(self.out_dir), "meta": self.meta, "stems": [p.stem for p in self.plans]},
             }
-            job_path = self.out_dir / ".jobs" / f"{stem}.json"
+            job_path = jobs / f"{stem}.json"
             atomic_write_json(job_path, job)
             log_fh = open(d / "log.txt", "ab")
             threads = cpu_threads_per_worker(self.workers) if gpu is None else None
             env = kernel_env(self.profile, gpu, threads)
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "qhelpers.runner.worker", str(job_path)],
-                cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
-                preexec_fn=preexec_worker if os.name == "posix" else None,
-            )
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "qhelpers.runner.worker", str(job_path)],
+                    cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
+                    preexec_fn=preexec_worker if os.name == "posix" else None,
+                )
+            except BaseException:
+                log_fh.close()
+                raise
+            # "running" is written after the worker exists (a runner killed before leaves no
+            # running record) and before it may write (it waits for this lock)
+            try:
+                atomic_write_json(d / "run.json", record)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                log_fh.close()
+                raise
         finally:
             lock.release()  # the worker takes it (and holds it until it has written run.json)
         gpu_note = f" on GPU {gpu}" if gpu is not None else ""
         model = params.get("MODEL") or (plan.defined or {}).get("MODEL", Param("", "", "", False)).default
         model_note = f", model {model}" if model else ""
         self.say(f"[{index}/{self.total}] {stem} ... started (profile {self.profile}{model_note}{gpu_note})")
-        return RunningNotebook(plan, index, proc, slot, gpu, time.time(), log_fh)
+        return RunningNotebook(plan, index, proc, slot, gpu, time.time(), log_fh, result_path)
+
+    def start_failed(self, plan: Plan, index: int, exc: BaseException) -> None:
+        """Record a notebook that could not be started (its folder unwritable, its lock held...)."""
+        stem = plan.stem
+        what = str(exc) if isinstance(exc, RunnerError) else f"{type(exc).__name__}: {exc}"
+        prepared = stem in self.prepared
+        fresh = {"notebook": stem, "input": str(plan.path), "profile": self.profile,
+                 "parameters": plan.parameters, "start": utc_now()}
+        rec = dict((self.records.get(stem) if prepared else None) or fresh)
+        mark_finished(rec, "failed", 0.0, error_record("StartError", f"could not start: {what}"), self.nb_dir(stem))
+        if prepared:
+            unwritten = self.write_record(stem, rec)
+        else:  # never write into a folder this run did not prepare (it may hold an earlier result)
+            self.records[stem] = rec
+            unwritten = "its folder was not prepared"
+        self.outcomes[stem] = "failed"
+        note = f" (run.json not written: {unwritten})" if unwritten else ""
+        self.say(f"[{index}/{self.total}] {stem} ... FAILED to start: {what}{note}", err=True)
+
+    def poll_kernels(self, run: RunningNotebook) -> None:
+        """Remember the worker's descendants (its kernel), to kill them if the worker dies."""
+        now = time.monotonic()
+        if now - run.polled >= KERNEL_POLL_S:
+            run.polled = now
+            run.kernels |= descendant_identities(run.proc.pid)
+
+    def final_record(self, run: RunningNotebook) -> dict[str, Any] | None:
+        """The worker's final record: its report in .jobs/ (written even when run.json cannot be),
+        else run.json when it no longer says running; None when the worker recorded no end."""
+        try:
+            reported = read_json(run.result_path) if run.result_path.is_file() else None
+        except (OSError, ValueError):
+            reported = None
+        if isinstance(reported, dict) and reported.get("status") not in (None, "running"):
+            return reported
+        rec = load_record(self.nb_dir(run.plan.stem))
+        if rec is not None and rec.get("status") not in (None, "running"):
+            return rec
+        return None
 
     def finish(self, run: RunningNotebook, forced_status: str | None = None) -> str:
-        run.log_fh.close()
+        """Record a worker's end: its own final record, or (when it died without one) ``forced_status``,
+        else interrupted during a stop and failed otherwise. Returns the notebook's status."""
+        try:
+            run.log_fh.close()
+        except OSError:
+            pass
         stem = run.plan.stem
         d = self.nb_dir(stem)
-        rec = load_record(d) or {"notebook": stem}
         rc = run.proc.returncode
-        if rec.get("status") == "running" or forced_status:
-            # the worker died before recording its end: record it here
+        killed = kill_identified(run.kernels) if rc not in (0, 1, EXIT_SIGINT) else []
+        rec = self.final_record(run)
+        if rec is None:
+            rec = dict(self.records.get(stem) or {"notebook": stem})
             status = forced_status or ("interrupted" if self.stop_signal else "failed")
-            error = rec.get("error") or error_record(
-                "Interrupted" if status == "interrupted" else "WorkerDied",
-                f"worker exited with code {rc} before finishing (see log.txt)",
-            )
+            died = f"worker exited with code {rc} before finishing (see log.txt)"
+            if killed:
+                died += f"; its kernel (pid {', '.join(map(str, killed))}) was killed"
+            error = error_record("Interrupted" if status == "interrupted" else "WorkerDied", died)
             mark_finished(rec, status, time.time() - run.started, error, d)
-            atomic_write_json(d / "run.json", rec)
+        on_disk = load_record(d) or {}
+        unwritten = None
+        if on_disk.get("status") != rec.get("status") or on_disk.get("end") != rec.get("end"):
+            unwritten = self.write_record(stem, rec)
+        else:
+            self.records[stem] = rec
         status = str(rec.get("status"))
         self.outcomes[stem] = status
         dur = fmt_duration(rec.get("duration_s") if rec.get("duration_s") is not None else time.time() - run.started)
@@ -244,6 +400,9 @@ class Runner:
             self.say(f"{prefix} FAILED after {dur}: {error_text(rec, short=True)} (see {d / 'log.txt'})")
         else:
             self.say(f"{prefix} {status} after {dur}")
+        if unwritten:
+            self.say(f"  {stem}: its run.json could not be written ({unwritten}); the summary keeps its status",
+                     err=True)
         return status
 
     # ---- main loop
@@ -254,33 +413,65 @@ class Runner:
             self._hurry = True
 
     def run(self) -> int:
+        """Run every planned notebook; returns the exit code. Whatever happens, the running
+        notebooks are stopped and recorded and the summary is written before it returns."""
         self._hurry = False
         old_int = signal.signal(signal.SIGINT, self._on_signal)
         old_term = signal.signal(signal.SIGTERM, self._on_signal)
         try:
             return self._run()
+        except Exception as exc:
+            self.say(f"run_all.py: internal error: {type(exc).__name__}: {exc} (traceback in runner.log); "
+                     "stopping the running notebooks", err=True)
+            self.log(traceback.format_exc())
+            self.stop_all(signal.SIGTERM, forced="failed")
+            self.summary(f"stopped by an internal error: {type(exc).__name__}: {exc}")
+            return EXIT_FAILED
         finally:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
+
+    def stop_all(self, signum: int, forced: str = "interrupted") -> None:
+        """Stop every running worker (``signum``, then SIGKILL after the grace time) and record
+        each; a worker that recorded no end of its own is recorded ``forced``."""
+        for r in self.running:
+            try:  # the worker turns it into KeyboardInterrupt, records "interrupted", stops its kernel
+                os.kill(r.proc.pid, signum)
+            except OSError:
+                pass
+            r.stop_sent = time.time()
+        while self.running:
+            for r in list(self.running):
+                if r.proc.poll() is None and (self._hurry or time.time() - (r.stop_sent or 0) > INTERRUPT_GRACE_S):
+                    kill_descendants(r.proc.pid)
+                    r.proc.kill()
+                    r.proc.wait()
+                if r.proc.poll() is not None:
+                    self.running.remove(r)
+                    self.finish(r, forced_status=forced)
+            time.sleep(0.1)
 
     def _run(self) -> int:
         args = self.args
         for note in self.notes:
             self.say(note)
-        queue: list[tuple[int, Plan]] = []
+        queue: list[tuple[int, Plan, str | None]] = []
         for i, plan in enumerate(self.plans, 1):
             for note in plan.notes:
                 self.say(note)
+            why = None
             if args.resume:
-                skip, why = self.resume_decision(plan)
-                if skip:
+                keep, why = self.resume_decision(plan)
+                if keep:
                     self.outcomes[plan.stem] = "completed"
                     self.say(f"[{i}/{self.total}] {plan.stem} ... skipped ({why})")
                     continue
                 if why != "not run yet":
                     self.say(f"[{i}/{self.total}] {plan.stem} ... will re-run ({why})")
-            queue.append((i, plan))
-        self.summary("running")
+            elif self.nb_dir(plan.stem).exists():
+                why = "run again with --out"
+            queue.append((i, plan, why))
+        self.summary(f"running (run_all.py pid {os.getpid()})")
 
         workers = self.workers
         gpus: list[str] = []
@@ -290,49 +481,34 @@ class Runner:
                 self.say(f"{len(gpus)} GPUs visible ({','.join(gpus)}): each worker gets one through CUDA_VISIBLE_DEVICES")
             else:
                 gpus = []
-        running: list[RunningNotebook] = []
+        running = self.running
         while (queue or running) and self.stop_signal is None:
             busy = {r.slot for r in running}
             while queue and len(running) < workers and self.stop_signal is None:
                 slot = min(s for s in range(workers) if s not in busy)
                 busy.add(slot)
-                i, plan = queue.pop(0)
+                i, plan, why = queue.pop(0)
                 gpu = gpus[slot % len(gpus)] if gpus else None
                 try:
-                    running.append(self.start(plan, i, slot, gpu))
-                except RunnerError as exc:
-                    self.say(f"[{i}/{self.total}] {plan.stem} ... FAILED to start: {exc}", err=True)
-                    self.outcomes[plan.stem] = "failed"
-                self.summary("running")
+                    running.append(self.start(plan, i, slot, gpu, why))
+                except (RunnerError, OSError) as exc:
+                    busy.discard(slot)
+                    self.start_failed(plan, i, exc)
+                self.summary(f"running (run_all.py pid {os.getpid()})")
             for r in list(running):
                 if r.proc.poll() is not None:
                     running.remove(r)
                     self.finish(r)
-                    self.summary("running" if (queue or running) else "finished")
+                    self.summary(f"running (run_all.py pid {os.getpid()})" if (queue or running) else "finished")
+                else:
+                    self.poll_kernels(r)
             time.sleep(0.1)
 
         if self.stop_signal is not None:
             name = signal.Signals(self.stop_signal).name
             self.say(f"{name} received: stopping {len(running)} running notebook(s) ...", err=True)
-            for r in running:
-                try:  # the worker turns it into KeyboardInterrupt, records "interrupted", stops its kernel
-                    os.kill(r.proc.pid, self.stop_signal)
-                except OSError:
-                    pass
-                r.stop_sent = time.time()
-            while running:
-                for r in list(running):
-                    if r.proc.poll() is None and (self._hurry or time.time() - (r.stop_sent or 0) > INTERRUPT_GRACE_S):
-                        kill_descendants(r.proc.pid)
-                        r.proc.kill()
-                        r.proc.wait()
-                    if r.proc.poll() is not None:
-                        running.remove(r)
-                        rec = load_record(self.nb_dir(r.plan.stem)) or {}
-                        forced = "interrupted" if rec.get("status") in (None, "running") else None
-                        self.finish(r, forced_status=forced)
-                time.sleep(0.1)
-            for i, plan in queue:
+            self.stop_all(self.stop_signal)
+            for i, plan, _ in queue:
                 self.say(f"[{i}/{self.total}] {plan.stem} ... not started")
             self.summary(f"interrupted by {name}")
             self.say(f"summary: {self.out_dir / 'summary.md'}")
@@ -353,5 +529,10 @@ class Runner:
     def write_goldens(self, dest: Path) -> None:
         """Copy the completed notebooks to ``dest`` (:func:`qhelpers.runner.goldens.write_goldens`)."""
         stems = [plan.stem for plan in self.plans]
-        for stem in write_goldens(self.out_dir, stems, self.outcomes, dest, self.profile, self.say):
+        try:
+            refused = write_goldens(self.out_dir, stems, self.outcomes, dest, self.profile, self.say)
+        except OSError as exc:
+            self.say(f"goldens not written to {dest}: {type(exc).__name__}: {exc}", err=True)
+            refused = [s for s in stems if self.outcomes.get(s) == "completed"]
+        for stem in refused:
             self.outcomes[stem] = "failed"

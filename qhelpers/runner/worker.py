@@ -17,9 +17,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from qhelpers.runner.errors import EXIT_SIGINT, RunnerError
+from qhelpers.runner.errors import EXIT_RECORD_FAILED, EXIT_SIGINT, RunnerError
+from qhelpers.runner.fingerprints import model_fingerprint
 from qhelpers.runner.locks import FileLock
-from qhelpers.runner.processes import kill_descendants, watch_parent
+from qhelpers.runner.processes import kill_descendants, signal_on_parent_death, watch_parent
 from qhelpers.runner.records import (
     atomic_write_json,
     clean_json,
@@ -52,15 +53,17 @@ def worker_main(job_path: str) -> int:
     """Execute one notebook as described by the job file; write its final run.json.
     Exit 0 completed, 1 failed, 130 interrupted (SIGINT/SIGTERM, or the runner died)."""
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
-    interrupted = {"signal": None}
+    interrupted: dict[str, Any] = {"signal": None, "armed": False}
 
     def on_signal(signum: int, frame: Any) -> None:
         if interrupted["signal"] is None:
             interrupted["signal"] = signum
-            raise KeyboardInterrupt(f"signal {signum}")
+            if interrupted["armed"]:  # only inside the try below, where it is recorded
+                raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal_on_parent_death(signal.SIGTERM)
     parent = job.get("parent_pid")
     if parent and os.getppid() != parent:
         interrupted["signal"] = signal.SIGTERM  # the runner died before PDEATHSIG was set up
@@ -72,10 +75,14 @@ def worker_main(job_path: str) -> int:
     lock = FileLock(Path(job["lock"])) if job.get("lock") else None
     t0 = time.time()
     try:
-        if interrupted["signal"] is not None:
-            raise KeyboardInterrupt("runner exited")
+        interrupted["armed"] = True
+        # the supervisor holds the lock until it has recorded this notebook as running
         if lock is not None and not lock.acquire(blocking=True, timeout=30):
             raise RunnerError(f"notebook lock {job['lock']} is held by another process")
+        if parent and os.getppid() != parent:
+            interrupted["signal"] = signal.SIGTERM  # the runner died while this worker waited
+        if interrupted["signal"] is not None:
+            raise KeyboardInterrupt("runner exited")
         import logging
 
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
@@ -99,13 +106,16 @@ def worker_main(job_path: str) -> int:
             execution_timeout=None if job.get("cell_timeout") is None else max(1, math.ceil(job["cell_timeout"])),
             start_timeout=job.get("start_timeout", 120),
         )
+        interrupted["armed"] = False
     except KeyboardInterrupt:
+        interrupted["armed"] = False
         status = "interrupted"
         sig = interrupted["signal"]
         name = signal.Signals(sig).name if sig else "SIGINT"
         why = " (run_all stopped, or exited without stopping this worker)" if sig == signal.SIGTERM else ""
         error = error_record("Interrupted", f"run stopped by {name}{why}")
     except BaseException as exc:
+        interrupted["armed"] = False
         if interrupted["signal"] is not None:
             status = "interrupted"
             error = error_record("Interrupted", f"run stopped ({type(exc).__name__}: {exc})")
@@ -116,7 +126,12 @@ def worker_main(job_path: str) -> int:
         kill_descendants(os.getpid())  # a kernel left behind (normally nbclient has shut it down)
     end = time.time()
     mark_finished(record, status, end - t0, error, Path(job["output_dir"]))
-    atomic_write_json(Path(job["run_json"]), record)
+    if record["status"] == "completed":
+        record["model_fingerprint"] = model_fingerprint(job.get("model"))
+    status, error = record["status"], record["error"]
+    code = {"completed": 0, "failed": 1}.get(status, EXIT_SIGINT)
+    code = _record_end(job, record, code)
+    error = record["error"]
     if error:
         print(f"[runner] {status}: {error['ename']}: {error['evalue']}", file=sys.stderr)
         if error.get("traceback"):
@@ -124,9 +139,50 @@ def worker_main(job_path: str) -> int:
     else:
         print(f"[runner] completed in {end - t0:.1f} s", file=sys.stderr)
     sys.stderr.flush()
+    if parent and status == "interrupted" and os.getppid() != parent:
+        _rewrite_summary(job)  # run_all.py is gone: nobody else will say this notebook stopped
     if lock is not None:
         lock.release()
-    return {"completed": 0, "failed": 1}.get(status, EXIT_SIGINT)
+    return code
+
+
+def _record_end(job: dict[str, Any], record: dict[str, Any], code: int) -> int:
+    """Write the final ``record`` to the supervisor's report file (``job["result"]``) and to
+    run.json. When run.json cannot be written the notebook is failed (a completed result must
+    have its hash on disk): the report says why and the exit code is EXIT_RECORD_FAILED."""
+    result = Path(job["result"]) if job.get("result") else None
+
+    def report() -> None:
+        if result is not None:
+            try:
+                atomic_write_json(result, record)
+            except OSError as exc:
+                print(f"[runner] cannot write {result}: {exc}", file=sys.stderr)
+
+    report()
+    try:
+        atomic_write_json(Path(job["run_json"]), record)
+        return code
+    except OSError as exc:
+        record["status"] = "failed"
+        record["error"] = error_record("RecordWriteError", f"cannot write {job['run_json']}: "
+                                       f"{type(exc).__name__}: {exc}")
+        report()
+        return EXIT_RECORD_FAILED
+
+
+def _rewrite_summary(job: dict[str, Any]) -> None:
+    """Rewrite the run's summary after run_all.py died (best effort)."""
+    info = job.get("summary") or {}
+    if not info.get("out_dir"):
+        return
+    try:
+        from qhelpers.runner.summary import write_summary
+
+        write_summary(Path(info["out_dir"]), {**(info.get("meta") or {}), "state": "interrupted: run_all.py exited"},
+                      info.get("stems") or [])
+    except Exception as exc:
+        print(f"[runner] cannot rewrite the summary: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,14 @@ class Corpus:
                     raise CorpusError(
                         f"Corpus {name!r}: text {id_!r} in language {lang!r} is empty or "
                         "whitespace only. Remove it (a text must contain characters to score).")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise CorpusError(
+                        f"Corpus {name!r}: text {id_!r} in language {lang!r} is not valid Unicode "
+                        f"(character {text[exc.start]!r} at position {exc.start}, e.g. a byte that was not "
+                        "UTF-8 read with errors='surrogateescape'). Read the file with its real encoding, "
+                        "or drop the bad bytes (errors='replace').") from None
             if len(set(ids)) != len(ids):
                 dups = sorted({i for i in ids if ids.count(i) > 1})
                 raise CorpusError(f"Corpus {name!r}: language {lang!r} repeats ids {dups}. "
@@ -222,6 +230,9 @@ class Corpus:
         language does not change the others' draw).
         """
         chosen = list(self.texts) if langs is None else _as_lang_list(langs)
+        if not chosen:
+            raise CorpusError(f"the language list is empty; name at least one of {', '.join(self.texts)} "
+                              "(or pass langs=None for all of them).")
         self._check_langs(chosen)
         if len(set(chosen)) != len(chosen):
             raise CorpusError(f"Language list {chosen} repeats a language. Give each once.")

@@ -67,7 +67,7 @@ from qhelpers.models.archs import (
 from qhelpers.models.loaded import dtype_name
 from qhelpers.text.encoding import pad_batch
 from qhelpers.util.atomic import atomic_write_text
-from qhelpers.util.cache import qhelpers_cache_dir
+from qhelpers.util.cache import file_sha256, qhelpers_cache_dir
 from qhelpers.util.errors import ConfigError
 
 __all__ = [
@@ -728,6 +728,8 @@ def _write_adapter(root: Path, adapter: str, state: dict[str, torch.Tensor], con
     tmp.mkdir()
     try:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if isinstance(config.get("qhelpers"), dict):  # checked by load_zoo and when a build resumes
+            config = {**config, "qhelpers": {**config["qhelpers"], "weights_sha256": file_sha256(tmp / WEIGHTS)}}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for f in (tmp / WEIGHTS, tmp / CONFIG):
             with open(f, "rb") as fh:
@@ -753,14 +755,33 @@ def _write_labels(root: Path, labels: Mapping[str, str]) -> None:
     atomic_write_text(root / LABELS, buf.getvalue())
 
 
+def _weights_problem(folder: Path, config: Mapping[str, Any]) -> str | None:
+    """Why an adapter's weights file does not match the sha256 recorded when it was written (None: it
+    does, or no hash was recorded, as for adapters not built by qhelpers)."""
+    info = config.get("qhelpers")
+    recorded = info.get("weights_sha256") if isinstance(info, Mapping) else None
+    if not recorded:
+        return None
+    try:
+        found = file_sha256(folder / WEIGHTS)
+    except OSError as exc:
+        return f"{WEIGHTS} is unreadable ({exc})"
+    return None if found == recorded else f"{WEIGHTS} does not match the sha256 recorded when it was built"
+
+
 def _adapter_complete(folder: Path, fingerprint: Mapping[str, Any]) -> bool | None:
-    """True: complete with this fingerprint; False: complete with another; None: incomplete."""
+    """True: complete with this fingerprint; False: complete with another; None: incomplete
+    (or damaged: its weights no longer match their recorded sha256, so it is trained again)."""
     if not (folder / WEIGHTS).is_file() or not (folder / CONFIG).is_file():
         return None
     try:
         cfg = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
         found = cfg["qhelpers"]["train"]
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    problem = _weights_problem(folder, cfg)
+    if problem:
+        print(f"adapter {folder.name} in {folder.parent} is damaged ({problem}); training it again", flush=True)
         return None
     return found == json.loads(json.dumps(fingerprint))
 
@@ -1143,6 +1164,12 @@ def load_zoo(path: str | os.PathLike) -> Zoo:
     nonfinite: list[str] = []
     for a in sorted(labels):
         configs[a] = _read_json(folders[a] / CONFIG, f"adapter {a!r} config")
+        problem = _weights_problem(folders[a], configs[a])
+        if problem:
+            raise ZooError(
+                f"adapter {a!r}: {problem}; the file is damaged. Delete {folders[a]} and rerun build_zoo "
+                "(it trains that adapter again)"
+            )
         try:
             state = load_file(str(folders[a] / WEIGHTS))
         except (SafetensorError, OSError, ValueError) as exc:
