@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from runner_support import run_status, wait_for
 
 from qhelpers.runner.cli import main
 from qhelpers.runner.environment import check_kernel
@@ -71,32 +72,15 @@ def _nb_args(nb_dir: Path) -> list[str]:
     return ["--notebooks-dir", str(nb_dir), "--profiles", str(nb_dir / "profiles.yaml")]
 
 
-def _wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def _record(out: Path, folder: str) -> dict:
     return json.loads((out / folder / "run.json").read_text(encoding="utf-8"))
-
-
-def _status(out: Path, folder: str) -> str | None:
-    p = out / folder / "run.json"
-    return json.loads(p.read_text(encoding="utf-8")).get("status") if p.is_file() else None
 
 
 def completed_hashes(out: Path) -> dict[str, str]:
     """sha256 of results.json of every notebook folder (current or moved aside) that says completed."""
     found = {}
     for d in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if _status(out, d.name) == "completed" and (d / "results.json").is_file():
+        if run_status(out, d.name) == "completed" and (d / "results.json").is_file():
             found[d.name] = hashlib.sha256((d / "results.json").read_bytes()).hexdigest()
     return found
 
@@ -305,7 +289,7 @@ def test_an_immutable_notebook_folder_fails_only_that_notebook(run_copy, tmp_pat
     assert proc.returncode == 1, text
     assert "Traceback" not in text
     assert "a_ok ... FAILED to start" in text and "c_sleep ... done" in text
-    assert _status(run_copy, "c_sleep") == "completed"
+    assert run_status(run_copy, "c_sleep") == "completed"
     assert completed_hashes(run_copy)["a_ok"] == before["a_ok"]  # still there, untouched
     summary = (run_copy / "summary.md").read_text()
     assert "state: finished" in summary and "| a_ok | failed |" in summary and "StartError" in summary
@@ -336,7 +320,7 @@ def test_write_failures_are_contained(run_copy, tmp_path):
     assert "Traceback" not in text
     assert "warning: cannot write the summary" in text and text.count("cannot write the summary") == 1
     assert "w_breaks ... FAILED" in text and "RecordWriteError" in text
-    assert "c_sleep ... done" in text and _status(out, "c_sleep") == "completed"
+    assert "c_sleep ... done" in text and run_status(out, "c_sleep") == "completed"
     assert "finished: 1 completed, 1 not completed (w_breaks)" in text
     html = (out / "index.html").read_text()  # written although summary.md is not
     assert "RecordWriteError" in html and "state finished" in html
@@ -365,7 +349,7 @@ def test_resume_reruns_a_truncated_or_edited_results_json(run_copy):
     assert "c_sleep ... will re-run (results.json changed since it was recorded" in proc.stdout
     for stem, digest in kept.items():  # the damaged files are kept aside, as they were
         assert hashlib.sha256((run_copy / f"{stem}.prev-1" / "results.json").read_bytes()).hexdigest() == digest
-        assert _status(run_copy, stem) == "completed"
+        assert run_status(run_copy, stem) == "completed"
         digest = hashlib.sha256((run_copy / stem / "results.json").read_bytes()).hexdigest()
         assert _record(run_copy, stem)["results_sha256"] == digest
 
@@ -419,7 +403,7 @@ def test_changed_model_files_or_code_make_results_stale(run_copy, model_dir, mon
     assert "a_ok ... will re-run (stale: model files changed since it ran)" in proc.stdout
     assert "c_sleep ... skipped" in proc.stdout
     assert_nothing_lost(before, out)
-    assert (out / "a_ok.prev-1").is_dir() and _status(out, "a_ok") == "completed"
+    assert (out / "a_ok.prev-1").is_dir() and run_status(out, "a_ok") == "completed"
 
 
 def test_keep_stale_needs_resume(capsys):
@@ -437,7 +421,7 @@ def test_kill_runner_right_after_a_notebook_completed(tmp_path):
     out = tmp_path / "run"
     proc = _start(*_nb_args(FIX), "--only", "a_ok", "c_sleep", "-p", "SLEEP", "30", "--out", str(out))
     try:
-        _wait_for(lambda: _status(out, "a_ok") == "completed", 60, "a_ok to complete")
+        wait_for(lambda: run_status(out, "a_ok") == "completed", 60, "a_ok to complete")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
@@ -446,13 +430,13 @@ def test_kill_runner_right_after_a_notebook_completed(tmp_path):
     before = completed_hashes(out)
     assert "a_ok" in before
     # c_sleep was not started, or its worker sees the runner gone and records it interrupted
-    _wait_for(lambda: _status(out, "c_sleep") in (None, "interrupted"), 30, "c_sleep to stop")
-    if _status(out, "c_sleep") == "interrupted":
-        _wait_for(lambda: "interrupted: run_all.py exited" in (out / "summary.md").read_text(), 30, "the summary")
+    wait_for(lambda: run_status(out, "c_sleep") in (None, "interrupted"), 30, "c_sleep to stop")
+    if run_status(out, "c_sleep") == "interrupted":
+        wait_for(lambda: "interrupted: run_all.py exited" in (out / "summary.md").read_text(), 30, "the summary")
         assert_nothing_running(out)
     resumed = _run("--resume", str(out), "-p", "SLEEP", "0.1")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "a_ok ... skipped" in resumed.stdout and _status(out, "c_sleep") == "completed"
+    assert "a_ok ... skipped" in resumed.stdout and run_status(out, "c_sleep") == "completed"
     assert_nothing_lost(before, out)
     assert_nothing_running(out)
 
@@ -464,14 +448,14 @@ def test_kill_runner_after_a_resume_moved_a_folder_aside(run_copy):
     before = completed_hashes(run_copy)
     proc = _start("--resume", str(run_copy), "-p", "SLEEP", "30")
     try:
-        _wait_for(lambda: (run_copy / "c_sleep.prev-1").is_dir(), 60, "c_sleep to be moved aside")
+        wait_for(lambda: (run_copy / "c_sleep.prev-1").is_dir(), 60, "c_sleep to be moved aside")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert_nothing_lost(before, run_copy)
-    _wait_for(lambda: _status(run_copy, "c_sleep") in (None, "interrupted"), 30, "c_sleep to stop")
+    wait_for(lambda: run_status(run_copy, "c_sleep") in (None, "interrupted"), 30, "c_sleep to stop")
     resumed = _run("--resume", str(run_copy), "-p", "SLEEP", "0.2")  # the original value again
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "a_ok ... skipped" in resumed.stdout
@@ -491,14 +475,14 @@ def test_kill_worker_and_kernel_fail_only_their_notebooks(tmp_path):
     proc = _start(*_nb_args(nb_dir), "--only", "c_sleep", "d_sleep", "z_ok", "-p", "SLEEP", "30",
                   "--out", str(out))
     try:
-        _wait_for(lambda: "sleeping" in (out / "c_sleep" / "log.txt").read_text(), 60, "c_sleep to sleep")
+        wait_for(lambda: "sleeping" in (out / "c_sleep" / "log.txt").read_text(), 60, "c_sleep to sleep")
         time.sleep(1.5)  # the runner notes each worker's kernel once a second
         worker = _worker_of(proc.pid, "c_sleep")
         kernel = _kernel_of(worker)
         assert worker is not None and kernel is not None
         worker.send_signal(signal.SIGKILL)
-        _wait_for(lambda: "sleeping" in (out / "d_sleep" / "log.txt").read_text(), 60, "d_sleep to sleep")
-        _wait_for(lambda: _process_gone(kernel.pid), 10, "c_sleep's orphaned kernel to be killed")
+        wait_for(lambda: "sleeping" in (out / "d_sleep" / "log.txt").read_text(), 60, "d_sleep to sleep")
+        wait_for(lambda: _process_gone(kernel.pid), 10, "c_sleep's orphaned kernel to be killed")
         d_kernel = _kernel_of(_worker_of(proc.pid, "d_sleep"))
         d_kernel.send_signal(signal.SIGKILL)
         text, _ = proc.communicate(timeout=90)
@@ -511,7 +495,7 @@ def test_kill_worker_and_kernel_fail_only_their_notebooks(tmp_path):
     assert c["status"] == "failed" and c["error"]["ename"] == "WorkerDied"
     d = _record(out, "d_sleep")
     assert d["status"] == "failed" and "Dead" in d["error"]["ename"] + d["error"]["evalue"]
-    assert _status(out, "z_ok") == "completed"
+    assert run_status(out, "z_ok") == "completed"
     assert "finished: 1 completed, 2 not completed (c_sleep, d_sleep)" in text
     assert not psutil.pid_exists(kernel.pid) or _process_gone(kernel.pid)
     assert_nothing_running(out)
@@ -523,7 +507,7 @@ def test_two_runners_on_one_folder(run_copy):
     before = completed_hashes(run_copy)
     first = _start("--resume", str(run_copy), "-p", "SLEEP", "30")
     try:
-        _wait_for(lambda: (run_copy / "c_sleep.prev-1").is_dir()
+        wait_for(lambda: (run_copy / "c_sleep.prev-1").is_dir()
                   and "sleeping" in (run_copy / "c_sleep" / "log.txt").read_text(), 60, "c_sleep to sleep")
         manifest = (run_copy / "run_config.json").read_bytes()
         for args in (["--resume", str(run_copy)], [*_nb_args(FIX), "--only", "a_ok", "--out", str(run_copy)]):

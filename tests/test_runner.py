@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from runner_support import run_status, wait_for
 
 from qhelpers.runner.cli import main
 from qhelpers.runner.environment import (
@@ -74,23 +75,6 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _run_json(out: Path, stem: str) -> dict:
     return json.loads((out / stem / "run.json").read_text(encoding="utf-8"))
-
-
-def _wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def _status(out: Path, stem: str) -> str | None:
-    p = out / stem / "run.json"
-    return json.loads(p.read_text(encoding="utf-8")).get("status") if p.is_file() else None
 
 
 # --------------------------------------------------------------------------- parameters cell
@@ -383,7 +367,7 @@ def suite(tmp_path_factory):
 def test_failure_is_isolated(suite):
     out, log = suite["A"], suite["log_a"]
     assert suite["rc_a"] == 1, log
-    assert _status(out, "a_ok") == "completed" and _status(out, "c_sleep") == "completed"
+    assert run_status(out, "a_ok") == "completed" and run_status(out, "c_sleep") == "completed"
     rec = _run_json(out, "b_fail")
     assert rec["status"] == "failed"
     assert rec["error"]["ename"] == "ValueError" and rec["error"]["evalue"] == "boom <fail> & co"
@@ -464,8 +448,8 @@ def test_resume_after_sigkill_keeps_completed_results(tmp_path):
     args = ("--only", "a_ok", "c_sleep", "--out", str(out), "-p", "SLEEP", "30")
     proc = subprocess.Popen(_cmd(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: _status(out, "a_ok") == "completed", 60, "a_ok to complete")
-        _wait_for(lambda: _status(out, "c_sleep") == "running", 30, "c_sleep to start")
+        wait_for(lambda: run_status(out, "a_ok") == "completed", 60, "a_ok to complete")
+        wait_for(lambda: run_status(out, "c_sleep") == "running", 30, "c_sleep to start")
         time.sleep(1.0)  # c_sleep's kernel is now sleeping in its cell
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
@@ -476,7 +460,7 @@ def test_resume_after_sigkill_keeps_completed_results(tmp_path):
     mtime, run_json = results.stat().st_mtime_ns, (out / "a_ok" / "run.json").read_text()
     assert "a_ok" in (out / "summary.md").read_text()  # the summary written after a_ok survived
     # the orphaned worker notices the runner's death and records its notebook as interrupted
-    _wait_for(lambda: _status(out, "c_sleep") == "interrupted", 30, "c_sleep marked interrupted")
+    wait_for(lambda: run_status(out, "c_sleep") == "interrupted", 30, "c_sleep marked interrupted")
 
     resumed = subprocess.run(_cmd("--only", "a_ok", "c_sleep", "--resume", str(out), "-p", "SLEEP", "0.2"),
                              env=_env(), capture_output=True, text=True, timeout=120)
@@ -485,7 +469,7 @@ def test_resume_after_sigkill_keeps_completed_results(tmp_path):
     assert "c_sleep ... will re-run (previous status interrupted)" in resumed.stdout
     assert results.stat().st_mtime_ns == mtime
     assert (out / "a_ok" / "run.json").read_text() == run_json
-    assert _status(out, "c_sleep") == "completed"
+    assert run_status(out, "c_sleep") == "completed"
     assert json.loads((out / "c_sleep" / "results.json").read_text())["parameters"]["SLEEP"] == 0.2
     summary = (out / "summary.md").read_text()
     assert "| S1 |" in summary and "| H1 |" in summary and "2 completed" in summary
@@ -509,7 +493,7 @@ def test_sigint_marks_interrupted_and_exits_130(tmp_path):
     proc = subprocess.Popen(_cmd("--only", "c_sleep", "--out", str(out), "-p", "SLEEP", "60"),
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(lambda: "sleeping" in (out / "c_sleep" / "log.txt").read_text(), 60, "the cell to start sleeping")
+        wait_for(lambda: "sleeping" in (out / "c_sleep" / "log.txt").read_text(), 60, "the cell to start sleeping")
         proc.send_signal(signal.SIGINT)
         text, _ = proc.communicate(timeout=45)
     finally:

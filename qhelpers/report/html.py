@@ -57,7 +57,8 @@ def _e(value: Any) -> str:
     return html.escape(str(value if value is not None else ""), quote=True)
 
 
-def _md(value: Any) -> str:
+def markdown_cell(value: Any) -> str:
+    """``value`` as one markdown table cell: whitespace folded, ``|`` and ``\\`` escaped, tags neutralised."""
     text = " ".join(str(value if value is not None else "").split())
     text = text.replace("\\", "\\\\").replace("|", "\\|")
     return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text)
@@ -163,14 +164,14 @@ def headline_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     for model, _, h in premises:
         lead, detail = _sentence(model, h)
         symbol = VERDICT_STYLE.get(str(h.get("verdict")), ("",))[0]
-        lines.append(f"- **{_md(lead)}** {symbol} {_md(h.get('verdict'))}: {_md(detail)}")
+        lines.append(f"- **{markdown_cell(lead)}** {symbol} {markdown_cell(h.get('verdict'))}: {markdown_cell(detail)}")
     if not premises:
         lines.append(f"- The premise ({', '.join(PREMISE_IDS)}: do low-resource languages lose more?) is not in this run.")
     for model, (stem, configs, langs, cells) in delta_bpb_tables(rows).items():
-        lines += ["", f"### Change in bits per byte, {_md(model)} (from {_md(stem)}; 95 % CI)", "",
-                  "| configuration | " + " | ".join(_md(lang) for lang in langs) + " |",
+        lines += ["", f"### Change in bits per byte, {markdown_cell(model)} (from {markdown_cell(stem)}; 95 % CI)", "",
+                  "| configuration | " + " | ".join(markdown_cell(lang) for lang in langs) + " |",
                   "|---|" + "---|" * len(langs)]
-        lines += [f"| {_md(config)} | " + " | ".join(_md(cells.get((config, lang), "")) for lang in langs) + " |" for config in configs]
+        lines += [f"| {markdown_cell(config)} | " + " | ".join(markdown_cell(cells.get((config, lang), "")) for lang in langs) + " |" for config in configs]
     lines.append("")
     return lines
 

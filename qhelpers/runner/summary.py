@@ -6,11 +6,10 @@ from __future__ import annotations
 import html
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from qhelpers.report.html import REPORT_CSS, headline_html, headline_markdown, notebook_sections_html
+from qhelpers.report.html import REPORT_CSS, headline_html, headline_markdown, markdown_cell, notebook_sections_html
 from qhelpers.runner.records import (
     STATUSES,
     completion_problem,
@@ -169,7 +168,7 @@ def moved_aside_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         return []
     out = ["## Earlier results kept (moved aside, never deleted)", "", "| folder | status | why it ran again |",
            "|---|---|---|"]
-    out += [f"| {_md_link(folder, folder + '/')} | {_md_cell(status)} | {_md_cell(reason)} |"
+    out += [f"| {_md_link(folder, folder + '/')} | {markdown_cell(status)} | {markdown_cell(reason)} |"
             for folder, status, reason in lines]
     return out + [""]
 
@@ -209,18 +208,12 @@ def _row_error(row: Mapping[str, Any]) -> str:
     return error_text(row["record"]) or (row["results_error"] or "")
 
 
-def _md_cell(text: Any) -> str:
-    s = " ".join(str(text if text is not None else "").split())
-    s = s.replace("\\", "\\\\").replace("|", "\\|")
-    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", s)
-
-
 def _md_link(label: str, href: str | None) -> str:
     if not href:
         return ""
     from urllib.parse import quote
 
-    return f"[{_md_cell(label)}]({quote(href)})"
+    return f"[{markdown_cell(label)}]({quote(href)})"
 
 
 def _status_counts(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -252,8 +245,8 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) 
             status = r["record"].get("status")
             nb = r["stem"] + ("" if status == "completed" else f" ({status})")
             lines.append(
-                f"| {_md_cell(nb)} | {_md_cell(h.get('id'))} | {_md_cell(h.get('statement'))} | "
-                f"{_md_cell(fmt_value_ci(h))} | {_md_cell(h.get('verdict'))} | {_md_cell(h.get('n', ''))} |"
+                f"| {markdown_cell(nb)} | {markdown_cell(h.get('id'))} | {markdown_cell(h.get('statement'))} | "
+                f"{markdown_cell(fmt_value_ci(h))} | {markdown_cell(h.get('verdict'))} | {markdown_cell(h.get('n', ''))} |"
             )
     else:
         lines.append("(no hypotheses recorded yet)")
@@ -271,10 +264,10 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) 
         if err and r["log_link"]:
             err += f" (see {r['log_link']})"
         lines.append(
-            f"| {_md_cell(r['stem'])} | {_md_cell(status_label(r))} | "
-            f"{_md_cell(fmt_duration(rec.get('duration_s')))} | {_md_cell(r['model'])} | "
-            f"{_md_cell(verdict_counts(r['hypotheses']) if r['results'] else '')} | "
-            f"{_md_link(r['stem'] + '.ipynb', r['notebook_link'])} | {figs} | {_md_cell(err)} |"
+            f"| {markdown_cell(r['stem'])} | {markdown_cell(status_label(r))} | "
+            f"{markdown_cell(fmt_duration(rec.get('duration_s')))} | {markdown_cell(r['model'])} | "
+            f"{markdown_cell(verdict_counts(r['hypotheses']) if r['results'] else '')} | "
+            f"{_md_link(r['stem'] + '.ipynb', r['notebook_link'])} | {figs} | {markdown_cell(err)} |"
         )
     lines.append("")
     lines += moved_aside_markdown(rows)
