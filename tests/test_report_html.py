@@ -142,3 +142,38 @@ def test_index_html_in_headless_chromium(tmp_path):
     assert result["ready"] == "complete" and result["headline"]
     assert result["images"] and all(complete and width > 0 for complete, width in result["images"]), result["images"]
     assert result["errors"] == []
+
+
+def test_primary_verdicts_first_then_families_then_sanity_checks(tmp_path):
+    """summary.md and index.html: one primary row per notebook first (adjusted verdict, n), then the
+    families with raw and adjusted verdicts, then sanity checks, which the verdict counts leave out."""
+    nb = tmp_path / "t003"
+    nb.mkdir()
+    base = {"criterion": "c", "ci_low": 0.0, "ci_high": 1.0, "value": 0.5, "n": 30, "notes": "", "kind": "finding",
+            "min_effect": 0.0, "threshold": 0.0, "direction": ">", "premise": None}
+    hyps = [
+        {**base, "id": "F1", "statement": "family member", "family": "robustness", "primary": False,
+         "verdict": "INCONCLUSIVE", "raw_verdict": "SUPPORTED",
+         "adjusted": {"method": "holm", "family_size": 2, "p_raw": 0.02, "p_adjusted": 0.04, "verdict": "INCONCLUSIVE"}},
+        {**base, "id": "S1", "statement": "one more layer helps", "family": "secondary", "primary": False,
+         "kind": "sanity check", "verdict": "SUPPORTED", "raw_verdict": "SUPPORTED", "adjusted": None},
+        {**base, "id": "P1", "statement": "the seed's claim", "family": "primary", "primary": True,
+         "verdict": "NOT_SUPPORTED", "raw_verdict": "NOT_SUPPORTED", "n": 42,
+         "adjusted": {"method": "holm", "family_size": 1, "p_raw": 0.9, "p_adjusted": 0.9, "verdict": "NOT_SUPPORTED"}},
+    ]
+    (nb / "results.json").write_text(json.dumps({"model": {"spec": "m"}, "hypotheses": hyps, "figures": []}))
+    (nb / "run.json").write_text(json.dumps({"notebook": "t003", "status": "completed", "duration_s": 1.0}))
+    write_summary(tmp_path, {"profile": "ci", "kernel": "python3", "state": "finished"})
+    md = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert md.index("### Primary hypotheses") < md.index("| t003 | P1 |") < md.index("### Families") \
+        < md.index("| t003 | F1 |") < md.index("### Sanity checks") < md.index("| t003 | S1 |")
+    assert "| t003 | P1 | the seed's claim | 0.5 [0, 1] | NOT_SUPPORTED | NOT_SUPPORTED | 42 | primary |" in md
+    assert "| INCONCLUSIVE | SUPPORTED | 30 | robustness | 0.02 -> 0.04 (Holm, m = 2) |" in md
+    assert "1 hypothesis" not in md and "2 hypotheses: 1 NOT_SUPPORTED, 1 INCONCLUSIVE; 1 sanity check: 1 SUPPORTED" in md
+    page = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert page.index('id="hyp-primary"') < page.index("<td>P1</td>") < page.index('id="hyp-families"') \
+        < page.index("<td>F1</td>") < page.index('id="hyp-sanity"') < page.index("<td>S1</td>")
+    section = page[page.index('id="nb-t003"'):]
+    assert section.index("Primary hypothesis") < section.index("<strong>P1</strong>") < section.index("<strong>F1</strong>") \
+        < section.index("Sanity checks") < section.index("<strong>S1</strong>")
+    assert "raw verdict SUPPORTED" in section and "Holm over 2" in section

@@ -1,6 +1,7 @@
 """Tests of qhelpers.report.results: hypotheses, JSON conversion, atomic writes, results.json."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -39,12 +40,14 @@ def test_hypothesis_evaluate_computes_verdicts():
     und = Hypothesis.evaluate("H", "s", Estimate.undefined("collapsed: q/sw bpb=9", 60), 30, notes="seed protocol")
     assert und.verdict == "INCONCLUSIVE" and math.isnan(und.value)
     assert und.notes.startswith("seed protocol") and "collapsed: q/sw" in und.notes
-    corr = {"r": -0.85, "ci_low": -0.97, "ci_high": -0.75, "n": 7, "defined": True, "p_perm": 0.01,
+    corr = {"r": -0.85, "ci_low": -0.97, "ci_high": -0.75, "n": 12, "defined": True, "p_perm": 0.01,
             "perm_exact": True, "p_parametric": 0.015, "method": "pearson", "level": 0.95}
     h2 = Hypothesis.evaluate("H2", "kurtosis predicts degradation", corr, 0.7, abs_value=True)
-    assert h2.verdict == "SUPPORTED" and h2.value == -0.85 and h2.n == 7
+    assert h2.verdict == "SUPPORTED" and h2.value == -0.85 and h2.n == 12
     assert "|r| > 0.7" in h2.criterion and "p_perm=0.01" in h2.notes
     assert set(h2.to_dict()) == set(HYPOTHESIS_KEYS)
+    few = Hypothesis.evaluate("H2", "kurtosis predicts degradation", {**corr, "n": 7}, 0.7, abs_value=True)
+    assert few.verdict == "INCONCLUSIVE" and "too few pairs (n = 7 < 10)" in few.notes
 
 
 def test_hypothesis_rejects_hand_written_verdict():
@@ -125,7 +128,8 @@ def test_atomic_write_text_creates_folder(tmp_path):
 
 def _hyps():
     return [
-        Hypothesis.evaluate("H5", "protecting L0+L_final cuts disparity by > 30 %", Estimate(41.0, 33.0, 50.0, 60), 30),
+        Hypothesis.evaluate("H5", "protecting L0+L_final cuts disparity by > 30 %", Estimate(41.0, 33.0, 50.0, 60), 30,
+                            primary=True),
         Hypothesis.evaluate("H1", "ratio defined", Estimate.undefined("unbounded CI: x", 60, value=2.0), 1.0),
     ]
 
@@ -158,7 +162,7 @@ def test_write_read_round_trip(tmp_path):
 
 def test_write_results_validation(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
-        results.write_results(tmp_path, "e", {}, {}, [], figures=["missing.png"], environment=ENV)
+        results.write_results(tmp_path, "e", {}, {}, _hyps(), figures=["missing.png"], environment=ENV)
     with pytest.raises(ConfigError, match="Hypothesis"):
         results.write_results(tmp_path, "e", {}, {}, [{"id": "H1"}], environment=ENV)
     h = _hyps()[0]
@@ -178,6 +182,20 @@ def test_print_verdicts_aligned(capsys):
     col = lines[0].index("verdict")
     assert lines[1][col:].startswith("SUPPORTED") and lines[2][col:].startswith("INCONCLUSIVE")
     assert "41 [33, 50]" in lines[1] and "2 [nan, nan]" in lines[2]
+    assert lines[0].split()[:5] == ["id", "family", "verdict", "raw", "verdict"]
+
+
+def test_print_verdicts_primary_first_then_families_then_sanity_checks():
+    hyps = [
+        Hypothesis.evaluate("S1", "one more fp layer is closer to fp", E(0.5, 0.3, 0.7), 0.0, kind="sanity check"),
+        Hypothesis.evaluate("A1", "a", E(0.5, 0.3, 0.7), 0.0, family="a"),
+        Hypothesis.evaluate("B1", "b", E(0.5, 0.3, 0.7), 0.0, family="b"),
+        Hypothesis.evaluate("A2", "a", E(0.5, 0.3, 0.7), 0.0, family="a"),
+        Hypothesis.evaluate("P", "main", E(0.5, 0.3, 0.7), 0.0, primary=True),
+    ]
+    text = results.print_verdicts(hyps, file=io.StringIO())
+    assert [line.split()[0] for line in text.splitlines()[1:]] == ["P", "A1", "A2", "B1", "S1"]
+    assert [line.split()[1] for line in text.splitlines()[1:]] == ["primary", "a", "a", "b", "sanity"]
 
 
 # --------------------------------------------------------------------------- environment
@@ -216,10 +234,10 @@ def test_hypothesis_sentence_states_the_verdict_plainly():
     from qhelpers.report.results import Hypothesis
     from qhelpers.stats.bootstrap import Estimate
 
-    h = Hypothesis.evaluate("H5", "gateway protection cuts disparity by >30%", Estimate(12.0, -3.0, 20.0, 8), 30.0, ">")
+    h = Hypothesis.evaluate("H5", "gateway protection cuts disparity by >30%", Estimate(12.0, -3.0, 20.0, 80), 30.0, ">")
     assert h.verdict == "NOT_SUPPORTED"
     assert h.sentence().startswith("H5 (gateway protection cuts disparity by >30%): NOT_SUPPORTED: the data contradict it; observed 12")
-    assert "n = 8" in h.sentence()
+    assert "n = 80" in h.sentence()
 
 
 def test_seed_everything_makes_torch_and_numpy_repeatable():
@@ -233,3 +251,160 @@ def test_seed_everything_makes_torch_and_numpy_repeatable():
     seed_everything(7)
     b = (torch.rand(3), np.random.rand(3))
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+# --------------------------------------------------------------------------- families, premises, primaries
+
+
+def E(value, lo, hi, n=50):
+    return Estimate(value, lo, hi, n)
+
+
+def test_evaluate_records_family_kind_min_effect_and_direction():
+    h = Hypothesis.evaluate("H1", "LR lose more bits", E(0.05, 0.02, 0.08), 0.0, "<", family="layers", min_effect=0.01)
+    assert (h.family, h.kind, h.primary, h.min_effect, h.threshold, h.direction) == ("layers", "finding", False, 0.01, 0.0, "<")
+    assert h.verdict == h.raw_verdict == "NOT_SUPPORTED" and h.adjusted is None
+    p = Hypothesis.evaluate("H0", "main", E(0.05, 0.02, 0.08), 0.0, primary=True, min_effect=0.01)
+    assert p.family == "primary" and p.primary and p.verdict == "SUPPORTED"
+    assert "by at least 0.01" in p.criterion and "above 0.01" in p.criterion
+    # the practical size decides: the same interval with min_effect 0.03 straddles 0.03
+    assert Hypothesis.evaluate("H0", "main", E(0.05, 0.02, 0.08), 0.0, min_effect=0.03).verdict == "INCONCLUSIVE"
+    assert Hypothesis.evaluate("H0", "main", E(0.05, 0.02, 0.08), 0.0, min_effect=0.1).verdict == "NOT_SUPPORTED"
+    with pytest.raises(ConfigError, match="reserved"):
+        Hypothesis.evaluate("H", "s", E(1, 0.5, 2), 0.0, family="primary")
+    with pytest.raises(ConfigError, match="primary=True"):
+        Hypothesis.evaluate("H", "s", E(1, 0.5, 2), 0.0, family="layers", primary=True)
+    with pytest.raises(ConfigError, match="kind"):
+        Hypothesis.evaluate("H", "s", E(1, 0.5, 2), 0.0, kind="tautology")
+    with pytest.raises(ConfigError, match="must be a finding"):
+        Hypothesis.evaluate("H", "s", E(1, 0.5, 2), 0.0, kind="sanity check", primary=True)
+
+
+def test_premise_not_met_makes_dependents_inconclusive_with_the_reason():
+    # SmolLM2: LR languages lose LESS than HR (D = -0.25 [-0.31, -0.18])
+    premise = Hypothesis.evaluate("P-D", "LR languages lose more than HR", E(-0.25, -0.31, -0.18), 0.0,
+                                  family="premises", min_effect=0.01)
+    assert premise.verdict == "NOT_SUPPORTED"
+    h = Hypothesis.evaluate("H5", "protecting L0 + L_final reduces the disparity", E(40.0, 35.0, 45.0), 30.0,
+                            premise=premise, family="protection")
+    assert h.verdict == "INCONCLUSIVE" and h.raw_verdict == "INCONCLUSIVE"
+    assert "premise not met (P-D: -0.25 [-0.31, -0.18], NOT_SUPPORTED)" in h.notes
+    assert h.premise["id"] == "P-D" and h.premise["verdict"] == "NOT_SUPPORTED"
+    assert "premise P-D" in h.sentence() and "is not met" in h.sentence()
+    assert math.isnan(h.p_support)  # not tested: must not lower the Holm multipliers of its family
+    # a premise that holds leaves the verdict to the interval
+    ok = Hypothesis.evaluate("P-D", "LR languages lose more", E(0.25, 0.18, 0.31), 0.0, family="premises")
+    h = Hypothesis.evaluate("H5", "protecting reduces the disparity", E(40.0, 35.0, 45.0), 30.0, premise=ok)
+    assert h.verdict == "SUPPORTED" and "premise" not in h.notes and h.premise["verdict"] == "SUPPORTED"
+    inconclusive = Hypothesis.evaluate("P-D", "LR languages lose more", E(0.1, -0.1, 0.3), 0.0, family="premises")
+    assert Hypothesis.evaluate("H5", "s", E(40.0, 35.0, 45.0), 30.0, premise=inconclusive).verdict == "INCONCLUSIVE"
+    with pytest.raises(ConfigError, match="premise must be a Hypothesis"):
+        Hypothesis.evaluate("H5", "s", E(40.0, 35.0, 45.0), 30.0, premise={"id": "P"})
+
+
+def test_adjust_families_holm_within_each_family_only():
+    # one-sided p of E(v, lo, hi) for '> 0' at lo -> the normal approximation; pick intervals whose p
+    # lie near 0.02 so that a family of three loses them, a family of one does not
+    weak = E(0.5, 0.01, 0.9)  # raw SUPPORTED, p ~ 0.023
+    strong = E(0.5, 0.3, 0.9)  # p ~ 5e-7
+    hyps = [
+        Hypothesis.evaluate("P", "main", weak, 0.0, primary=True),
+        Hypothesis.evaluate("A1", "a", weak, 0.0, family="a"),
+        Hypothesis.evaluate("A2", "a", weak, 0.0, family="a"),
+        Hypothesis.evaluate("A3", "a", strong, 0.0, family="a"),
+        Hypothesis.evaluate("B1", "b", weak, 0.0, family="b"),
+        Hypothesis.evaluate("S", "sanity", weak, 0.0, kind="sanity check"),
+    ]
+    out = results.adjust_families(hyps)
+    by = {h.id: h for h in out}
+    assert [h.id for h in out] == [h.id for h in hyps]  # same order
+    assert by["P"].verdict == "SUPPORTED" and by["P"].adjusted["family_size"] == 1  # family of one: unchanged
+    assert by["B1"].verdict == "SUPPORTED"
+    assert by["A3"].verdict == "SUPPORTED"
+    for hid in ("A1", "A2"):  # p ~ 0.023 x 2 > 0.025
+        assert by[hid].raw_verdict == "SUPPORTED" and by[hid].verdict == "INCONCLUSIVE"
+        assert by[hid].adjusted["method"] == "holm" and by[hid].adjusted["family_size"] == 3
+        assert by[hid].adjusted["p_adjusted"] == pytest.approx(2 * by[hid].adjusted["p_raw"])
+        assert "does not survive the adjustment" in by[hid].sentence()
+    assert by["S"].adjusted is None and by["S"].verdict == "SUPPORTED"  # sanity checks are not adjusted
+    assert "not counted as a finding" in by["S"].sentence()
+    assert results.adjust_families(out) == out  # idempotent
+
+
+def test_adjusted_never_more_decisive_than_raw():
+    rng = np.random.default_rng(2)
+    hyps = []
+    for i in range(30):
+        lo = float(rng.normal(0, 0.3))
+        hyps.append(Hypothesis.evaluate(f"H{i}", "s", E(lo + 0.2, lo, lo + 0.4, n=int(rng.integers(5, 40))), 0.0,
+                                        family=f"f{i % 3}", min_effect=float(rng.choice([0.0, 0.05]))))
+    for h in results.adjust_families(hyps):
+        assert h.verdict in (h.raw_verdict, "INCONCLUSIVE")
+
+
+def test_write_results_needs_exactly_one_primary(tmp_path):
+    a = Hypothesis.evaluate("H1", "s", E(1.0, 0.5, 1.5), 0.0)
+    b = Hypothesis.evaluate("H2", "s", E(1.0, 0.5, 1.5), 0.0)
+    with pytest.raises(ConfigError, match=r"exactly one hypothesis must be primary.*got none.*primary=True"):
+        results.write_results(tmp_path, "e", {}, {}, [a, b], environment=ENV)
+    p1 = Hypothesis.evaluate("H1", "s", E(1.0, 0.5, 1.5), 0.0, primary=True)
+    p2 = Hypothesis.evaluate("H2", "s", E(1.0, 0.5, 1.5), 0.0, primary=True)
+    with pytest.raises(ConfigError, match=r"got 2 \(H1, H2\)"):
+        results.write_results(tmp_path, "e", {}, {}, [p1, p2], environment=ENV)
+    assert not (tmp_path / "results.json").exists()
+    results.write_results(tmp_path, "e", {}, {}, [p1, b], environment=ENV)
+    assert (tmp_path / "results.json").is_file()
+
+
+def test_write_results_writes_adjusted_verdicts(tmp_path):
+    weak = E(0.5, 0.01, 0.9)
+    hyps = [Hypothesis.evaluate("P", "main", weak, 0.0, primary=True),
+            Hypothesis.evaluate("A1", "a", weak, 0.0, family="a"),
+            Hypothesis.evaluate("A2", "a", weak, 0.0, family="a")]
+    results.write_results(tmp_path, "e", {}, {}, hyps, environment=ENV)
+    doc = results.read_results(tmp_path)
+    a1 = doc["hypotheses"][1]
+    assert list(a1) == list(HYPOTHESIS_KEYS)
+    assert a1["verdict"] == "INCONCLUSIVE" and a1["raw_verdict"] == "SUPPORTED" and a1["family"] == "a"
+    assert a1["adjusted"]["family_size"] == 2 and a1["adjusted"]["verdict"] == "INCONCLUSIVE"
+    assert doc["hypotheses"][0]["primary"] is True and doc["hypotheses"][0]["verdict"] == "SUPPORTED"
+    assert a1["threshold"] == 0.0 and a1["direction"] == ">" and a1["kind"] == "finding" and a1["premise"] is None
+
+
+def test_old_results_json_without_the_new_keys_is_readable(tmp_path):
+    from qhelpers.runner.records import hypotheses_of
+
+    old = {"id": "H1", "statement": "s", "criterion": "c", "value": 1.0, "ci_low": 0.5, "ci_high": 1.5,
+           "verdict": "SUPPORTED", "n": 4, "notes": ""}
+    doc = {"experiment_id": "x", "parameters": {}, "environment": {}, "model": None, "metrics": {},
+           "hypotheses": [old], "figures": [], "created": "t"}
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    (h,) = results.read_results(tmp_path)["hypotheses"]
+    assert h["verdict"] == h["raw_verdict"] == "SUPPORTED" and h["primary"] is False
+    assert h["family"] == "secondary" and h["kind"] == "finding" and h["adjusted"] is None
+    (r,) = hypotheses_of(doc)
+    assert r["family"] == "secondary" and r["raw_verdict"] == "SUPPORTED" and r["primary"] is False
+    assert results.print_verdicts([h], file=io.StringIO()).splitlines()[1].split()[:3] == ["H1", "secondary", "SUPPORTED"]
+    bad = {**doc, "hypotheses": [{**old, "surprise": 1}]}
+    (tmp_path / "results.json").write_text(json.dumps(bad))
+    with pytest.raises(MeasurementError, match="surprise"):
+        results.read_results(tmp_path)
+
+
+def test_agreeing_decides_only_when_both_analyses_agree():
+    # H1.3: SUPPORTED with every token row (r = 0.53), NOT_SUPPORTED without 11 massive-activation rows (r = -0.40)
+    corr = lambda r, lo, hi: {"r": r, "ci_low": lo, "ci_high": hi, "n": 30, "defined": True}  # noqa: E731
+    all_rows = Hypothesis.evaluate("H1.3-all", "all token rows", corr(0.53, 0.2, 0.75), 0.0)
+    without = Hypothesis.evaluate("H1.3-robust", "massive rows dropped", corr(-0.40, -0.65, -0.1), 0.0)
+    h = results.agreeing(all_rows, without, id="H1.3", statement="critical layers vary more across languages",
+                         primary=True)
+    assert h.verdict == h.raw_verdict == "INCONCLUSIVE" and h.id == "H1.3" and h.primary and h.family == "primary"
+    assert ("the two analyses disagree (H1.3-all: SUPPORTED, 0.53 [0.2, 0.75]; "
+            "H1.3-robust: NOT_SUPPORTED, -0.4 [-0.65, -0.1])") in h.notes
+    both = Hypothesis.evaluate("H1.3-robust", "massive rows dropped", corr(0.45, 0.15, 0.7), 0.0)
+    h = results.agreeing(all_rows, both, id="H1.3", family="robustness")
+    assert h.verdict == "SUPPORTED" and h.family == "robustness" and "agree" in h.notes
+    assert h.value == 0.53 and h.p_support == max(all_rows.p_support, both.p_support)
+    assert "decided only when H1.3-robust" in h.criterion
+    disagree = results.agreeing(all_rows, without, family="robustness")
+    assert math.isnan(disagree.p_support) and math.isnan(disagree.p_contra)

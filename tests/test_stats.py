@@ -110,11 +110,27 @@ def test_language_table_matches_hand_computation():
     ppl_fp, ppl_q = math.exp(75 / 31), math.exp(90 / 31)
     assert he["degradation"] == pytest.approx((ppl_q - ppl_fp) / ppl_fp, rel=1e-12)
     assert he["bpb_q"] == pytest.approx(90 / LN2 / 125, rel=1e-12)
-    for k in ("ppl_ratio", "degradation", "delta_nll", "delta_bpb"):
-        assert (tab[f"{k}_ci_low"] <= tab[f"{k}_ci_high"]).all()
-    assert not tab["collapsed"].any() and (tab["note"] == "").all()
+    # the same content in both languages: mean over the 3 paragraphs of the bits added
+    assert en["delta_bits_per_paragraph"] == pytest.approx((1 + 3 + 1) / LN2 / 3, rel=1e-12)
+    assert he["delta_bits_per_paragraph"] == pytest.approx((6 + 3 + 6) / LN2 / 3, rel=1e-12)
+    assert tab.attrs["interval_method"] == "studentized" and tab.attrs["parallel"] is True
+    # n = 3: 3 of 27 resamples repeat one text (standard error 0, t = +-inf), so the
+    # studentized interval is unbounded: NaN interval, value kept, the note says why.
+    for k in ("ppl_ratio", "degradation", "delta_nll", "delta_bpb", "delta_bits_per_paragraph"):
+        assert tab[f"{k}_ci_low"].isna().all() and tab[f"{k}_ci_high"].isna().all()
+        assert tab[k].notna().all()
+    assert tab["note"].str.startswith("unbounded CI").all() and "n = 3" in tab.loc[0, "note"]
+    assert not tab["collapsed"].any()
+    pct = stats.language_table(hand_table(), baseline="fp", n_boot=500, method="percentile")
+    assert pct.attrs["interval_method"] == "percentile" and (pct["note"] == "").all()
+    for k in ("ppl_ratio", "degradation", "delta_nll", "delta_bpb", "delta_bits_per_paragraph"):
+        assert (pct[f"{k}_ci_low"] <= pct[k]).all() and (pct[k] <= pct[f"{k}_ci_high"]).all()
+    # ppl_ratio and degradation carry delta_nll's interval through exp and expm1
+    np.testing.assert_allclose(pct["ppl_ratio_ci_low"], np.exp(pct["delta_nll_ci_low"]), rtol=1e-12)
+    np.testing.assert_allclose(pct["degradation_ci_high"], np.expm1(pct["delta_nll_ci_high"]), rtol=1e-12)
 
-    base = stats.baseline_table(hand_table(), n_boot=200).set_index("lang")
+    base = stats.baseline_table(hand_table(), n_boot=200, method="percentile").set_index("lang")
+    assert (base["ppl_ci_low"] < base["ppl"]).all() and (base["bpb"] < base["bpb_ci_high"]).all()
     assert base.loc["en", "ppl"] == pytest.approx(math.exp(2.0))
     assert base.loc["he", "bpb"] == pytest.approx(75 / LN2 / 125)
     assert base.loc["he", "bytes_per_token"] == pytest.approx(125 / 31)
@@ -477,3 +493,272 @@ def test_disparity_contrast_synergy_by_hand():
     diff = disparity_contrast(scores, {"all": 1, "gateway": -1}, measure="difference", lr_langs=["he"], hr_langs=["en"], n_boot=200)
     expected_diff = (math.expm1(0.30) - math.expm1(0.10)) - (math.expm1(0.04) - math.expm1(0.04))
     assert diff.value == pytest.approx(expected_diff, rel=1e-12)
+
+
+# --------------------------------------------------------------------------- interval methods
+
+
+def one_language(x_bits, byt=None, seed=0, lang="xx", ids=None):
+    """Scores of one language whose per-text Δ bits per byte are ``x_bits``."""
+    rng = np.random.default_rng(seed)
+    n = len(x_bits)
+    byt = np.full(n, 200) if byt is None else np.asarray(byt)
+    fp = byt * LN2 * rng.uniform(1.0, 2.0, n)
+    ids = ids or [f"t{i:03d}" for i in range(n)]
+    return pd.DataFrame(
+        rows_for("fp", lang, fp, byt // 4, byt, ids) + rows_for("q", lang, fp + np.asarray(x_bits) * byt * LN2, byt // 4, byt, ids)
+    )
+
+
+def test_studentized_delta_bpb_equals_an_explicit_loop():
+    """The vectorised influence algebra against a loop over the resamples that recomputes
+    Δbpb and its delta-method standard error from the resampled texts themselves."""
+    rng = np.random.default_rng(5)
+    n, B = 12, 400
+    byt = rng.integers(50, 400, n)
+    df = one_language(rng.exponential(0.1, n), byt=byt, seed=1)
+    fp = df[df.config == "fp"]["nll"].to_numpy()
+    q = df[df.config == "q"]["nll"].to_numpy()
+    tab = stats.language_table(df, n_boot=B, seed=3)
+
+    def delta_bpb_and_se(sel):
+        yq, yf, b = q[sel], fp[sel], byt[sel]
+        theta = yq.sum() / LN2 / b.sum() - yf.sum() / LN2 / b.sum()
+        d = ((yq - yq.sum() / b.sum() * b) - (yf - yf.sum() / b.sum() * b)) / LN2 / b.sum()
+        return theta, math.sqrt((d**2).sum())
+
+    theta, se = delta_bpb_and_se(np.arange(n))
+    se *= math.sqrt(n / (n - 1))  # the point's standard error uses the unbiased variance
+    t = []
+    for row in stats.bootstrap_indices(n, B, np.random.default_rng(3)):
+        th, s = delta_bpb_and_se(row)
+        t.append((th - theta) / s)
+    q_lo, q_hi = np.percentile(t, [2.5, 97.5])
+    row = tab.iloc[0]
+    assert row["delta_bpb"] == pytest.approx(theta, rel=1e-12)
+    assert row["delta_bpb_ci_low"] == pytest.approx(theta - q_hi * se, rel=1e-9)
+    assert row["delta_bpb_ci_high"] == pytest.approx(theta - q_lo * se, rel=1e-9)
+
+
+def numeric_studentized(theta_of, counts_of, units, level=0.95, h=1e-6):
+    """Studentized interval of ``theta_of(weights)`` with the influence values taken by
+    central differences of the weights (independent of the analytic chain rule); the point's
+    variance is the unbiased one (n / (n - 1) per group), the replicates' the plug-in one.
+    ``units``: {group: n}; ``counts_of``: {group: (B, n)} resample counts."""
+    def se_at(w, unbiased=False):
+        var = 0.0
+        for g, n in units.items():
+            factor = n / (n - 1) if unbiased else 1.0
+            for i in range(n):
+                up = {k: v.copy() for k, v in w.items()}
+                dn = {k: v.copy() for k, v in w.items()}
+                up[g][i] += h
+                dn[g][i] -= h
+                d = (theta_of(up) - theta_of(dn)) / (2 * h)
+                var += factor * w[g][i] * d * d
+        return math.sqrt(var)
+
+    ones = {g: np.ones(n) for g, n in units.items()}
+    theta, se = theta_of(ones), se_at(ones, unbiased=True)
+    B = next(iter(counts_of.values())).shape[0]
+    t = []
+    for b in range(B):
+        w = {g: counts_of[g][b].copy() for g in units}
+        t.append((theta_of(w) - theta) / se_at(w))
+    q_lo, q_hi = np.percentile(t, [50 * (1 - level), 50 * (1 + level)])
+    return theta, theta - q_hi * se, theta - q_lo * se
+
+
+def test_studentized_disparity_and_reduction_match_numeric_derivatives():
+    """Ratio disparity of degradations (exp, means over languages, a ratio) on independent
+    languages, and the percent reduction of the Δbpb difference between two configs on a
+    parallel corpus: intervals equal those from numerically differentiated statistics."""
+    rng = np.random.default_rng(8)
+    n, B = 8, 60
+    langs = {"en": 0.05, "de": 0.08, "he": 0.20, "sw": 0.25}
+    rows, data = [], {}
+    for lang, shift in langs.items():
+        tok = rng.integers(20, 60, n)
+        byt = tok * 4
+        fp = tok * rng.uniform(2.0, 3.0, n)
+        a = fp + tok * rng.normal(shift, 0.05, n)
+        b = fp + tok * rng.normal(shift * 0.5, 0.05, n)
+        ids = [f"{lang}{i}" for i in range(n)]  # distinct ids: languages resampled independently
+        rows += rows_for("fp", lang, fp, tok, byt, ids) + rows_for("a", lang, a, tok, byt, ids) + rows_for("b", lang, b, tok, byt, ids)
+        data[lang] = (fp, a, b, tok, byt)
+    df = pd.DataFrame(rows)
+    lr, hr = ["he", "sw"], ["en", "de"]
+    counts = stats.language_counts({lang: n for lang in langs}, B, seed=2, parallel=False)
+
+    def degradation(w, lang, col):
+        fp, a, b, tok, _ = data[lang]
+        y = {"a": a, "b": b}[col]
+        return math.expm1((w[lang] @ y) / (w[lang] @ tok) - (w[lang] @ fp) / (w[lang] @ tok))
+
+    def disparity_of(w):
+        return np.mean([degradation(w, g, "a") for g in lr]) / np.mean([degradation(w, g, "a") for g in hr])
+
+    est = stats.disparity(df, "a", lr_langs=lr, hr_langs=hr, n_boot=B, seed=2)
+    theta, lo, hi = numeric_studentized(disparity_of, counts, {lang: n for lang in langs})
+    assert est.defined and est.value == pytest.approx(theta, rel=1e-12)
+    assert (est.ci_low, est.ci_high) == pytest.approx((lo, hi), rel=1e-5)
+
+    # parallel corpus: the same ids in every language, one shared resample
+    par = df.copy()
+    par["text_id"] = par["text_id"].str[2:]
+    shared = stats.language_counts({"all": n}, B, seed=2, parallel=True)["all"]
+
+    def diff_of(w, col):
+        def dbpb(lang):
+            fp, a, b, _, byt = data[lang]
+            y = {"a": a, "b": b}[col]
+            return (w["all"] @ y - w["all"] @ fp) / LN2 / (w["all"] @ byt)
+        return np.mean([dbpb(g) for g in lr]) - np.mean([dbpb(g) for g in hr])
+
+    def reduction_of(w):
+        return 100 * (diff_of(w, "a") - diff_of(w, "b")) / diff_of(w, "a")
+
+    red = stats.reduction(par, "a", "b", lr_langs=lr, hr_langs=hr, metric="delta_bpb", measure="difference", n_boot=B, seed=2)
+    theta, lo, hi = numeric_studentized(reduction_of, {"all": shared}, {"all": n})
+    assert red.defined and red.value == pytest.approx(theta, rel=1e-12)
+    assert (red.ci_low, red.ci_high) == pytest.approx((lo, hi), rel=1e-5)
+
+
+def test_bca_and_percentile_options_reproduce_scipy():
+    """Same generator, same resamples: scipy.stats.bootstrap's BCa and percentile intervals of
+    the mean per-text Δbpb equal language_table's (method="bca" / "percentile")."""
+    rng = np.random.default_rng(11)
+    x = rng.exponential(0.1, 25)
+    df = one_language(x, seed=2)
+    for method, scipy_method in (("bca", "BCa"), ("percentile", "percentile")):
+        tab = stats.language_table(df, n_boot=3000, seed=4, method=method)
+        ref = sps.bootstrap((x,), np.mean, method=scipy_method, n_resamples=3000, rng=np.random.default_rng(4))
+        assert tab.attrs["interval_method"] == method
+        assert tab.loc[0, "delta_bpb"] == pytest.approx(x.mean(), rel=1e-12)
+        assert tab.loc[0, "delta_bpb_ci_low"] == pytest.approx(ref.confidence_interval.low, rel=1e-9)
+        assert tab.loc[0, "delta_bpb_ci_high"] == pytest.approx(ref.confidence_interval.high, rel=1e-9)
+    bca = stats.language_table(df, n_boot=3000, seed=4, method="bca").iloc[0]
+    pct = stats.language_table(df, n_boot=3000, seed=4, method="percentile").iloc[0]
+    assert bca["delta_bpb_ci_high"] > pct["delta_bpb_ci_high"]  # BCa moves right for right-skewed data
+    with pytest.raises(ConfigError, match="interval method"):
+        stats.language_table(df, method="basic")
+    with pytest.raises(ConfigError, match="interval method"):
+        stats.disparity_difference(df, "q", lr_langs=["xx"], hr_langs=["xx"], method="t")
+
+
+def test_p_value_is_consistent_with_the_interval():
+    """p < (1 - level)/2 iff the interval lies strictly beyond the threshold, for the
+    studentized, percentile, transformed (ppl_ratio) and BCa (normal approximation) estimates."""
+    rng = np.random.default_rng(3)
+    x = rng.exponential(0.1, 30) - 0.02
+    df = one_language(x, seed=4)
+    eng = stats.PairedScores(df, "fp", None, None, 999, 0, 0.95)
+    cases = [eng.metric_estimate("q", "xx", "delta_bpb"), eng.metric_estimate("q", "xx", "ppl_ratio")]
+    eng_p = stats.PairedScores(df, "fp", None, None, 999, 0, 0.95, method="percentile")
+    eng_b = stats.PairedScores(df, "fp", None, None, 999, 0, 0.95, method="bca")
+    cases += [eng_p.metric_estimate("q", "xx", "delta_bpb"), eng_b.metric_estimate("q", "xx", "degradation")]
+    assert cases[0].distribution.kind == "studentized" and cases[1].distribution.transform == "exp"
+    assert cases[2].distribution.kind == "percentile" and cases[3].distribution is None
+    for est in cases:
+        span = est.ci_high - est.ci_low
+        grid = np.linspace(est.ci_low - span, est.ci_high + span, 301)
+        grid = np.concatenate([grid, [est.ci_low, est.ci_high]])
+        for thr in grid:
+            for direction in (">", "<"):
+                p = est.p_value(thr, direction)
+                assert 0.0 <= p <= 1.0
+                verdict = stats.verdict(est, thr, direction)
+                if abs(thr - est.ci_low) > 1e-12 * span and abs(thr - est.ci_high) > 1e-12 * span:
+                    assert (p < 0.025) == (verdict == stats.SUPPORTED), (est, thr, direction, p)
+        # monotone in the threshold; with a stored distribution p(>) + p(<) = 1
+        ps = [est.p_value(t, ">") for t in grid[:301]]
+        assert all(a <= b + 1e-12 for a, b in zip(ps, ps[1:]))
+        mid = 0.5 * (est.ci_low + est.ci_high)
+        if est.distribution is not None:
+            assert est.p_value(mid, ">") + est.p_value(mid, "<") == pytest.approx(1.0, abs=1e-12)
+    # the studentized p-value by hand: the share of t* at or beyond the observed t
+    est, thr = cases[0], 0.07
+    d = est.distribution
+    t_obs = (d.theta - thr) / d.se
+    assert est.p_value(thr, ">") == pytest.approx(np.mean(d.values >= t_obs), abs=1.5 / d.values.size)
+    assert math.isnan(Estimate.undefined("collapsed: x", 10).p_value(0.0, ">"))
+    with pytest.raises(ConfigError):
+        est.p_value(0.0, ">=")
+
+
+def test_p_value_from_interval_normal_approximation():
+    # 95 % interval [1, 3] around 2: se = 1 / 1.959964 on each side
+    z = sps.norm.ppf(0.975)
+    assert stats.p_value_from_interval(2.0, 1.0, 3.0, 0.95, 0.0, ">") == pytest.approx(sps.norm.sf(2 * z), rel=1e-12)
+    assert stats.p_value_from_interval(2.0, 1.0, 3.0, 0.95, 1.0, ">") == pytest.approx(0.025, rel=1e-12)
+    assert stats.p_value_from_interval(2.0, 1.0, 3.0, 0.95, 3.0, "<") == pytest.approx(0.025, rel=1e-12)
+    # asymmetric interval: the side facing the threshold sets the scale
+    assert stats.p_value_from_interval(2.0, 1.5, 5.0, 0.95, 1.0, ">") == pytest.approx(sps.norm.sf(2 * z), rel=1e-12)
+    assert stats.p_value_from_interval(2.0, 2.0, 2.0, 0.95, 1.0, ">") == 0.0
+    assert stats.p_value_from_interval(2.0, 2.0, 2.0, 0.95, 2.5, ">") == 1.0
+    assert math.isnan(stats.p_value_from_interval(math.nan, 1.0, 3.0, 0.95, 0.0, ">"))
+    e = Estimate(2.0, 1.0, 3.0, 12)
+    assert e.distribution is None and e.p_value(1.0, ">") == pytest.approx(0.025, rel=1e-12)
+    # the distribution is neither shown, compared nor serialized
+    df = one_language(np.random.default_rng(0).normal(0.1, 0.05, 15))
+    est = stats.PairedScores(df, "fp", None, None, 200, 0, 0.95).metric_estimate("q", "xx", "delta_bpb")
+    assert est.distribution is not None and "distribution" not in repr(est)
+    assert "distribution" not in est.to_dict() and est == Estimate(est.value, est.ci_low, est.ci_high, est.n)
+
+
+def test_delta_bits_per_paragraph_by_hand_and_parallel_only():
+    # two languages, the same three paragraphs; bits added per paragraph by hand
+    add = {"en": [2.0, 4.0, 3.0], "he": [5.0, 9.0, 7.0]}  # bits
+    rows = []
+    for lang, bits in add.items():
+        fp = [30.0, 40.0, 35.0]
+        byt = [100, 150, 120] if lang == "en" else [180, 260, 220]  # Hebrew: more bytes, same content
+        rows += rows_for("fp", lang, fp, [10, 12, 11], byt)
+        rows += rows_for("q", lang, [f + b * LN2 for f, b in zip(fp, bits)], [10, 12, 11], byt)
+    df = pd.DataFrame(rows)
+    tab = stats.language_table(df, n_boot=300, method="percentile").set_index("lang")
+    assert tab.loc["en", "delta_bits_per_paragraph"] == pytest.approx(3.0, rel=1e-12)
+    assert tab.loc["he", "delta_bits_per_paragraph"] == pytest.approx(7.0, rel=1e-12)
+    assert tab.loc["he", "delta_bpb"] == pytest.approx(21.0 / 660, rel=1e-12)
+    d = stats.disparity(df, "q", lr_langs=["he"], hr_langs=["en"], metric="delta_bits_per_paragraph", n_boot=300, method="percentile")
+    assert d.value == pytest.approx(7.0 / 3.0, rel=1e-12)
+    dd = stats.disparity_difference(df, "q", lr_langs=["he"], hr_langs=["en"], metric="delta_bits_per_paragraph", n_boot=300, method="percentile")
+    assert dd.value == pytest.approx(4.0, rel=1e-12)
+    # paragraph 2 (index 1) adds the most in both languages: on a parallel corpus the shared
+    # resample keeps the he - en difference within its per-paragraph range [3, 5]
+    assert 3.0 - 1e-9 <= dd.ci_low <= dd.ci_high <= 5.0 + 1e-9
+    ref = stats.disparity_vs_reference(df, "q", reference="en", metric="delta_bits_per_paragraph", n_boot=300, method="percentile")
+    assert ref["he"].value == pytest.approx(7.0 / 3.0, rel=1e-12)
+
+    # not parallel: NaN with a note in the table, ConfigError naming delta_bpb elsewhere
+    other = df.copy()
+    other.loc[other["lang"] == "he", "text_id"] = "he_" + other.loc[other["lang"] == "he", "text_id"]
+    tab = stats.language_table(other, n_boot=300, method="percentile")
+    assert tab["delta_bits_per_paragraph"].isna().all() and tab["delta_bits_per_paragraph_ci_low"].isna().all()
+    assert tab["note"].str.contains("not a parallel corpus").all() and tab["delta_bpb"].notna().all()
+    for fn in (stats.disparity, stats.disparity_difference):
+        with pytest.raises(ConfigError, match="delta_bpb"):
+            fn(other, "q", lr_langs=["he"], hr_langs=["en"], metric="delta_bits_per_paragraph")
+    with pytest.raises(ConfigError, match="parallel corpus"):
+        stats.disparity_vs_reference(other, "q", reference="en", metric="delta_bits_per_paragraph")
+    assert "delta_bits_per_paragraph" in stats.METRICS
+
+
+def test_small_n_intervals_are_unbounded_with_the_point_kept():
+    """n = 3: the studentized interval is unbounded (a resample of one repeated text has
+    standard error 0); the estimate is undefined with the observed value kept. n = 1: too few."""
+    df = hand_table()
+    expected = 15 / LN2 / 125 - 5 / LN2 / 60  # he Δbpb - en Δbpb, by hand
+    for est in (
+        stats.disparity_difference(df, "q", lr_langs=["he"], hr_langs=["en"], metric="delta_bpb", n_boot=300),
+        stats.disparity_contrast(df, {"q": 1.0}, lr_langs=["he"], hr_langs=["en"], metric="delta_bpb",
+                                 measure="difference", n_boot=300),
+    ):
+        assert not est.defined and est.reason.startswith("unbounded CI"), est.reason
+        assert est.value == pytest.approx(expected, rel=1e-12) and math.isnan(est.ci_low)
+        assert stats.verdict(est, 0.0) == stats.INCONCLUSIVE and math.isnan(est.p_value(0.0, ">"))
+    assert stats.disparity_difference(df, "q", lr_langs=["he"], hr_langs=["en"], metric="delta_bpb",
+                                      method="percentile", n_boot=300).defined
+    one = df[df["text_id"] == "t0"]
+    est = stats.disparity_difference(one, "q", lr_langs=["he"], hr_langs=["en"], metric="delta_bpb", n_boot=50)
+    assert not est.defined and est.reason.startswith("too few") and est.value == pytest.approx(6 / LN2 / 40 - 1 / LN2 / 20)

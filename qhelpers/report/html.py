@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import quote
 
 __all__ = [
+    "HYPOTHESIS_DEFAULTS",
     "PREMISE_IDS",
     "REPORT_CSS",
     "VERDICT_STYLE",
@@ -25,10 +26,56 @@ __all__ = [
     "embed_image",
     "figure_anchor",
     "headline_html",
+    "CARD_COLUMNS",
+    "card_cell",
+    "damage_cards",
     "headline_markdown",
     "notebook_sections_html",
     "premise_hypotheses",
+    "split_hypotheses",
+    "with_defaults",
 ]
+
+#: The keys a results.json hypothesis gained with multiplicity and premises, with the value an
+#: older record (without them) is read with: not primary, family "secondary", a finding, no
+#: minimum effect, raw verdict = its verdict, not adjusted. Threshold and direction unknown.
+HYPOTHESIS_DEFAULTS: dict[str, Any] = {
+    "primary": False,
+    "family": "secondary",
+    "kind": "finding",
+    "min_effect": 0.0,
+    "threshold": None,
+    "direction": None,
+    "premise": None,
+    "raw_verdict": None,
+    "adjusted": None,
+}
+
+
+def with_defaults(h: Mapping[str, Any]) -> dict[str, Any]:
+    """A results.json hypothesis with every key of :data:`HYPOTHESIS_DEFAULTS` present (an older
+    record gets the defaults; ``raw_verdict`` defaults to its ``verdict``)."""
+    out = dict(h)
+    for key, default in HYPOTHESIS_DEFAULTS.items():
+        if out.get(key) is None and default is not None:
+            out[key] = default
+        out.setdefault(key, default)
+    if out.get("raw_verdict") is None:
+        out["raw_verdict"] = out.get("verdict")
+    return out
+
+
+def split_hypotheses(hypotheses: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(primary, findings, sanity_checks)`` of a notebook's hypotheses (with defaults filled):
+    the primary ones, the other findings ordered family by family (families in order of first
+    appearance, hypotheses in their own order), and the sanity checks."""
+    rows = [with_defaults(h) for h in hypotheses if isinstance(h, Mapping)]
+    primary = [h for h in rows if h["primary"] is True]
+    checks = [h for h in rows if h["kind"] == "sanity check" and h["primary"] is not True]
+    rest = [h for h in rows if h["primary"] is not True and h["kind"] != "sanity check"]
+    families = list(dict.fromkeys(str(h["family"]) for h in rest))
+    rest.sort(key=lambda h: families.index(str(h["family"])))  # stable: keeps order within a family
+    return primary, rest, checks
 
 #: Hypotheses that state the question the toolkit exists for: do low-resource languages lose more?
 PREMISE_IDS: tuple[str, ...] = ("IDX-disparity-real",)
@@ -134,6 +181,51 @@ def delta_bpb_tables(rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, 
     return tables
 
 
+#: The damage card's measures: (key in ``metrics["damage_card"]`` records, heading, significant digits).
+CARD_COLUMNS: tuple[tuple[str, str, int], ...] = (
+    ("delta_bpb", "Δ bits/byte", 3),
+    ("kl_bpb", "KL bits/byte", 3),
+    ("top1_agree", "top-1 agreement", 4),
+    ("kl_p99", "p99 KL (nats)", 3),
+)
+
+
+def card_cell(value: Any, low: Any, high: Any, digits: int) -> str:
+    """``value [low, high]`` to ``digits`` significant digits; ``n/a`` without a finite value,
+    ``[no CI]`` without a finite interval."""
+    f = lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan  # noqa: E731
+    v, lo, hi = f(value), f(low), f(high)
+    if not math.isfinite(v):
+        return "n/a"
+    if math.isfinite(lo) and math.isfinite(hi):
+        return f"{v:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
+    return f"{v:.{digits}g} [no CI]"
+
+
+def damage_cards(rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, list[list[str]]]]:
+    """Per model, the first notebook's ``metrics.damage_card``: ``model -> (notebook, rows of
+    cells)``, each row config, language, n and the :data:`CARD_COLUMNS` cells."""
+    cards: dict[str, tuple[str, list[list[str]]]] = {}
+    for r in rows:
+        model = str(r.get("model") or "?")
+        records = ((r.get("results") or {}).get("metrics") or {}).get("damage_card")
+        if model in cards or not isinstance(records, list) or not records:
+            continue
+        table = []
+        for rec in records:
+            if not isinstance(rec, Mapping):
+                continue
+            table.append([str(rec.get("config")), str(rec.get("lang")), str(rec.get("n_texts"))] + [
+                card_cell(rec.get(k), rec.get(f"{k}_ci_low"), rec.get(f"{k}_ci_high"), d) for k, _, d in CARD_COLUMNS
+            ])
+        cards[model] = (str(r["stem"]), table)
+    return cards
+
+
+CARD_CAPTION = ("Damage card, {model} (from {stem}; 95 % CI): change in bits per byte, KL to the full model in bits "
+                "per byte, share of tokens whose top-1 prediction is unchanged, 99th-percentile per-token KL")
+
+
 def headline_html(rows: Sequence[Mapping[str, Any]]) -> str:
     """The headline box (premise answer per model) and the change-in-bits-per-byte table per model."""
     out = ['<section class="headline"><h2>Headline</h2>']
@@ -152,6 +244,14 @@ def headline_html(rows: Sequence[Mapping[str, Any]]) -> str:
         for config in configs:
             out.append(f"<tr><td>{_e(config)}</td>" + "".join(
                 f'<td class="num">{_e(cells.get((config, lang), ""))}</td>' for lang in langs) + "</tr>")
+        out.append("</tbody></table></div>")
+    for model, (stem, table) in damage_cards(rows).items():
+        out.append(f"<h3>{_e(CARD_CAPTION.format(model=model, stem=stem))}</h3>")
+        heads = ["configuration", "language", "n", *(h for _, h, _ in CARD_COLUMNS)]
+        out.append('<div style="overflow-x:auto"><table><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in heads)
+                   + "</tr></thead><tbody>")
+        for cells in table:
+            out.append("<tr>" + "".join(f'<td class="num">{_e(c)}</td>' for c in cells) + "</tr>")
         out.append("</tbody></table></div>")
     out.append("</section>")
     return "\n".join(out)
@@ -172,13 +272,36 @@ def headline_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                   "| configuration | " + " | ".join(markdown_cell(lang) for lang in langs) + " |",
                   "|---|" + "---|" * len(langs)]
         lines += [f"| {markdown_cell(config)} | " + " | ".join(markdown_cell(cells.get((config, lang), "")) for lang in langs) + " |" for config in configs]
+    for model, (stem, table) in damage_cards(rows).items():
+        heads = ["configuration", "language", "n", *(h for _, h, _ in CARD_COLUMNS)]
+        lines += ["", f"### {markdown_cell(CARD_CAPTION.format(model=model, stem=stem))}", "",
+                  "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+        lines += ["| " + " | ".join(markdown_cell(c) for c in cells) + " |" for cells in table]
     lines.append("")
     return lines
 
 
+def _hypothesis_item(h: Mapping[str, Any], href: str | None) -> str:
+    """One hypothesis of a notebook section: adjusted verdict badge, id, statement, value [CI], n,
+    its family and, when the adjustment changed it, the raw verdict."""
+    verdict, raw = h.get("verdict"), h.get("raw_verdict") or h.get("verdict")
+    details = [f"n = {_e(h.get('n', ''))}"]
+    if h.get("kind") != "sanity check" and not h.get("primary"):
+        details.append(f"family {_e(h.get('family', ''))}")
+    adj = h.get("adjusted")
+    if isinstance(adj, Mapping) and adj.get("family_size") and int(adj["family_size"]) > 1 and adj.get("p_raw") is not None:
+        details.append(f"Holm over {_e(adj['family_size'])}: p {_num(adj.get('p_raw'), 3)} &rarr; {_num(adj.get('p_adjusted'), 3)}")
+    if raw != verdict:
+        details.append(f"raw verdict {_e(raw)}")
+    return (f"{_verdict_html(verdict, href)} <strong>{_e(h.get('id'))}</strong> {_e(h.get('statement'))}: "
+            f"<span class=\"num\">{_e(_value_ci(h))}</span> <span class=\"meta\">({'; '.join(details)})</span>")
+
+
 def notebook_sections_html(rows: Sequence[Mapping[str, Any]], out_dir: str | Path) -> str:
-    """Per notebook with results: its hypotheses (each verdict links to the notebook's first figure)
-    and its figures embedded, with a link to the executed notebook."""
+    """Per notebook with results: its hypotheses, the primary first, then the families, then the
+    sanity checks (each verdict, adjusted, links to the notebook's first figure; the raw verdict
+    beside it when the adjustment changed it), and its figures embedded, with a link to the
+    executed notebook."""
     out = ["<h2>Evidence per notebook</h2>"]
     for r in rows:
         if not r.get("results"):
@@ -189,11 +312,15 @@ def notebook_sections_html(rows: Sequence[Mapping[str, Any]], out_dir: str | Pat
             out.append(f'<p>Executed notebook: <a href="{_e(quote(str(r["notebook_link"])))}">{_e(stem)}.ipynb</a></p>')
         first_figure = f"#{figure_anchor(stem, 0)}" if r.get("figures") else (quote(str(r["notebook_link"])) if r.get("notebook_link") else None)
         if r.get("hypotheses"):
-            out.append("<ul>")
-            for h in r["hypotheses"]:
-                out.append(f"<li>{_verdict_html(h.get('verdict'), first_figure)} <strong>{_e(h.get('id'))}</strong> "
-                           f"{_e(h.get('statement'))}: <span class=\"num\">{_e(_value_ci(h))}</span></li>")
-            out.append("</ul>")
+            primary, findings, checks = split_hypotheses(r["hypotheses"])
+            for title, group in (("Primary hypothesis", primary), ("Families", findings),
+                                 ("Sanity checks (not findings)", checks)):
+                if not group:
+                    continue
+                out.append(f"<h4>{_e(title)}</h4><ul>")
+                for h in group:
+                    out.append(f"<li>{_hypothesis_item(h, first_figure)}</li>")
+                out.append("</ul>")
         for index, figure in enumerate(r.get("figures") or []):
             source = embed_image(Path(out_dir) / str(figure))
             name = Path(str(figure)).name

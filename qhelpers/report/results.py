@@ -2,8 +2,16 @@
 atomically written ``results.json``.
 
 ``results.json`` keys: experiment_id, parameters, environment, model, metrics, hypotheses
-(each with exactly id, statement, criterion, value, ci_low, ci_high, verdict, n, notes),
-figures (paths relative to the results folder), created (UTC ISO time).
+(each with exactly :data:`HYPOTHESIS_KEYS`: id, statement, criterion, value, ci_low, ci_high,
+verdict, n, notes, primary, family, kind, min_effect, threshold, direction, premise, raw_verdict,
+adjusted), figures (paths relative to the results folder), created (UTC ISO time).
+
+Verdicts a reviewer would accept: every notebook declares exactly one primary hypothesis (the
+seed's); the others are grouped in families and Holm-adjusted within each
+(:func:`adjust_families`; ``verdict`` is the adjusted one, ``raw_verdict`` the unadjusted);
+sanity checks (true by construction) are kept apart; a hypothesis may state a minimum effect of
+practical size and a premise (:meth:`Hypothesis.evaluate`); two analyses of one question decide
+only when they agree (:func:`agreeing`).
 
 JSON has no NaN or infinity: :func:`to_jsonable` writes every non-finite float as ``null``
 (an undefined estimate's value, for instance); read ``null`` back as "not available".
@@ -18,18 +26,27 @@ import os
 import platform
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata as _md
 from pathlib import Path, PurePath
 from typing import Any, Iterable, Mapping, Sequence
 
-from qhelpers import stats as _stats
+from qhelpers.report.html import HYPOTHESIS_DEFAULTS, with_defaults
+from qhelpers.stats import multiplicity as _multiplicity
+from qhelpers.stats import verdicts as _verdicts
+from qhelpers.stats.bootstrap import Estimate
 from qhelpers.util.atomic import atomic_write_text
 from qhelpers.util.errors import ConfigError, MeasurementError
 
 __all__ = [
     "Hypothesis",
     "HYPOTHESIS_KEYS",
+    "LEGACY_HYPOTHESIS_KEYS",
+    "KINDS",
+    "PRIMARY_FAMILY",
+    "adjust_families",
+    "agreeing",
+    "ordered",
     "RESULTS_KEYS",
     "environment_info",
     "git_info",
@@ -41,13 +58,26 @@ __all__ = [
     "print_verdicts",
 ]
 
-HYPOTHESIS_KEYS: tuple[str, ...] = (
+LEGACY_HYPOTHESIS_KEYS: tuple[str, ...] = (
     "id", "statement", "criterion", "value", "ci_low", "ci_high", "verdict", "n", "notes",
 )
+"""The keys of a hypothesis in results.json files written before multiplicity and premises."""
+
+HYPOTHESIS_KEYS: tuple[str, ...] = LEGACY_HYPOTHESIS_KEYS + tuple(HYPOTHESIS_DEFAULTS)
+"""The keys of a hypothesis in results.json, in order (:meth:`Hypothesis.to_dict`)."""
+
 RESULTS_KEYS: tuple[str, ...] = (
     "experiment_id", "parameters", "environment", "model", "metrics", "hypotheses", "figures", "created",
 )
-_VERDICTS = (_stats.SUPPORTED, _stats.NOT_SUPPORTED, _stats.INCONCLUSIVE)
+_VERDICTS = (_verdicts.SUPPORTED, _verdicts.NOT_SUPPORTED, _verdicts.INCONCLUSIVE)
+
+KINDS: tuple[str, ...] = ("finding", "sanity check")
+"""``finding``: a claim the data could have contradicted. ``sanity check``: true by construction or
+nearly so (e.g. one more full-precision layer is closer to full precision); reported apart, never
+counted as a finding, never adjusted."""
+
+PRIMARY_FAMILY = "primary"
+"""The family of a notebook's one primary hypothesis."""
 
 
 # --------------------------------------------------------------------------- Hypothesis
@@ -56,7 +86,15 @@ _VERDICTS = (_stats.SUPPORTED, _stats.NOT_SUPPORTED, _stats.INCONCLUSIVE)
 @dataclass(frozen=True)
 class Hypothesis:
     """One tested hypothesis. Build it with :meth:`evaluate` so the verdict is computed by
-    :func:`qhelpers.stats.verdict` from the estimate's interval, never written by hand."""
+    :func:`qhelpers.stats.verdicts.verdict` from the estimate's interval, never written by hand.
+
+    ``verdict`` is the verdict to report: after :func:`adjust_families` the multiplicity-adjusted
+    one, with the unadjusted one in ``raw_verdict`` and the adjustment in ``adjusted``
+    (``{method, family_size, p_raw, p_adjusted, p_contra_raw, p_contra_adjusted, verdict}``).
+    ``p_support``/``p_contra`` (the one-sided p-values of
+    :func:`qhelpers.stats.verdicts.support_p_values`) and ``level`` are kept for the adjustment
+    and are not written to results.json (``adjusted`` carries them).
+    """
 
     id: str
     statement: str
@@ -67,6 +105,18 @@ class Hypothesis:
     verdict: str
     n: int
     notes: str = ""
+    primary: bool = False
+    family: str = "secondary"
+    kind: str = "finding"
+    min_effect: float = 0.0
+    threshold: float = math.nan
+    direction: str = ">"
+    premise: Mapping[str, Any] | None = field(default=None, hash=False)
+    raw_verdict: str | None = None
+    adjusted: Mapping[str, Any] | None = field(default=None, hash=False)
+    p_support: float = math.nan
+    p_contra: float = math.nan
+    level: float = 0.95
 
     def __post_init__(self) -> None:
         if self.verdict not in _VERDICTS:
@@ -76,42 +126,92 @@ class Hypothesis:
             )
         if not str(self.id):
             raise ConfigError("a hypothesis needs a non-empty id, e.g. 'H5'")
+        if self.raw_verdict is None:
+            object.__setattr__(self, "raw_verdict", self.verdict)
+        elif self.raw_verdict not in _VERDICTS:
+            raise ConfigError(f"raw_verdict must be one of {list(_VERDICTS)}, got {self.raw_verdict!r}")
+        if self.kind not in KINDS:
+            raise ConfigError(
+                f"kind must be one of {list(KINDS)}, got {self.kind!r}: 'sanity check' for a claim true by "
+                "construction (reported apart, not adjusted), else 'finding'"
+            )
+        if not str(self.family):
+            raise ConfigError("family must be a non-empty name, e.g. 'secondary' or 'layers'")
+        if self.primary:
+            if self.kind != "finding":
+                raise ConfigError(f"{self.id}: the primary hypothesis must be a finding, not a {self.kind}")
+            if self.family != PRIMARY_FAMILY:
+                raise ConfigError(
+                    f"{self.id}: the primary hypothesis has family {PRIMARY_FAMILY!r}, got {self.family!r}; "
+                    "leave family out when primary=True"
+                )
+        elif self.family == PRIMARY_FAMILY:
+            raise ConfigError(
+                f"{self.id}: family {PRIMARY_FAMILY!r} is reserved for the one primary hypothesis; pass "
+                "primary=True for it, or name another family"
+            )
+        if self.direction not in (">", "<"):
+            raise ConfigError(f"direction must be '>' or '<', got {self.direction!r}")
 
     @classmethod
     def evaluate(
         cls,
         id: str,
         statement: str,
-        estimate: "_stats.Estimate | Mapping[str, Any]",
+        estimate: "Estimate | Mapping[str, Any]",
         threshold: float,
         direction: str = ">",
         abs_value: bool = False,
         notes: str = "",
         quantity: str | None = None,
         criterion: str | None = None,
+        *,
+        family: str = "secondary",
+        primary: bool = False,
+        kind: str = "finding",
+        min_effect: float = 0.0,
+        premise: "Hypothesis | None" = None,
     ) -> "Hypothesis":
-        """Judge ``estimate`` (an :class:`~qhelpers.stats.Estimate` or the dict of
+        """Judge ``estimate`` (an :class:`~qhelpers.stats.bootstrap.Estimate` or the dict of
         :func:`~qhelpers.stats.correlation`) against ``threshold``.
 
         ``quantity`` names the estimate in the generated criterion (default "value", or "r"
         for a correlation); ``criterion`` replaces the generated text. An undefined
-        estimate's reason, and a correlation's p-values, are appended to ``notes``.
+        estimate's reason, too few texts, a failed premise and a correlation's p-values are
+        appended to ``notes``.
+
+        ``primary``: the notebook's one pre-declared hypothesis (family "primary"; write_results
+        needs exactly one). ``family``: the group of related hypotheses adjusted together by
+        :func:`adjust_families` (Holm). ``kind``: "finding", or "sanity check" for a claim true by
+        construction (reported apart, not adjusted). ``min_effect``: the smallest effect of practical
+        size, in the estimate's units; SUPPORTED needs the interval to clear
+        ``threshold + min_effect`` (``threshold - min_effect`` for "<"). ``premise``: a hypothesis
+        this one presupposes (e.g. "LR languages lose more", D > 0); unless its verdict is
+        SUPPORTED this one is INCONCLUSIVE with the reason "premise not met (<id>: value [lo, hi])".
         """
-        verdict = _stats.verdict(estimate, threshold, direction, abs_value=abs_value)
-        extra: list[str] = []
-        if isinstance(estimate, _stats.Estimate):
+        if kind not in KINDS:
+            raise ConfigError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+        if primary and family not in ("secondary", PRIMARY_FAMILY):
+            raise ConfigError(
+                f"{id}: primary=True puts the hypothesis in family {PRIMARY_FAMILY!r}; do not also pass "
+                f"family={family!r}"
+            )
+        if premise is not None and not isinstance(premise, Hypothesis):
+            raise ConfigError(
+                f"premise must be a Hypothesis (built with Hypothesis.evaluate), got {type(premise).__name__}"
+            )
+        verdict, reason = _verdicts.verdict_with_reason(estimate, threshold, direction, abs_value, min_effect=min_effect)
+        p_support, p_contra = _verdicts.support_p_values(estimate, threshold, direction, abs_value, min_effect=min_effect)
+        extra: list[str] = [reason] if reason else []
+        if isinstance(estimate, Estimate):
             value, lo, hi, n, level = estimate.value, estimate.ci_low, estimate.ci_high, estimate.n, estimate.level
-            if not estimate.defined:
-                extra.append(f"undefined: {estimate.reason}")
             q = quantity or "value"
         elif isinstance(estimate, Mapping):
             is_corr = "r" in estimate
             value = estimate.get("r") if is_corr else estimate.get("value")
             lo, hi = estimate.get("ci_low"), estimate.get("ci_high")
             n = estimate.get("n", 0)
-            level = float(estimate.get("level", 0.95))
-            if estimate.get("defined", True) is False:
-                extra.append(f"undefined: {estimate.get('reason')}")
+            level = float(estimate.get("level", 0.95) or 0.95)
             if is_corr and estimate.get("p_perm") is not None:
                 exact = "exact" if estimate.get("perm_exact") else "Monte Carlo"
                 extra.append(
@@ -123,23 +223,45 @@ class Hypothesis:
             raise ConfigError(
                 f"estimate must be a stats.Estimate or a correlation dict, got {type(estimate).__name__}"
             )
+        premise_record = None
+        if premise is not None:
+            premise_record = {
+                "id": premise.id, "statement": premise.statement, "verdict": premise.verdict,
+                "value": premise.value, "ci_low": premise.ci_low, "ci_high": premise.ci_high, "n": premise.n,
+            }
+            if premise.verdict != _verdicts.SUPPORTED:
+                verdict = _verdicts.INCONCLUSIVE
+                extra.insert(0, f"premise not met ({premise.id}: {_fmt(premise.value)} "
+                                f"[{_fmt(premise.ci_low)}, {_fmt(premise.ci_high)}], {premise.verdict})")
+        if reason or (premise_record is not None and premise_record["verdict"] != _verdicts.SUPPORTED):
+            # not tested (too few texts, undefined, premise not met): its p-values must not lower
+            # the Holm multipliers of the rest of its family; NaN counts as p = 1
+            p_support = p_contra = math.nan
         if criterion is None:
-            shown = f"|{q}|" if abs_value else q
-            side = "above" if direction == ">" else "below"
-            criterion = (
-                f"{shown} {direction} {threshold:g}: SUPPORTED if the whole {level:.0%} CI is {side} "
-                f"{threshold:g}, NOT_SUPPORTED if it is wholly on the other side, else INCONCLUSIVE"
-            )
+            criterion = _criterion(q, threshold, direction, abs_value, min_effect, level)
         all_notes = "; ".join([s for s in [notes, *extra] if s])
         f = lambda v: math.nan if v is None else float(v)  # noqa: E731
-        return cls(str(id), str(statement), criterion, f(value), f(lo), f(hi), verdict, int(n or 0), all_notes)
+        return cls(
+            str(id), str(statement), criterion, f(value), f(lo), f(hi), verdict, int(n or 0), all_notes,
+            primary=bool(primary), family=PRIMARY_FAMILY if primary else str(family), kind=kind,
+            min_effect=float(min_effect), threshold=float(threshold), direction=direction,
+            premise=premise_record, raw_verdict=verdict, adjusted=None,
+            p_support=float(p_support), p_contra=float(p_contra), level=float(level),
+        )
+
+    @property
+    def is_sanity_check(self) -> bool:
+        """Whether this record is a sanity check (true by construction), not a finding."""
+        return self.kind == "sanity check"
 
     def sentence(self) -> str:
-        """The verdict in one plain sentence, for a notebook's conclusion."""
+        """The verdict in one plain sentence, for a notebook's conclusion: the (adjusted) verdict,
+        the estimate, n, then the raw verdict and the adjustment, a failed premise, the minimum
+        effect, and whether it is the primary hypothesis or a sanity check."""
         if math.isfinite(self.value):
             shown = f"observed {self.value:.4g}"
             if math.isfinite(self.ci_low) and math.isfinite(self.ci_high):
-                shown += f" (95% CI {self.ci_low:.4g} to {self.ci_high:.4g})"
+                shown += f" ({self.level:.0%} CI {self.ci_low:.4g} to {self.ci_high:.4g})"
         else:
             shown = "the estimate is undefined"
         meaning = {
@@ -147,12 +269,136 @@ class Hypothesis:
             "NOT_SUPPORTED": "the data contradict it",
             "INCONCLUSIVE": "the data cannot decide it",
         }[self.verdict]
-        text = f"{self.id} ({self.statement}): {self.verdict}: {meaning}; {shown}, n = {self.n}."
+        label = {True: " [primary]", False: ""}[self.primary] + (" [sanity check]" if self.is_sanity_check else "")
+        text = f"{self.id}{label} ({self.statement}): {self.verdict}: {meaning}; {shown}, n = {self.n}."
+        if self.min_effect:
+            text += f" Minimum effect of practical size: {self.min_effect:g}."
+        adj = self.adjusted or {}
+        size = adj.get("family_size")
+        p_known = adj.get("p_raw") is not None and math.isfinite(float(adj["p_raw"]))
+        if size and int(size) > 1 and not p_known:
+            text += f" One of {size} in family '{self.family}'; not tested, so not adjusted (see the notes)."
+        elif size and int(size) > 1:
+            p_raw, p_adj = _fmt(adj.get("p_raw"), 3), _fmt(adj.get("p_adjusted"), 3)
+            text += (f" Adjusted ({adj.get('method', 'holm').capitalize()}) within family '{self.family}' of "
+                     f"{size}: one-sided p = {p_raw} -> {p_adj}")
+            if self.raw_verdict != self.verdict:
+                text += f"; the unadjusted verdict {self.raw_verdict} does not survive the adjustment."
+            else:
+                text += "; the unadjusted verdict is the same."
+        if self.is_sanity_check:
+            text += " A sanity check (true by construction or nearly so): not counted as a finding."
+        if self.premise and self.premise.get("verdict") != _verdicts.SUPPORTED:
+            text += f" Its premise {self.premise.get('id')} ({self.premise.get('statement')}) is not met."
         return text + (f" Notes: {self.notes}." if self.notes else "")
 
     def to_dict(self) -> dict[str, Any]:
         """The results.json form: exactly :data:`HYPOTHESIS_KEYS`, NaN kept (to_jsonable maps it to null)."""
-        return {k: getattr(self, k) for k in HYPOTHESIS_KEYS}
+        out = {k: getattr(self, k) for k in HYPOTHESIS_KEYS}
+        out["premise"] = dict(self.premise) if self.premise is not None else None
+        out["adjusted"] = dict(self.adjusted) if self.adjusted is not None else None
+        return out
+
+
+def _criterion(q: str, threshold: float, direction: str, abs_value: bool, min_effect: float, level: float) -> str:
+    shown = f"|{q}|" if abs_value else q
+    side = "above" if direction == ">" else "below"
+    b = _verdicts.boundary(threshold, direction, min_effect)
+    if min_effect:
+        head = (f"{shown} {direction} {threshold:g} by at least {min_effect:g} (practical size): SUPPORTED if the "
+                f"whole {level:.0%} CI is {side} {b:g}, NOT_SUPPORTED if it is wholly on the other side of {b:g}")
+    else:
+        head = (f"{shown} {direction} {threshold:g}: SUPPORTED if the whole {level:.0%} CI is {side} "
+                f"{threshold:g}, NOT_SUPPORTED if it is wholly on the other side")
+    return head + f", else INCONCLUSIVE (also with n < {_verdicts.MIN_UNITS})"
+
+
+def adjust_families(hypotheses: Iterable[Hypothesis], method: str = "holm") -> list[Hypothesis]:
+    """The hypotheses (same order) with multiplicity adjustment within each family.
+
+    Findings are grouped by ``family``; within each, the two one-sided p-values of every
+    hypothesis are Holm-adjusted and the verdict becomes the adjusted one
+    (:func:`qhelpers.stats.multiplicity.adjust_verdicts`: never more decisive than the raw verdict,
+    which stays in ``raw_verdict``; a family of one is unchanged). Sanity checks are not adjusted
+    (``adjusted`` None). Idempotent: it always starts from ``raw_verdict``.
+    """
+    hyps = list(hypotheses)
+    for h in hyps:
+        if not isinstance(h, Hypothesis):
+            raise ConfigError(
+                f"adjust_families needs Hypothesis objects (built with Hypothesis.evaluate), got {type(h).__name__}"
+            )
+    out: list[Hypothesis] = list(hyps)
+    families: dict[str, list[int]] = {}
+    for i, h in enumerate(hyps):
+        if h.is_sanity_check:
+            out[i] = dataclasses.replace(h, verdict=h.raw_verdict, adjusted=None)
+        else:
+            families.setdefault(h.family, []).append(i)
+    for family, idx in families.items():
+        levels = {hyps[i].level for i in idx}
+        if len(levels) > 1:
+            raise ConfigError(
+                f"family {family!r} mixes confidence levels {sorted(levels)}; use one level per family"
+            )
+        adjusted = _multiplicity.adjust_verdicts(
+            [hyps[i].raw_verdict for i in idx], [hyps[i].p_support for i in idx], [hyps[i].p_contra for i in idx],
+            level=levels.pop(), method=method,
+        )
+        for i, a in zip(idx, adjusted):
+            out[i] = dataclasses.replace(hyps[i], verdict=a.verdict, adjusted=a.to_dict())
+    return out
+
+
+def agreeing(
+    first: Hypothesis,
+    second: Hypothesis,
+    id: str | None = None,
+    statement: str | None = None,
+    **changes: Any,
+) -> Hypothesis:
+    """One hypothesis decided by two analyses of the same question (e.g. with and without
+    massive-activation tokens): ``first``'s record with its verdict kept only when ``second``'s
+    raw verdict agrees; otherwise INCONCLUSIVE with the note "the two analyses disagree
+    (<first id>: V1, value [lo, hi]; <second id>: V2, value [lo, hi])". The value and interval
+    shown are ``first``'s; both are in the note. ``id``/``statement`` (default: ``first``'s) and
+    ``changes`` (e.g. ``primary=True``, ``family=...``) set fields of the result; adjust it
+    afterwards with :func:`adjust_families` (its p-values are the less favourable of the two when
+    they agree, NaN, i.e. not tested, when they do not).
+    """
+    for h in (first, second):
+        if not isinstance(h, Hypothesis):
+            raise ConfigError(f"agreeing needs two Hypothesis objects, got {type(h).__name__}")
+    v1, v2 = first.raw_verdict, second.raw_verdict
+    agree = v1 == v2
+    verdict = v1 if agree else _verdicts.INCONCLUSIVE
+    both = (f"{first.id}: {v1}, {_fmt(first.value)} [{_fmt(first.ci_low)}, {_fmt(first.ci_high)}]; "
+            f"{second.id}: {v2}, {_fmt(second.value)} [{_fmt(second.ci_low)}, {_fmt(second.ci_high)}]")
+    if not agree:
+        note = f"the two analyses disagree ({both})"
+    elif verdict == _verdicts.INCONCLUSIVE:
+        note = f"neither of the two analyses decides ({both})"
+    else:
+        note = f"decided by two analyses that agree ({both})"
+    # p-values: the less favourable of the two when they agree; when they disagree the question is
+    # not decided, so it must not lower the Holm multipliers of its family (NaN counts as p = 1)
+    worst = lambda a, b: max(a, b) if agree else math.nan  # noqa: E731
+    fields = {
+        "id": str(id if id is not None else first.id),
+        "statement": str(statement if statement is not None else first.statement),
+        "verdict": verdict,
+        "raw_verdict": verdict,
+        "adjusted": None,
+        "notes": "; ".join(s for s in (first.notes, note) if s),
+        "criterion": f"{first.criterion}; decided only when {second.id} (the same criterion) agrees",
+        "p_support": worst(first.p_support, second.p_support),
+        "p_contra": worst(first.p_contra, second.p_contra),
+        "n": min(first.n, second.n),
+    }
+    if "primary" in changes and changes["primary"] and "family" not in changes:
+        changes["family"] = PRIMARY_FAMILY
+    fields.update(changes)
+    return dataclasses.replace(first, **fields)
 
 
 # --------------------------------------------------------------------------- environment
@@ -381,7 +627,11 @@ def to_jsonable(obj: Any, _path: str = "$") -> Any:
         if isinstance(obj, torch.Size):
             return [int(v) for v in obj]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name), f"{_path}.{f.name}") for f in dataclasses.fields(obj)}
+        return {
+            f.name: to_jsonable(getattr(obj, f.name), f"{_path}.{f.name}")
+            for f in dataclasses.fields(obj)
+            if f.metadata.get("serialize", True)  # e.g. an Estimate's bootstrap distribution
+        }
     if isinstance(obj, Mapping):
         return {str(k): to_jsonable(v, f"{_path}[{k!r}]") for k, v in obj.items()}
     if isinstance(obj, (set, frozenset)):
@@ -434,6 +684,10 @@ def write_results(
 ) -> Path:
     """Write ``out_dir/results.json`` atomically and return its path.
 
+    The hypotheses must include exactly one with ``primary=True`` (else ConfigError); they are
+    adjusted within their families first (:func:`adjust_families`, idempotent), so the verdicts
+    written are the adjusted ones, with ``raw_verdict`` and ``adjusted`` beside them.
+
     ``figures`` are paths relative to ``out_dir`` (as returned by
     :func:`qhelpers.report.plots.save_figure`); each must exist. ``environment`` defaults to
     :func:`environment_info`.
@@ -453,6 +707,15 @@ def write_results(
     dups = sorted({i for i in ids if ids.count(i) > 1})
     if dups:
         raise ConfigError(f"hypothesis ids {dups} appear more than once; give each hypothesis its own id")
+    primaries = [h.id for h in hyps if h.primary]
+    if len(primaries) != 1:
+        got = "none" if not primaries else f"{len(primaries)} ({', '.join(primaries)})"
+        raise ConfigError(
+            f"exactly one hypothesis must be primary (the notebook's pre-declared main claim, the seed's "
+            f"hypothesis), got {got}; pass primary=True to Hypothesis.evaluate for that one and give the others "
+            f"a family (family='...')"
+        )
+    hyps = adjust_families(hyps)
     figs = []
     for f in figures:
         p = Path(f)
@@ -477,7 +740,11 @@ def write_results(
 
 
 def read_results(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a results.json (``path`` may be the file or its folder) and check its keys."""
+    """Load a results.json (``path`` may be the file or its folder) and check its keys.
+
+    Hypotheses written before multiplicity and premises (only :data:`LEGACY_HYPOTHESIS_KEYS`) are
+    read with the defaults of :data:`~qhelpers.report.html.HYPOTHESIS_DEFAULTS` (not primary,
+    family "secondary", a finding, raw verdict = verdict, not adjusted)."""
     p = Path(path)
     if p.is_dir():
         p = p / "results.json"
@@ -488,41 +755,69 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in RESULTS_KEYS if k not in doc]
     if missing:
         raise MeasurementError(f"{p} lacks keys {missing}; it was not written by write_results")
+    hyps = []
     for h in doc["hypotheses"]:
-        if set(h) != set(HYPOTHESIS_KEYS):
+        keys = set(h) if isinstance(h, Mapping) else set()
+        if not (set(LEGACY_HYPOTHESIS_KEYS) <= keys <= set(HYPOTHESIS_KEYS)):
             raise MeasurementError(
-                f"{p}: hypothesis {h.get('id')!r} has keys {sorted(h)}, expected {list(HYPOTHESIS_KEYS)}"
+                f"{p}: hypothesis {h.get('id') if isinstance(h, Mapping) else h!r} has keys {sorted(keys)}, "
+                f"expected {list(HYPOTHESIS_KEYS)} (or, from an older version, {list(LEGACY_HYPOTHESIS_KEYS)})"
             )
+        hyps.append(with_defaults(h))
+    doc["hypotheses"] = hyps
     return doc
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, digits: int = 4) -> str:
     if v is None:
         return "nan"
     try:
         f = float(v)
     except (TypeError, ValueError):
         return str(v)
-    return f"{f:.4g}" if math.isfinite(f) else "nan"
+    return f"{f:.{digits}g}" if math.isfinite(f) else "nan"
+
+
+def ordered(hypotheses: Iterable[Hypothesis | Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The hypotheses as results.json dicts (old ones with defaults), in reading order: the primary
+    first, then the findings family by family (families in order of first appearance), then the
+    sanity checks."""
+    rows = [with_defaults(h.to_dict() if isinstance(h, Hypothesis) else h) for h in hypotheses]
+    families = list(dict.fromkeys(str(d["family"]) for d in rows))
+
+    def key(item: tuple[int, dict[str, Any]]) -> tuple[int, int, int]:
+        i, d = item
+        group = 0 if d["primary"] else 2 if d["kind"] == "sanity check" else 1
+        return group, families.index(str(d["family"])) if group == 1 else 0, i
+
+    return [d for _, d in sorted(enumerate(rows), key=key)]
 
 
 def print_verdicts(hypotheses: Iterable[Hypothesis | Mapping[str, Any]], file: Any = None) -> str:
-    """Print (and return) an aligned table: id, verdict, value [CI], n, criterion."""
+    """Print (and return) an aligned table: id, family (``primary``, a family name, or ``sanity
+    check``), verdict (adjusted), raw verdict, value [CI], n, criterion; the primary first, then the
+    families, then the sanity checks. Hypothesis objects are adjusted first (:func:`adjust_families`)."""
+    hyps = list(hypotheses)
+    if hyps and all(isinstance(h, Hypothesis) for h in hyps):
+        hyps = adjust_families(hyps)
     rows = []
-    for h in hypotheses:
-        d = h.to_dict() if isinstance(h, Hypothesis) else dict(h)
+    for d in ordered(hyps):
+        group = "sanity check" if d["kind"] == "sanity check" else str(d["family"])
         rows.append((
             str(d["id"]),
+            group,
             str(d["verdict"]),
+            str(d.get("raw_verdict") or d["verdict"]),
             f"{_fmt(d['value'])} [{_fmt(d['ci_low'])}, {_fmt(d['ci_high'])}]",
             str(d.get("n", "")),
             str(d.get("criterion", "")),
         ))
-    head = ("id", "verdict", "value [CI]", "n", "criterion")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    head = ("id", "family", "verdict", "raw verdict", "value [CI]", "n", "criterion")
+    k = len(head) - 1
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(k)]
     lines = []
     for r in [head, *rows]:
-        lines.append("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
+        lines.append("  ".join(r[i].ljust(widths[i]) for i in range(k)) + "  " + r[k])
     text = "\n".join(line.rstrip() for line in lines)
     print(text, file=file if file is not None else sys.stdout)
     return text

@@ -20,7 +20,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from qhelpers.util.atomic import atomic_write_text  # stdlib only: no heavy imports
+from qhelpers.report.html import with_defaults  # stdlib only: no heavy imports
+from qhelpers.util.atomic import atomic_write_text
 
 STATUSES = ("pending", "running", "completed", "failed", "interrupted")
 
@@ -157,9 +158,11 @@ def move_aside(nb_dir: Path) -> Path:
     return target
 
 
-def hypotheses_of(results: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
-    """The hypothesis entries of a results.json document (entries that are not objects skipped)."""
-    return [h for h in (results or {}).get("hypotheses") or [] if isinstance(h, Mapping)]
+def hypotheses_of(results: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The hypothesis entries of a results.json document (entries that are not objects skipped),
+    each with the keys of ``report.html.HYPOTHESIS_DEFAULTS`` filled in, so that a results.json
+    written before multiplicity and premises reads as one with no primary, family "secondary"."""
+    return [with_defaults(h) for h in (results or {}).get("hypotheses") or [] if isinstance(h, Mapping)]
 
 
 def error_record(ename: str, evalue: str, traceback: str = "", cell_index: int | None = None,

@@ -1,6 +1,13 @@
 """The run's summary: ``summary.md`` and ``index.html`` in the run folder, rewritten atomically after
 every notebook (the hypotheses across notebooks, then one row per notebook), and the short
-formats the progress lines share with them (durations, values with intervals, verdict counts)."""
+formats the progress lines share with them (durations, values with intervals, verdict counts).
+
+Hypotheses are shown in three groups: first each notebook's primary hypothesis (its adjusted
+verdict, with n), then the other findings family by family, then the sanity checks (true by
+construction, not counted as findings). Every row shows the adjusted verdict, the raw one and
+the one-sided p-value before and after the Holm adjustment. A results.json from before
+multiplicity (no ``primary``/``family`` keys) reads as a notebook without a primary, its
+hypotheses in family "secondary"."""
 from __future__ import annotations
 
 import html
@@ -9,7 +16,14 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from qhelpers.report.html import REPORT_CSS, headline_html, headline_markdown, markdown_cell, notebook_sections_html
+from qhelpers.report.html import (
+    REPORT_CSS,
+    headline_html,
+    headline_markdown,
+    markdown_cell,
+    notebook_sections_html,
+    split_hypotheses,
+)
 from qhelpers.runner.records import (
     STATUSES,
     completion_problem,
@@ -63,18 +77,61 @@ def fmt_value_ci(h: Mapping[str, Any]) -> str:
     return f"{value} [{_fmt_num(h.get('ci_low'))}, {_fmt_num(h.get('ci_high'))}]"
 
 
-def verdict_counts(hypotheses: Sequence[Mapping[str, Any]]) -> str:
-    """``2 hypotheses: 1 SUPPORTED, 1 INCONCLUSIVE`` / ``no hypotheses``."""
-    if not hypotheses:
-        return "no hypotheses"
+def _counts(hypotheses: Sequence[Mapping[str, Any]]) -> str:
     counts: dict[str, int] = {}
     for h in hypotheses:
         v = str(h.get("verdict", "?"))
         counts[v] = counts.get(v, 0) + 1
     order = [v for v in VERDICTS if v in counts] + sorted(v for v in counts if v not in VERDICTS)
-    n = len(hypotheses)
-    word = "hypothesis" if n == 1 else "hypotheses"
-    return f"{n} {word}: " + ", ".join(f"{counts[v]} {v}" for v in order)
+    return ", ".join(f"{counts[v]} {v}" for v in order)
+
+
+def verdict_counts(hypotheses: Sequence[Mapping[str, Any]]) -> str:
+    """``2 hypotheses: 1 SUPPORTED, 1 INCONCLUSIVE`` / ``no hypotheses``: the findings' (adjusted)
+    verdicts; sanity checks are counted apart (``...; 1 sanity check: 1 SUPPORTED``)."""
+    if not hypotheses:
+        return "no hypotheses"
+    checks = [h for h in hypotheses if h.get("kind") == "sanity check"]
+    findings = [h for h in hypotheses if h.get("kind") != "sanity check"]
+    n = len(findings)
+    text = f"{n} {'hypothesis' if n == 1 else 'hypotheses'}" + (f": {_counts(findings)}" if findings else "")
+    if checks:
+        text += f"; {len(checks)} sanity {'check' if len(checks) == 1 else 'checks'}: {_counts(checks)}"
+    return text
+
+
+def _p_change(h: Mapping[str, Any]) -> str:
+    """``0.01 -> 0.03 (Holm, m = 3)``: the one-sided p-value (support side) before and after the
+    adjustment; '' for a record without adjustment (a sanity check, an older results.json)."""
+    adj = h.get("adjusted")
+    if not isinstance(adj, Mapping) or not adj.get("family_size"):
+        return ""
+    if adj.get("p_raw") is None:
+        return "not tested (see its notes)"
+    if int(adj["family_size"]) == 1:
+        return f"{_fmt_num(adj.get('p_raw'))} (family of one: not adjusted)"
+    return f"{_fmt_num(adj.get('p_raw'))} -> {_fmt_num(adj.get('p_adjusted'))} (Holm, m = {adj.get('family_size')})"
+
+
+def hypothesis_tables(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[Mapping[str, Any], dict[str, Any]]]]:
+    """The run's hypotheses as ``(row, hypothesis)`` pairs in three groups: ``primary`` (one per
+    notebook that declares one), ``families`` (the other findings, per notebook family by family)
+    and ``sanity`` (sanity checks, not findings)."""
+    out: dict[str, list[tuple[Mapping[str, Any], dict[str, Any]]]] = {"primary": [], "families": [], "sanity": []}
+    for r in rows:
+        primary, findings, checks = split_hypotheses(r["hypotheses"])
+        out["primary"] += [(r, h) for h in primary]
+        out["families"] += [(r, h) for h in findings]
+        out["sanity"] += [(r, h) for h in checks]
+    return out
+
+
+_GROUPS = (
+    ("primary", "Primary hypotheses (one per notebook; verdict after multiplicity adjustment)",
+     "(no notebook has declared a primary hypothesis yet)"),
+    ("families", "Families (Holm-adjusted within each family of a notebook)", "(no other hypotheses)"),
+    ("sanity", "Sanity checks (true by construction or nearly so; not counted as findings)", ""),
+)
 
 
 def _model_name(results: Mapping[str, Any] | None, rec: Mapping[str, Any]) -> str:
@@ -238,18 +295,31 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) 
     ]
     lines += headline_markdown(rows)
     lines += ["## Hypotheses", ""]
-    hyp_rows = [(r, h) for r in rows for h in r["hypotheses"]]
-    if hyp_rows:
-        lines += ["| notebook | id | statement | value [CI] | verdict | n |", "|---|---|---|---|---|---|"]
-        for r, h in hyp_rows:
+    tables = hypothesis_tables(rows)
+    if not any(tables.values()):
+        lines.append("(no hypotheses recorded yet)")
+    for group, title, empty in _GROUPS if any(tables.values()) else ():
+        pairs = tables[group]
+        if not pairs and not empty:
+            continue
+        lines += [f"### {title}", ""]
+        if not pairs:
+            lines += [empty, ""]
+            continue
+        lines += ["| notebook | id | statement | value [CI] | verdict | raw verdict | n | family | p (raw -> adjusted) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r, h in pairs:
             status = r["record"].get("status")
             nb = r["stem"] + ("" if status == "completed" else f" ({status})")
             lines.append(
                 f"| {markdown_cell(nb)} | {markdown_cell(h.get('id'))} | {markdown_cell(h.get('statement'))} | "
-                f"{markdown_cell(fmt_value_ci(h))} | {markdown_cell(h.get('verdict'))} | {markdown_cell(h.get('n', ''))} |"
+                f"{markdown_cell(fmt_value_ci(h))} | {markdown_cell(h.get('verdict'))} | "
+                f"{markdown_cell(h.get('raw_verdict'))} | {markdown_cell(h.get('n', ''))} | "
+                f"{markdown_cell(h.get('family'))} | {markdown_cell(_p_change(h))} |"
             )
-    else:
-        lines.append("(no hypotheses recorded yet)")
+        lines.append("")
+    if lines[-1] == "":
+        lines.pop()  # the Notebooks section adds its own blank line
     lines += [
         "",
         "## Notebooks",
@@ -316,24 +386,36 @@ def render_html(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> s
         headline_html(rows),
         "<h2>Hypotheses</h2>",
     ]
-    hyp_rows = [(r, h) for r in rows for h in r["hypotheses"]]
-    if hyp_rows:
+    tables = hypothesis_tables(rows)
+    if not any(tables.values()):
+        out.append("<p>(no hypotheses recorded yet)</p>")
+    for group, title, empty in _GROUPS if any(tables.values()) else ():
+        pairs = tables[group]
+        if not pairs and not empty:
+            continue
+        out.append(f'<h3 id="hyp-{group}">{e(title)}</h3>')
+        if not pairs:
+            out.append(f"<p>{e(empty)}</p>")
+            continue
         out.append("<table><thead><tr><th>notebook</th><th>id</th><th>statement</th><th>value [CI]</th>"
-                   "<th>verdict</th><th>n</th></tr></thead><tbody>")
-        for r, h in hyp_rows:
+                   "<th>verdict</th><th>raw verdict</th><th>n</th><th>family</th><th>p (raw &rarr; adjusted)</th>"
+                   "</tr></thead><tbody>")
+        for r, h in pairs:
             status = r["record"].get("status")
             nb = e(r["stem"]) + ("" if status == "completed" else f' <span class="s-{e(status)}">({e(status)})</span>')
             verdict = str(h.get("verdict", ""))
+            raw = str(h.get("raw_verdict") or verdict)
             vclass = f"v-{verdict}" if verdict in VERDICTS else ""
+            rclass = f"v-{raw}" if raw in VERDICTS else ""
             out.append(
                 f"<tr><td>{nb}</td><td>{e(h.get('id'))}</td>"
                 f'<td title="{e(h.get("criterion", ""))}">{e(h.get("statement"))}</td>'
                 f'<td class="num">{e(fmt_value_ci(h))}</td><td class="{vclass}"><a href="#nb-{e(r["stem"])}">{e(verdict)}</a></td>'
-                f'<td class="num">{e(h.get("n", ""))}</td></tr>'
+                f'<td class="{rclass}">{e(raw)}</td>'
+                f'<td class="num">{e(h.get("n", ""))}</td><td>{e(h.get("family", ""))}</td>'
+                f'<td class="num">{e(_p_change(h).replace(" -> ", " → "))}</td></tr>'
             )
         out.append("</tbody></table>")
-    else:
-        out.append("<p>(no hypotheses recorded yet)</p>")
     out.append("<h2>Notebooks</h2>")
     out.append("<table><thead><tr><th>notebook</th><th>status</th><th>duration</th><th>model</th>"
                "<th>hypotheses</th><th>executed notebook</th><th>figures</th><th>error</th></tr></thead><tbody>")

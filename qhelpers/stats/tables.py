@@ -1,7 +1,9 @@
 """Per-language tables, disparities, reductions and contrasts of a per-text scores table,
-each with a paired bootstrap interval (definitions in :mod:`qhelpers.stats`)."""
+each with a paired bootstrap interval, studentized by default (definitions and the
+interval methods in :mod:`qhelpers.stats`)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -9,8 +11,67 @@ import numpy as np
 import pandas as pd
 
 from qhelpers.util.errors import ConfigError
-from qhelpers.stats.bootstrap import Estimate, diff_estimate, percentile_interval, ratio_estimate
+from qhelpers.stats.bootstrap import (
+    DEFAULT_METHOD, BootDistribution, BootStat, Estimate, check_interval_method, percentile_interval, stat_ratio_estimate,
+)
+from qhelpers.stats.quantities import histogram_quantile
 from qhelpers.stats.scores import PairedScores, check_metric, resolve_groups, validate_scores
+
+#: Per-language change columns of :func:`language_table`, each with ``_ci_low``/``_ci_high``.
+CHANGE_COLUMNS: tuple[str, ...] = ("ppl_ratio", "degradation", "delta_nll", "delta_bpb", "delta_bits_per_paragraph")
+#: The damage card's columns of :func:`language_table` (when the scores carry them), each with
+#: ``_ci_low``/``_ci_high``: KL to the full model in bits per byte, the share of tokens whose
+#: top-1 prediction agrees with the full model's, and the 99th percentile of per-token KL (nats).
+DAMAGE_CARD_COLUMNS: tuple[str, ...] = ("kl_bpb", "top1_agree", "kl_p99")
+
+
+def kl_quantile_estimate(scores: pd.DataFrame, eng: PairedScores, c: str, lang: str, q: float = 0.99) -> Estimate:
+    """The ``q`` quantile of per-token KL (nats) of config ``c`` in ``lang``, from the per-text
+    ``kl_hist`` histograms of a damage-card sweep, with a percentile interval from the
+    engine's paired resamples (a quantile is not a smooth function of sums, so it is not
+    studentized; its resolution is one histogram bin, see
+    :data:`~qhelpers.stats.quantities.KL_HIST_EDGES`)."""
+    n = eng.n_texts[lang]
+    if "kl_hist" not in scores.columns:
+        return Estimate.undefined("no data: the scores have no kl_hist column (run the sweep with damage=True)", n, eng.level)
+    hist = np.asarray(scores["kl_hist"].iloc[eng.rows[(lang, c)]].tolist(), dtype=np.float64)
+    value = float(histogram_quantile(hist.sum(axis=0), q))
+    reps = histogram_quantile(eng.counts[lang] @ hist, q)
+    lo, hi = percentile_interval(reps, eng.level)
+    if not (math.isfinite(value) and np.isfinite(lo) and np.isfinite(hi)):
+        return Estimate.undefined("non-finite: no scored tokens", n, eng.level)
+    finite = np.sort(reps[np.isfinite(reps)])
+    return Estimate(value, float(lo), float(hi), n, eng.level,
+                    distribution=BootDistribution("percentile", finite))
+
+
+def _within(est: Estimate, low: float, high: float = math.inf) -> Estimate:
+    """``est`` with its interval intersected with the parameter's range [low, high]: the true
+    value always lies in it, so coverage is unchanged (studentized intervals of few texts can
+    reach past a bound)."""
+    if not est.defined:
+        return est
+    return dataclasses.replace(est, ci_low=min(max(est.ci_low, low), high), ci_high=max(min(est.ci_high, high), low))
+
+
+def damage_estimates(scores: pd.DataFrame, eng: PairedScores, c: str, lang: str) -> dict[str, Estimate]:
+    """The damage card of config ``c`` in ``lang``: :data:`DAMAGE_CARD_COLUMNS` as estimates
+    (``top1_agree`` is one minus the flip rate, its interval mirrored), each interval within
+    the measure's range (KL >= 0, agreement in [0, 1])."""
+    flip = eng.metric_estimate(c, lang, "flip_rate")
+    agree = (
+        Estimate(1.0 - flip.value, 1.0 - flip.ci_high, 1.0 - flip.ci_low, flip.n, flip.level)
+        if flip.defined else Estimate.undefined(flip.reason or "undefined", flip.n, flip.level, 1.0 - flip.value)
+    )
+    return {"kl_bpb": _within(eng.metric_estimate(c, lang, "kl_bpb"), 0.0), "top1_agree": _within(agree, 0.0, 1.0),
+            "kl_p99": kl_quantile_estimate(scores, eng, c, lang)}
+
+
+def _attrs(eng: PairedScores, seed: int) -> dict[str, Any]:
+    return dict(
+        baseline=eng.baseline, n_boot=eng.n_boot, seed=int(seed), level=float(eng.level),
+        parallel=eng.parallel, interval_method=eng.method,
+    )
 
 
 def language_table(
@@ -24,19 +85,28 @@ def language_table(
     collapse_bpb: float = 8.0,
     vocab_size: int | None = None,
     collapse_ppl: float | None = None,
+    method: str = DEFAULT_METHOD,
 ) -> pd.DataFrame:
     """One row per (config != baseline, lang).
 
     Columns: config, lang, n_texts, n_tokens, n_bytes, ppl_fp, ppl_q, bpb_fp, bpb_q, then
-    ppl_ratio, degradation, delta_nll, delta_bpb each followed by ``_ci_low``/``_ci_high``
-    (paired percentile bootstrap over texts), ``collapsed`` (collapse rule of the module
-    docstring) and ``note`` (empty, or why a row's values are NaN / to be read with care).
-    ``table.attrs`` records baseline, n_boot, seed, level and ``parallel`` (whether the same
-    resample was used across languages).
+    ppl_ratio, degradation, delta_nll, delta_bpb, delta_bits_per_paragraph each followed by
+    ``_ci_low``/``_ci_high`` (paired bootstrap over texts; ``method`` "studentized" (default),
+    "percentile" or "bca"; ppl_ratio and degradation carry delta_nll's interval through exp
+    and expm1), ``collapsed`` (collapse rule of the module docstring) and ``note`` (empty, or
+    why a row's values are NaN / to be read with care). ``delta_bits_per_paragraph`` is NaN
+    unless every language has the same text ids (a parallel corpus). ``table.attrs`` records
+    baseline, n_boot, seed, level, ``parallel`` (whether the same resample was used across
+    languages) and ``interval_method``. When the scores carry the damage card (a sweep with
+    ``MeasureConfig(damage=True)``), :data:`DAMAGE_CARD_COLUMNS` follow the change columns.
     """
-    eng = PairedScores(scores, baseline, configs, langs, n_boot, seed, level)
+    eng = PairedScores(scores, baseline, configs, langs, n_boot, seed, level, method)
     rows = []
-    change = ("ppl_ratio", "degradation", "delta_nll", "delta_bpb")
+    not_parallel = (
+        None if eng.parallel else
+        "delta_bits_per_paragraph: NaN, the languages do not share their text ids (not a parallel "
+        "corpus), so paragraphs are not the same content; use delta_bpb"
+    )
     for c in eng.configs:
         for lang in eng.langs:
             row: dict[str, Any] = {
@@ -48,30 +118,39 @@ def language_table(
             }
             for name in ("ppl_fp", "ppl_q", "bpb_fp", "bpb_q"):
                 row[name] = eng.quantity(c, lang, name)[0]
-            reps = {}
-            for name in change:
-                row[name], reps[name] = eng.quantity(c, lang, name)
-            los, his = percentile_interval(np.column_stack([reps[k] for k in change]), level)
-            for k, lo, hi in zip(change, los, his):
-                row[f"{k}_ci_low"], row[f"{k}_ci_high"] = float(lo), float(hi)
+            notes = []
             nf = eng.nonfinite_reason([c], [lang])
+            for k in CHANGE_COLUMNS:
+                if k == "delta_bits_per_paragraph" and not eng.parallel:
+                    row[k] = row[f"{k}_ci_low"] = row[f"{k}_ci_high"] = math.nan
+                    continue
+                est = eng.metric_estimate(c, lang, k) if not nf else Estimate.undefined(nf, eng.n_texts[lang], level)
+                row[k], row[f"{k}_ci_low"], row[f"{k}_ci_high"] = est.value, est.ci_low, est.ci_high
+                if not nf and not est.defined and est.reason:
+                    tag = est.reason.split(":", 1)[0]
+                    if not any(x.startswith(tag) for x in notes):
+                        notes.append(est.reason)
+            if eng.has_damage:
+                for k, est in damage_estimates(scores, eng, c, lang).items():
+                    row[k], row[f"{k}_ci_low"], row[f"{k}_ci_high"] = est.value, est.ci_low, est.ci_high
             row["collapsed"] = eng.collapsed_flag(c, lang, collapse_bpb, vocab_size, collapse_ppl)
-            note = ""
             if nf:
-                note = nf
+                notes = [nf]
                 for k in row:
                     if k not in ("config", "lang", "n_texts", "n_tokens", "n_bytes", "collapsed"):
                         row[k] = math.nan
             elif row["collapsed"]:
-                note = eng.collapse_reason([c], [lang], collapse_bpb, vocab_size, collapse_ppl) or ""
-            row["note"] = note
+                notes.insert(0, eng.collapse_reason([c], [lang], collapse_bpb, vocab_size, collapse_ppl) or "")
+            if not_parallel:
+                notes.append(not_parallel)
+            row["note"] = "; ".join(x for x in notes if x)
             rows.append(row)
     cols = ["config", "lang", "n_texts", "n_tokens", "n_bytes", "ppl_fp", "ppl_q", "bpb_fp", "bpb_q"]
-    for k in change:
+    for k in CHANGE_COLUMNS + (DAMAGE_CARD_COLUMNS if eng.has_damage else ()):
         cols += [k, f"{k}_ci_low", f"{k}_ci_high"]
     cols += ["collapsed", "note"]
     out = pd.DataFrame(rows, columns=cols)
-    out.attrs.update(baseline=eng.baseline, n_boot=eng.n_boot, seed=int(seed), level=float(level), parallel=eng.parallel)
+    out.attrs.update(_attrs(eng, seed))
     return out
 
 
@@ -82,17 +161,20 @@ def baseline_table(
     seed: int = 0,
     level: float = 0.95,
     langs: Sequence[str] | None = None,
+    method: str = DEFAULT_METHOD,
 ) -> pd.DataFrame:
     """One row per language of the baseline: n_texts, n_tokens, n_bytes, bytes_per_token,
-    nll_per_token, ppl and bpb (each with a bootstrap ``_ci_low``/``_ci_high``) and note."""
-    eng = PairedScores(scores, baseline, [], langs, n_boot, seed, level)
+    nll_per_token, ppl and bpb (each with a bootstrap ``_ci_low``/``_ci_high``, ``method`` as
+    in :func:`language_table`; ppl's interval is that of nats per token through exp) and note."""
+    eng = PairedScores(scores, baseline, [], langs, n_boot, seed, level, method)
     rows = []
     for lang in eng.langs:
         tot = eng.point[(eng.baseline, lang)]
         ptok, _ = eng.per_token_nll(eng.baseline, lang)
-        pbpb, bbpb = eng.bpb(eng.baseline, lang)
-        ppl, bppl = eng.ppl(eng.baseline, lang)
-        (plo, blo), (phi, bhi) = zip(*[percentile_interval(x, level) for x in (bppl, bbpb)])
+        nf = eng.nonfinite_reason([], [lang])
+        ppl = eng.metric_estimate(eng.baseline, lang, "ppl_fp")
+        bpb = eng.metric_estimate(eng.baseline, lang, "bpb_fp")
+        notes = [nf] if nf else [e.reason for e in (ppl, bpb) if not e.defined and e.reason]
         rows.append(
             {
                 "lang": lang,
@@ -101,29 +183,32 @@ def baseline_table(
                 "n_bytes": int(round(tot[2])),
                 "bytes_per_token": tot[2] / tot[1],
                 "nll_per_token": ptok,
-                "ppl": ppl,
-                "ppl_ci_low": float(plo),
-                "ppl_ci_high": float(phi),
-                "bpb": pbpb,
-                "bpb_ci_low": float(blo),
-                "bpb_ci_high": float(bhi),
-                "note": eng.nonfinite_reason([], [lang]) or "",
+                "ppl": eng.ppl(eng.baseline, lang)[0],
+                "ppl_ci_low": ppl.ci_low,
+                "ppl_ci_high": ppl.ci_high,
+                "bpb": eng.bpb(eng.baseline, lang)[0],
+                "bpb_ci_low": bpb.ci_low,
+                "bpb_ci_high": bpb.ci_high,
+                "note": "; ".join(dict.fromkeys(notes)),
             }
         )
     out = pd.DataFrame(rows)
-    out.attrs.update(baseline=eng.baseline, n_boot=eng.n_boot, seed=int(seed), level=float(level), parallel=eng.parallel)
+    out.attrs.update(_attrs(eng, seed))
     return out
 
 
 def _group_setup(scores, configs, baseline, lr_langs, hr_langs, n_boot, seed, level,
-                 allow_collapsed, collapse_bpb, vocab_size, collapse_ppl):
+                 allow_collapsed, collapse_bpb, vocab_size, collapse_ppl, metric, method):
     """The paired engine over the LR and HR languages: ``(engine, lr, hr, n, why)``, where ``n``
     is the smallest number of texts of a language and ``why`` the reason the estimate is
-    undefined (None when it is defined)."""
+    undefined (None when it is defined). ConfigError when ``metric`` needs a parallel corpus
+    and the languages do not share their text ids."""
     df = validate_scores(scores)
     present = list(dict.fromkeys(df.loc[df["config"] == str(baseline), "lang"]))
     lr, hr = resolve_groups(present, lr_langs, hr_langs)
-    eng = PairedScores(df, baseline, list(configs), lr + hr, n_boot, seed, level)
+    eng = PairedScores(df, baseline, list(configs), lr + hr, n_boot, seed, level, method)
+    if metric == "delta_bits_per_paragraph":
+        eng.require_parallel(metric, lr + hr)
     why = eng.undefined_reason(configs, lr + hr, allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
     return eng, lr, hr, eng.n_min(lr + hr), why
 
@@ -164,6 +249,7 @@ def disparity(
     allow_collapsed: bool = False,
     tol: float = 1e-9,
     reference: str | None = None,
+    method: str = DEFAULT_METHOD,
 ) -> Estimate:
     """Seed 000's disparity: mean over LR languages of ``metric`` / mean over HR languages.
 
@@ -179,17 +265,12 @@ def disparity(
             f"disparity_vs_reference(scores, config, reference={reference!r}) for metric(lang)/metric(ref)"
         )
     check_metric(metric)
+    check_interval_method(method)
     eng, lr, hr, n, why = _group_setup(scores, [config], baseline, lr_langs, hr_langs, n_boot, seed, level,
-                                       allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
+                                       allow_collapsed, collapse_bpb, vocab_size, collapse_ppl, metric, method)
     if why:
         return Estimate.undefined(why, n, level)
-    num_p, num_b = eng.group_mean(config, lr, metric)
-    den_p, den_b = eng.group_mean(config, hr, metric)
-    return ratio_estimate(
-        num_p, num_b, den_p, den_b, n, level, tol,
-        den_name=f"mean HR {metric} ({', '.join(hr)})",
-        alternative="disparity_difference",
-    )
+    return eng.disparity(config, lr, hr, metric, "ratio", tol)[0]
 
 
 def disparity_difference(
@@ -206,6 +287,7 @@ def disparity_difference(
     vocab_size: int | None = None,
     collapse_ppl: float | None = None,
     allow_collapsed: bool = False,
+    method: str = DEFAULT_METHOD,
 ) -> Estimate:
     """Additive disparity: mean LR ``metric`` minus mean HR ``metric`` with a paired CI.
 
@@ -213,8 +295,9 @@ def disparity_difference(
     non-finite inputs or a collapsed model.
     """
     check_metric(metric)
+    check_interval_method(method)
     eng, lr, hr, n, why = _group_setup(scores, [config], baseline, lr_langs, hr_langs, n_boot, seed, level,
-                                       allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
+                                       allow_collapsed, collapse_bpb, vocab_size, collapse_ppl, metric, method)
     if why:
         return Estimate.undefined(why, n, level)
     return _config_disparity(eng, config, lr, hr, metric, "difference", n, level)[0]
@@ -235,6 +318,7 @@ def disparity_vs_reference(
     collapse_ppl: float | None = None,
     allow_collapsed: bool = False,
     tol: float = 1e-9,
+    method: str = DEFAULT_METHOD,
 ) -> dict[str, Estimate]:
     """The seed protocol's per-language disparity ``metric(lang) / metric(reference)``.
 
@@ -243,6 +327,7 @@ def disparity_vs_reference(
     the reference language's change as denominator.
     """
     check_metric(metric)
+    check_interval_method(method)
     df = validate_scores(scores)
     present = list(dict.fromkeys(df.loc[df["config"] == str(baseline), "lang"]))
     if reference not in present:
@@ -250,8 +335,10 @@ def disparity_vs_reference(
     others = [x for x in (present if langs is None else [str(v) for v in langs]) if x != reference]
     if not others:
         raise ConfigError("disparity_vs_reference needs at least one language besides the reference")
-    eng = PairedScores(df, baseline, [config], [reference, *others], n_boot, seed, level)
-    den_p, den_b = eng.quantity(config, reference, metric)
+    eng = PairedScores(df, baseline, [config], [reference, *others], n_boot, seed, level, method)
+    if metric == "delta_bits_per_paragraph":
+        eng.require_parallel(metric, [reference, *others])
+    den = eng.stat(config, reference, metric)
     out: dict[str, Estimate] = {}
     for lang in others:
         n = eng.n_min([lang, reference])
@@ -259,25 +346,18 @@ def disparity_vs_reference(
         if why:
             out[lang] = Estimate.undefined(why, n, level)
             continue
-        num_p, num_b = eng.quantity(config, lang, metric)
-        out[lang] = ratio_estimate(
-            num_p, num_b, den_p, den_b, n, level, tol,
+        out[lang] = stat_ratio_estimate(
+            eng.stat(config, lang, metric), den, n, level, tol,
             den_name=f"{metric} of {reference}",
             alternative="the per-language deltas (language_table)",
+            method=method,
         )
     return out
 
 
-def _config_disparity(eng, c, lr, hr, metric, measure, n, level, tol=1e-9) -> tuple[Estimate, float, np.ndarray]:
-    """Disparity of one config: (estimate, point value, bootstrap replicates); ``tol`` is the
-    ratio's denominator threshold."""
-    lp, lb = eng.group_mean(c, lr, metric)
-    hp, hb = eng.group_mean(c, hr, metric)
-    if measure == "difference":
-        return diff_estimate(lp - hp, lb - hb, n, level), lp - hp, lb - hb
-    est = ratio_estimate(lp, lb, hp, hb, n, level, tol, f"mean HR {metric} under {c!r}", "measure='difference'")
-    with np.errstate(all="ignore"):
-        return est, est.value, lb / hb
+def _config_disparity(eng, c, lr, hr, metric, measure, n, level, tol=1e-9) -> tuple[Estimate, BootStat]:
+    """Disparity of one config (:meth:`PairedScores.disparity`): (estimate, statistic)."""
+    return eng.disparity(c, lr, hr, metric, measure, tol)
 
 
 def disparity_contrast(
@@ -296,31 +376,40 @@ def disparity_contrast(
     collapse_ppl: float | None = None,
     allow_collapsed: bool = False,
     tol: float = 1e-9,
+    method: str = DEFAULT_METHOD,
 ) -> Estimate:
     """A linear combination ``sum_c w_c * D(c)`` of disparities, with a paired bootstrap CI.
 
     Seed 000's synergy test is ``{"first": 1, "last": 1, "all": -1, "gateway": -1}``: the
     additive expectation ``D(first) + D(last) - D(all)`` minus the observed ``D(gateway)``;
     a positive value means protecting both layers beats the sum of their separate effects.
-    Undefined (with the reason passed on) when any disparity involved is undefined.
+    Undefined (with the reason passed on) when any disparity involved is undefined; with an
+    "unbounded CI" the contrast's point estimate is kept as ``value``.
     """
     check_metric(metric)
+    check_interval_method(method)
     if measure not in ("ratio", "difference"):
         raise ConfigError(f"measure must be 'ratio' or 'difference', got {measure!r}")
     if not weights:
         raise ConfigError("disparity_contrast needs at least one {config: weight}")
     configs = [str(c) for c in weights]
     eng, lr, hr, n, why = _group_setup(scores, configs, baseline, lr_langs, hr_langs, n_boot, seed, level,
-                                       allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
+                                       allow_collapsed, collapse_bpb, vocab_size, collapse_ppl, metric, method)
     if why:
         return Estimate.undefined(why, n, level)
-    point, reps = 0.0, 0.0
+    total, undefined = None, None
     for c, w in weights.items():
-        est, p, b = _config_disparity(eng, str(c), lr, hr, metric, measure, n, level, tol)
-        if not est.defined:
-            return Estimate.undefined(f"{est.reason.split(':', 1)[0]}: disparity of {c!r} is undefined ({est.reason})", n, level)
-        point, reps = point + w * p, reps + w * b
-    return diff_estimate(point, reps, n, level)
+        est, stat = _config_disparity(eng, str(c), lr, hr, metric, measure, n, level, tol)
+        if not est.defined and undefined is None:
+            undefined = (c, est)
+        total = stat * float(w) if total is None else total.lincomb(stat, 1.0, float(w))
+    if undefined is not None:
+        c, est = undefined
+        tag = est.reason.split(":", 1)[0]
+        # an unbounded disparity CI leaves the contrast's point estimate observable
+        value = total.point if tag == "unbounded CI" and math.isfinite(total.point) else math.nan
+        return Estimate.undefined(f"{tag}: disparity of {c!r} is undefined ({est.reason})", n, level, value=value)
+    return eng.estimate(total, n)
 
 
 def reduction(
@@ -340,6 +429,7 @@ def reduction(
     collapse_ppl: float | None = None,
     allow_collapsed: bool = False,
     tol: float = 1e-9,
+    method: str = DEFAULT_METHOD,
 ) -> Estimate:
     """Percent reduction of disparity from config ``before`` to config ``after``:
     ``100 * (D_before - D_after) / D_before``, with a paired bootstrap CI (the same text
@@ -355,17 +445,19 @@ def reduction(
     to reduce), or with ``"unbounded CI"`` when the CI of ``D_before`` contains 0.
     """
     check_metric(metric)
+    check_interval_method(method)
     if measure not in ("ratio", "difference"):
         raise ConfigError(f"measure must be 'ratio' or 'difference', got {measure!r}")
     if str(before) == str(after):
         raise ConfigError(f"before and after are the same config {before!r}; compare two configs")
     eng, lr, hr, n, why = _group_setup(scores, [before, after], baseline, lr_langs, hr_langs, n_boot, seed, level,
-                                       allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
+                                       allow_collapsed, collapse_bpb, vocab_size, collapse_ppl, metric, method)
     if why:
         return Estimate.undefined(why, n, level)
 
-    eb, pb, bb = _config_disparity(eng, before, lr, hr, metric, measure, n, level, tol)
-    ea, pa, ba = _config_disparity(eng, after, lr, hr, metric, measure, n, level, tol)
+    eb, sb = _config_disparity(eng, before, lr, hr, metric, measure, n, level, tol)
+    ea, sa = _config_disparity(eng, after, lr, hr, metric, measure, n, level, tol)
+    pb, pa = sb.point, sa.point
     for name, e in ((before, eb), (after, ea)):
         if not e.defined and not math.isfinite(e.value):
             return Estimate.undefined(f"{e.reason.split(':', 1)[0]}: disparity of {name!r} is undefined ({e.reason})", n, level)
@@ -375,9 +467,10 @@ def reduction(
             return Estimate.undefined(
                 f"unbounded CI: disparity of {name!r} has no finite CI ({e.reason})", n, level, value=point
             )
-    return ratio_estimate(
-        pb - pa, bb - ba, pb, bb, n, level, tol,
+    return stat_ratio_estimate(
+        sb - sa, sb, n, level, tol,
         den_name=f"disparity of {before!r}",
         alternative="disparity_difference for each config",
+        method=method,
         scale=100.0,
     )
