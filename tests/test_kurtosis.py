@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from qhelpers import stats
 from qhelpers.experiments import kurtosis as K
 from qhelpers.measure.activations import capture_residual
 from qhelpers.measure.scoring import MeasureConfig
@@ -142,14 +143,16 @@ def test_text_changes_by_hand():
 
 
 def test_config_difference_by_hand():
-    est = K.config_difference(_scores(), "a", "b", n_boot=500)
+    # two texts per language: a studentized interval is unbounded (resamples that repeat one text have
+    # no spread), so the interval checks here use percentile intervals; the default is tested below
+    est = K.config_difference(_scores(), "a", "b", n_boot=500, method="percentile")
     # per language: delta_bpb(a) - delta_bpb(b) = (sum nll_a - sum nll_b) / ln2 / sum bytes
     en = (68.0 - 63.0) / LN2 / 120
     he = (89.0 - 86.5) / LN2 / 80
     assert est.value == pytest.approx((en + he) / 2)
     assert est.defined and est.ci_low <= est.value <= est.ci_high
     assert est.n == 2
-    flipped = K.config_difference(_scores(), "b", "a", n_boot=500)
+    flipped = K.config_difference(_scores(), "b", "a", n_boot=500, method="percentile")
     assert flipped.value == pytest.approx(-est.value)
     assert flipped.ci_low == pytest.approx(-est.ci_high) and flipped.ci_high == pytest.approx(-est.ci_low)
     # degradation metric: mean over languages of expm1(dnll_a) - expm1(dnll_b)
@@ -175,20 +178,43 @@ def test_config_difference_is_undefined_for_a_collapsed_model():
     s.loc[s.config == "a", "nll"] *= 100  # > 8 bits per byte
     est = K.config_difference(s, "a", "b", n_boot=50)
     assert not est.defined and est.reason.startswith("collapsed")
-    assert K.config_difference(s, "a", "b", n_boot=50, allow_collapsed=True).defined
+    assert K.config_difference(s, "a", "b", n_boot=50, allow_collapsed=True, method="percentile").defined
+
+
+def test_config_difference_uses_the_stats_interval_of_the_paired_difference():
+    """The default interval is the stats layer's (studentized, issue 11), not a percentile interval of
+    the replicates: it equals stats.stat_estimate of the paired mean-over-languages difference."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for lang in ("en", "he"):
+        for t in range(12):
+            base = rng.uniform(50, 80)
+            for config, extra in (("fp", 0.0), ("a", rng.uniform(4, 6)), ("b", rng.uniform(1, 3))):
+                rows.append({"config": config, "lang": lang, "text_id": f"t{t}", "nll": base + extra, "n_tokens": 30, "n_bytes": 100})
+    s = pd.DataFrame(rows)
+    est = K.config_difference(s, "a", "b", n_boot=400, seed=1)
+    eng = stats.PairedScores(s, "fp", ["a", "b"], ["en", "he"], 400, 1, 0.95)
+    ref = stats.stat_estimate(eng.group_stat("a", ["en", "he"], "delta_bpb") - eng.group_stat("b", ["en", "he"], "delta_bpb"), 12)
+    assert est.defined and (est.value, est.ci_low, est.ci_high) == pytest.approx((ref.value, ref.ci_low, ref.ci_high), abs=1e-12)
+    pct = K.config_difference(s, "a", "b", n_boot=400, seed=1, method="percentile")
+    assert pct.value == pytest.approx(est.value) and (pct.ci_low, pct.ci_high) != pytest.approx((est.ci_low, est.ci_high))
 
 
 def test_correlation_table_rows_feed_hypotheses():
     from qhelpers.report.results import Hypothesis
 
-    frame = pd.DataFrame({"lang": list("abcde"), "k_eff": [1, 2, 3, 4, 5.0], "degradation": [2, 4, 6, 8, 10.0],
-                          "delta_bpb": [5, 4, 3, 2, 1.0]})
+    k = np.arange(1, 13, dtype=float)  # 12 languages: enough units for a verdict (stats.verdicts.MIN_UNITS = 10)
+    frame = pd.DataFrame({"lang": [f"l{i}" for i in range(12)], "k_eff": k, "degradation": 2 * k, "delta_bpb": 13 - k})
     table = K.correlation_table({"languages": frame}, n_boot=200)
     assert len(table) == 4
     assert table["r"].to_numpy() == pytest.approx([1.0, 1.0, -1.0, -1.0])
     row = table[(table.y == "delta_bpb") & (table.method == "pearson")].iloc[0].to_dict()
     h = Hypothesis.evaluate("H", "x", row, 0.7, abs_value=True)
-    assert h.verdict == "SUPPORTED" and h.n == 5
+    assert h.verdict == "SUPPORTED" and h.n == 12
+    few = K.correlation_table({"languages": frame.head(5)}, n_boot=200)
+    row5 = few[(few.y == "delta_bpb") & (few.method == "pearson")].iloc[0].to_dict()
+    h5 = Hypothesis.evaluate("H", "x", row5, 0.7, abs_value=True)
+    assert h5.verdict == "INCONCLUSIVE" and h5.n == 5 and "too few" in h5.notes  # 5 languages decide nothing
 
 
 # --------------------------------------------------------------------------- NF4 paths

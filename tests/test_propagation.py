@@ -358,21 +358,35 @@ def frame(values: dict[str, list[float]]) -> pd.DataFrame:
 
 
 def test_text_means_match_a_hand_bootstrap():
-    vals = {"en": [1.0, 2.0, 3.0, 4.0], "de": [0.0, 0.0, 1.0, 1.0], "he": [5.0, 3.0, 4.0, 8.0]}
+    rng = np.random.default_rng(11)
+    vals = {"en": rng.normal(2.5, 1.0, 12), "de": rng.normal(0.5, 0.5, 12), "he": rng.gamma(2.0, 2.5, 12)}
     table = P.text_means(frame(vals), lr_langs=["he"], hr_langs=["en", "de"], n_boot=500, seed=7).set_index("lang")
     assert list(table.index) == ["en", "de", "he", "all", "LR", "HR", "LR-HR"]
     means = {k: np.mean(v) for k, v in vals.items()}
-    assert table.loc["en", "value"] == 2.5 and table.loc["he", "value"] == 5.0
+    assert table.loc["en", "value"] == pytest.approx(means["en"], abs=1e-15)
     assert table.loc["all", "value"] == pytest.approx(np.mean(list(means.values())), abs=1e-15)
-    assert table.loc["LR-HR", "value"] == pytest.approx(5.0 - (2.5 + 0.5) / 2, abs=1e-15)
-    # the same text resample for every language (parallel ids): replicate by hand
-    counts = stats.bootstrap_counts(4, 500, np.random.default_rng(7))
-    reps = {k: counts @ np.array(v) / 4 for k, v in vals.items()}
-    lo, hi = np.percentile(reps["he"] - (reps["en"] + reps["de"]) / 2, [2.5, 97.5])
-    assert table.loc["LR-HR", "value_ci_low"] == pytest.approx(lo, abs=1e-12)
-    assert table.loc["LR-HR", "value_ci_high"] == pytest.approx(hi, abs=1e-12)
+    want = means["he"] - (means["en"] + means["de"]) / 2
+    assert table.loc["LR-HR", "value"] == pytest.approx(want, abs=1e-15)
+    # by hand: the same text resample for every language (parallel ids), so LR - HR is the mean of the
+    # per-text s_t = he_t - (en_t + de_t) / 2; studentized (bootstrap-t) interval with the standard
+    # error of a mean (ddof 1 at the point, the plug-in form inside each resample)
+    s = vals["he"] - (vals["en"] + vals["de"]) / 2
+    ids = sorted(range(12), key=lambda i: f"t{i}")  # text ids sort as strings: t0, t1, t10, t11, t2, ...
+    s = s[ids]
+    counts = stats.bootstrap_counts(12, 500, np.random.default_rng(7))
+    m_b = counts @ s / 12
+    se = s.std(ddof=1) / math.sqrt(12)
+    se_b = np.sqrt(np.einsum("bi,bi->b", counts, (s[None, :] - m_b[:, None]) ** 2)) / 12
+    t = np.sort((m_b - want) / se_b)
+    q_lo, q_hi = np.quantile(t, [0.025, 0.975])
+    lo, hi = want - q_hi * se, want - q_lo * se
+    assert table.loc["LR-HR", "value_ci_low"] == pytest.approx(lo, abs=1e-10)
+    assert table.loc["LR-HR", "value_ci_high"] == pytest.approx(hi, abs=1e-10)
     est = P.text_mean(frame(vals), langs=["he"], minus=["en", "de"], n_boot=500, seed=7)
-    assert (est.value, est.ci_low, est.ci_high, est.n) == pytest.approx((3.5, lo, hi, 4), abs=1e-12)
+    assert (est.value, est.ci_low, est.ci_high, est.n) == pytest.approx((want, lo, hi, 12), abs=1e-10)
+    # the percentile interval stays available
+    pct = P.text_mean(frame(vals), langs=["he"], minus=["en", "de"], n_boot=500, seed=7, method="percentile")
+    assert (pct.ci_low, pct.ci_high) == pytest.approx(tuple(np.percentile(m_b, [2.5, 97.5])), abs=1e-12)
 
 
 def test_constant_shift_has_a_collapsed_interval_and_undefined_cases_say_why():
@@ -403,3 +417,23 @@ def test_text_contrast_is_the_paired_per_text_difference():
         P.text_contrast(df, "m", {"a": 1, "b": -1})
     with pytest.raises(ConfigError, match="not in the frame"):
         P.text_contrast(df, "m", {"a": 1, "c": -1}, layer=0)
+
+
+def test_t004_hypotheses_label_the_tautology_a_sanity_check_and_declare_one_primary(gpt2, corpus):
+    """Issue 11: H2.1 (one more full-precision layer is closer to FP) is true by construction, so it is a
+    sanity check, not a finding; the seed's claim is tested by the interaction, the one primary."""
+    prop = P.residual_propagation(gpt2, corpus, P.propagation_variants(gpt2.n_layers), max_length=24)
+    from qhelpers.report.results import Hypothesis
+
+    hyps = {c["id"]: Hypothesis.evaluate(**c) for c in P.t004_claims(prop, ["he"], ["en"], n_boot=50)}
+    assert list(hyps) == ["H2.1-interaction", "H2.1", "H2.1-output", "LR-error-L_last", "LR-error-output"]
+    assert hyps["H2.1"].kind == "sanity check" and hyps["H2.1-output"].kind == "sanity check"
+    assert [h.id for h in hyps.values() if h.primary] == ["H2.1-interaction"]
+    assert hyps["H2.1-interaction"].family == "primary" and hyps["H2.1-interaction"].kind == "finding"
+    assert {hyps[k].family for k in ("LR-error-L_last", "LR-error-output")} == {"LR vs HR"}
+    assert hyps["H2.1-interaction"].min_effect == P.T004_MIN_EFFECTS["kl"] > 0
+    # the values are the plain per-text contrasts, averaged over texts and languages
+    logits = prop.logits.set_index(["config", "lang", "text_id"])["kl"]
+    by_text = (logits["first_protected"] - logits["gateway_protected"] - logits["all_quantized"] + logits["last_protected"])
+    assert hyps["H2.1-interaction"].value == pytest.approx(by_text.groupby("lang").mean().mean())
+    assert all(h.verdict == stats.INCONCLUSIVE for h in hyps.values())  # 2 texts per language: too few

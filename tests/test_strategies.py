@@ -327,3 +327,62 @@ def test_notebook_path_equals_the_seeds_method_on_seed_exp032(tiny_model):
         avg_lr = np.mean([degradation[lang] / degradation["en"] for lang in ("he", "ar")])
         assert metrics[strategy]["disparity"]["value"] == pytest.approx(avg_lr, rel=1e-6)
         assert metrics[strategy]["disparity"]["defined"] is False  # one sentence per language: no interval
+
+
+# ----------------------------------------------------------------------------- equal-overhead controls (issue 11)
+
+
+def bpb_sweep(delta_bpb: dict[str, dict[str, float]], kept: dict[str, int], n_texts: int = 12) -> SweepResult:
+    """Scores whose change in bits per byte is exactly ``delta_bpb[config][lang]`` (every text:
+    10 tokens, 40 bytes, fp nll 2.0 nats per token), and an overhead table in which ``config``
+    keeps ``kept[config]`` of 1000 in-scope parameters in full precision."""
+    rows = []
+    langs = list(next(iter(delta_bpb.values())))
+    for config in ["fp", *delta_bpb]:
+        for lang in langs:
+            for t in range(n_texts):
+                extra = 0.0 if config == "fp" else delta_bpb[config][lang] * 40 * math.log(2)
+                rows.append({"config": config, "lang": lang, "text_id": f"t{t}", "nll": 20.0 + extra, "n_tokens": 10, "n_bytes": 40})
+    variants = {"fp": Variant("fp"), **{c: Variant(c, QuantConfig.seed(), ProtectionSpec(), "linear") for c in delta_bpb}}
+    overhead = pd.DataFrame([{"config": "fp", "protected_fraction": 1.0, "scope_params": 1000, "quantized_params": 0}] + [
+        {"config": c, "protected_fraction": kept[c] / 1000, "scope_params": 1000, "quantized_params": 1000 - kept[c]} for c in delta_bpb])
+    return SweepResult(scores=pd.DataFrame(rows), variants=variants, overhead=overhead)
+
+
+def test_magnitude_control_that_beats_the_structure_on_both_groups_does_not_fail():
+    """SmolLM2's numbers (issue 11): magnitude protection leaves HR 0.19 and LR 0.14 bits per byte,
+    L0 + L_last leaves HR 0.41 and LR 0.15. D(magnitude) - D(L0+L_last) = 0.21 > 0 (the old criterion
+    said "magnitude fails"), yet magnitude protection is better for both groups."""
+    langs = {"en": "HR", "de": "HR", "he": "LR", "ar": "LR"}
+    level = {"L0+L3": {"HR": 0.41, "LR": 0.15}, "magnitude_elements": {"HR": 0.19, "LR": 0.14}, "none": {"HR": 0.5, "LR": 0.3}}
+    delta = {c: {lang: level[c][g] for lang, g in langs.items()} for c in level}
+    study = protection_index.IndexStudy(bpb_sweep(delta, {"L0+L3": 500, "magnitude_elements": 500, "none": 0}), protocol="sound",
+                                        lr_langs=["he", "ar"], hr_langs=["en", "de"], n_boot=50)
+    from qhelpers import stats
+    old = study.contrast({"magnitude_elements": 1, "L0+L3": -1})
+    assert old.value == pytest.approx(0.21) and stats.verdict(old, 0.0, ">") == stats.SUPPORTED  # the old, wrong verdict
+    comp = study.control_comparison("magnitude_elements", "L0+L3")
+    assert comp["LR"].value == pytest.approx(-0.01) and comp["HR"].value == pytest.approx(-0.22)
+    assert comp["kept"] == {"magnitude_elements": 500, "L0+L3": 500} and comp["reason"] is None
+    fails = study.control_fails("magnitude_elements", "L0+L3")
+    assert fails.value == pytest.approx(-0.01)
+    assert stats.verdict(fails, 0.0, ">") == stats.NOT_SUPPORTED
+    table = study.control_table({"magnitude": "magnitude_elements"}, "L0+L3")
+    assert list(table["group"]) == ["LR", "HR"] and table["extra_delta_bpb"].tolist() == pytest.approx([-0.01, -0.22])
+
+
+def test_control_that_hurts_lr_more_fails_and_unequal_overhead_is_undefined():
+    langs = {"en": "HR", "he": "LR", "ar": "LR"}
+    level = {"L0+L3": {"HR": 0.2, "LR": 0.1}, "random_layers_1": {"HR": 0.2, "LR": 0.3}, "random_layers_2": {"HR": 0.2, "LR": 0.5},
+             "magnitude_elements": {"HR": 0.1, "LR": 0.4}}
+    delta = {c: {lang: level[c][g] for lang, g in langs.items()} for c in level}
+    kept = {"L0+L3": 500, "random_layers_1": 500, "random_layers_2": 502, "magnitude_elements": 400}
+    study = protection_index.IndexStudy(bpb_sweep(delta, kept), protocol="sound", lr_langs=["he", "ar"], hr_langs=["en"], n_boot=50)
+    from qhelpers import stats
+    draws = study.control_fails({"random_layers_1": 0.5, "random_layers_2": 0.5}, "L0+L3")
+    assert draws.value == pytest.approx(0.3) and stats.verdict(draws, 0.0, ">") == stats.SUPPORTED  # 502 vs 500: within 1 %
+    unequal = study.control_fails("magnitude_elements", "L0+L3")
+    assert not unequal.defined and unequal.reason.startswith("unequal overhead")
+    assert "400" in unequal.reason and unequal.value == pytest.approx(0.3)
+    with pytest.raises(ConfigError, match="sum to 1"):
+        study.control_fails({"random_layers_1": 1, "random_layers_2": 1}, "L0+L3")

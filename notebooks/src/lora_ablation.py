@@ -32,6 +32,16 @@
 # RQ5 *Rank structure*: "Effective rank may correlate with concept complexity"; judged here as: the
 # effective ranks of the adapted matrices alone predict the language above chance.
 #
+# **How the verdicts are decided.** RQ2, the seed's ablation question (does prediction survive removing
+# the top-k matrices?), is the **primary hypothesis**, declared before the data. It rests on a **premise**,
+# RQ0: with every matrix the language is predictable above chance (if it is not, nothing can survive an
+# ablation, and RQ2 is INCONCLUSIVE "premise not met"). The other questions form families adjusted on
+# their own (Holm): "layers" (RQ1), "representations" (RQ3-ensemble, RQ3-spectral), "rank structure"
+# (RQ5). **Minimum effects** of practical size: an accuracy must beat chance by 0.10 (ten percentage
+# points; one adapter in ten); two representations must differ by 0.05 in accuracy; a correlation must
+# exceed 0.1. Fewer than 10 units (test adapters; matrices for RQ1) give no verdict ("too few"), so the
+# ci profile's tiny zoo only tests the plumbing.
+#
 # **Method.** Phase 1: one MLP per LoRA matrix on its statistics (`BASELINE_REPR`), repeated over
 # `N_RUNS` stratified train/val/test splits, ranks the matrices by test accuracy. Phase 2: the top
 # `TOP_K` matrices are removed. Phase 3: every representation (flat, statistics, spectral, norms,
@@ -93,6 +103,7 @@ from qhelpers.report import plots
 from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
+    adjust_families,
     atomic_write_json,
     atomic_write_text,
     print_verdicts,
@@ -207,31 +218,44 @@ pd.DataFrame({"language": [zoo.classes[i] for i in y], "mean effective rank over
 # accuracy with its layer index (threshold 0); RQ2 from the test accuracy of `BASELINE_REPR` after
 # ablation against chance; RQ3 from paired differences in test accuracy (ensemble or spectral minus
 # `BASELINE_REPR`, all matrices, threshold 0); RQ5 from the effective-rank classifier against chance.
-# SUPPORTED means the whole 95 % interval lies on the predicted side, NOT_SUPPORTED that it lies wholly
-# on the other side, INCONCLUSIVE that it straddles the threshold; with a few dozen adapters the
-# intervals are wide, so read each one with its `n`.
+# RQ0, the premise of RQ2, is the test accuracy of `BASELINE_REPR` with every matrix against chance.
+# SUPPORTED means the whole 95 % interval lies beyond the threshold by the minimum effect, NOT_SUPPORTED
+# that it lies wholly short of it, INCONCLUSIVE otherwise; each family is then Holm-adjusted (the table
+# shows the raw verdict beside the adjusted one). With a few dozen adapters the intervals are wide, so
+# read each one with its `n`.
 
 # %%
 rq3_ensemble = classify.paired_difference(ablation.result("ensemble"), ablation.result(BASELINE_REPR), N_BOOT, SEED)
 rq3_spectral = classify.paired_difference(ablation.result("spectral"), ablation.result(BASELINE_REPR), N_BOOT, SEED)
+ABOVE_CHANCE = 0.10    # minimum effect: accuracy this far above chance
+DIFFERENCE = 0.05      # minimum effect: accuracy difference between representations
+premise = Hypothesis.evaluate(
+    "RQ0", f"with every matrix, {BASELINE_REPR} features predict the language (accuracy above chance {chance:.3f})",
+    ablation.result(BASELINE_REPR, "all").test_accuracy, chance, ">", quantity="test accuracy, all matrices",
+    family="premise", min_effect=ABOVE_CHANCE)
 hypotheses = [
-    Hypothesis.evaluate("RQ1", "later layers are more predictive: a matrix's test accuracy rises with its layer index",
-                        rq1, 0.0, ">", notes=f"{BASELINE_REPR} features, one classifier per matrix"),
     Hypothesis.evaluate("RQ2", f"prediction survives removing the top-{TOP_K} matrices (accuracy above chance {chance:.3f})",
                         ablation.result(BASELINE_REPR, "ablated").test_accuracy, chance, ">",
-                        quantity="test accuracy after ablation"),
+                        quantity="test accuracy after ablation", primary=True, min_effect=ABOVE_CHANCE, premise=premise),
+    premise,
+    Hypothesis.evaluate("RQ1", "later layers are more predictive: a matrix's test accuracy rises with its layer index",
+                        rq1, 0.0, ">", notes=f"{BASELINE_REPR} features, one classifier per matrix", family="layers",
+                        min_effect=0.1),
     Hypothesis.evaluate("RQ3-ensemble", f"ensemble features beat {BASELINE_REPR} (all matrices)", rq3_ensemble, 0.0, ">",
-                        quantity="accuracy difference"),
+                        quantity="accuracy difference", family="representations", min_effect=DIFFERENCE),
     Hypothesis.evaluate("RQ3-spectral", f"spectral features beat {BASELINE_REPR} (all matrices)", rq3_spectral, 0.0, ">",
-                        quantity="accuracy difference"),
+                        quantity="accuracy difference", family="representations", min_effect=DIFFERENCE),
     Hypothesis.evaluate("RQ5", f"the effective ranks alone predict the language (accuracy above chance {chance:.3f})",
-                        erank.test_accuracy, chance, ">", quantity="test accuracy"),
+                        erank.test_accuracy, chance, ">", quantity="test accuracy", family="rank structure",
+                        min_effect=ABOVE_CHANCE),
 ]
+hypotheses = adjust_families(hypotheses)
 for h in hypotheses:
     print(h.sentence())
 
 # %% [markdown]
-# **How to read them.** If RQ1 is SUPPORTED, the deeper adapted matrices reveal the language better than
+# **How to read them.** RQ2 is decided only when RQ0 holds: an ablation cannot remove a signal that was
+# not there. If RQ1 is SUPPORTED, the deeper adapted matrices reveal the language better than
 # the shallow ones; NOT_SUPPORTED means the shallow ones do. RQ2 SUPPORTED together with a `drop` interval
 # that contains 0 is the seed's "redundancy" scenario; RQ2 SUPPORTED with a clearly positive drop is
 # "distributed"; RQ2 not SUPPORTED while the all-matrices accuracy is above chance is "localised". RQ3

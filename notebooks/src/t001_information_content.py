@@ -29,11 +29,23 @@
 # from the layer's activations) correlates with weight variance -- the seed's chain is *high variance ->
 # high entropy -> low reconstruction loss* -- and information content predicts criticality.
 #
-# * **H1.1a** weight variance vs activation entropy: Spearman r > 0.
+# * **H1.1a** (the primary hypothesis of this notebook: the seed's claim that high-variance layers
+#   *encode more information*) weight variance vs activation entropy: Spearman r > 0.
 # * **H1.1b** weight variance vs decoding accuracy of the current token: r > 0 (**H1.1b-prev**: the
-#   previous token, a harder target).
+#   previous token, a harder target). Family "decoding".
 # * **H1.1c** information content predicts criticality: r(entropy, criticality) > 0 and
-#   r(decoding accuracy, criticality) > 0 (**H1.1c-decode**).
+#   r(decoding accuracy, criticality) > 0 (**H1.1c-decode**). Family "criticality".
+#
+# **Premise of H1.1c.** Criticality is "how much disparity protecting a layer removes", with the
+# disparity `D` = mean LR minus mean HR change in bits per byte when every layer is quantized. If
+# low-resource languages do not lose more (`D` not above 0), "removing disparity" has no meaning and the
+# sign of every criticality flips, so H1.1c and H1.1c-decode declare the premise `P-D` (D > 0 by at least
+# 0.01 bits per byte, family "premises"); when it is not SUPPORTED they are INCONCLUSIVE with the reason
+# "premise not met (...)".
+#
+# **Effect size and multiplicity.** A correlation counts only beyond r = `MIN_EFFECT_R` = 0.1 (below it
+# the two quantities share less than 1 % of their rank variance: nothing a reader could act on). Each
+# family is Holm-adjusted (`adjust_families`); n is the number of layers, and a verdict needs at least 10.
 #
 # **Method.**
 # 1. Token-level residual-stream activations (the output of every decoder block) for parallel UDHR
@@ -96,6 +108,8 @@ DEVICE = None                     # None: cuda if available, else cpu
 DTYPE = None                      # None: fp32 on CPU, bf16 on CUDA (fp16 on a T4); "fp32" everywhere for reference numbers
 SEED = 0
 N_BOOT = 2000
+MIN_EFFECT_R = 0.1                # practical size of a correlation over layers
+MIN_EFFECT_BPB = 0.01             # practical size of the premise's disparity (bits per byte)
 OUTPUT_DIR = "results/t001_information_content"
 
 # %%
@@ -112,6 +126,7 @@ from qhelpers.report import plots
 from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
+    adjust_families,
     print_verdicts,
     seed_everything,
     write_results,
@@ -188,10 +203,23 @@ per_layer[["layer", "depth", "variance_pooled", "entropy_bits_per_dim", "effecti
            "accuracy_ci_high_previous", "info_bits_previous", "criticality", "criticality_ci_low", "criticality_ci_high"]].round(4)
 
 # %% [markdown]
+# ## Premise of H1.1c: do low-resource languages lose more at all?
+# `D` with every layer quantized (the configuration every criticality is measured against), with its
+# paired bootstrap interval over texts.
+
+# %%
+d_all = stats.disparity_difference(crit.sweep.scores, "all_quantized", baseline=crit.sweep.baseline, lr_langs=LR_LANGS,
+                                   hr_langs=HR_LANGS, metric="delta_bpb", n_boot=N_BOOT, seed=SEED)
+premise = Hypothesis.evaluate("P-D", "with every layer quantized, LR languages lose more bits per byte than HR languages",
+                              d_all, 0.0, ">", family="premises", min_effect=MIN_EFFECT_BPB, quantity="D (bits per byte)")
+print(premise.sentence())
+
+# %% [markdown]
 # ## Hypotheses
 # Spearman correlations across layers, each with a bootstrap CI over layers and a permutation p-value. A
-# verdict is SUPPORTED only when the whole 95 % CI lies above 0. A criticality that is undefined (for
-# example a collapsed random-init model) makes the H1.1c verdicts INCONCLUSIVE, with the reason in the notes.
+# verdict is SUPPORTED only when the whole 95 % CI lies above `MIN_EFFECT_R`, and the printed verdicts are
+# Holm-adjusted within their families. A criticality that is undefined (for example a collapsed
+# random-init model) or a premise not met makes the H1.1c verdicts INCONCLUSIVE, with the reason in the notes.
 
 # %%
 corr = dict(method="spearman", n_boot=N_BOOT, seed=SEED)
@@ -200,13 +228,20 @@ r_var_acc = stats.correlation(per_layer["variance_pooled"], per_layer["accuracy_
 r_var_prev = stats.correlation(per_layer["variance_pooled"], per_layer["accuracy_previous"], **corr)
 r_entropy_crit = stats.correlation(per_layer["entropy_bits"], per_layer["criticality"], **corr)
 r_acc_crit = stats.correlation(per_layer["accuracy_current"], per_layer["criticality"], **corr)
-hypotheses = [
-    Hypothesis.evaluate("H1.1a", "layers of higher weight variance have higher activation entropy", r_var_entropy, 0.0, ">"),
-    Hypothesis.evaluate("H1.1b", "layers of higher weight variance let the current token be decoded better", r_var_acc, 0.0, ">"),
-    Hypothesis.evaluate("H1.1b-prev", "layers of higher weight variance let the previous token be decoded better", r_var_prev, 0.0, ">"),
-    Hypothesis.evaluate("H1.1c", "layers of higher activation entropy are more critical", r_entropy_crit, 0.0, ">"),
-    Hypothesis.evaluate("H1.1c-decode", "layers whose current token is decoded better are more critical", r_acc_crit, 0.0, ">"),
-]
+practical = dict(min_effect=MIN_EFFECT_R)
+hypotheses = adjust_families([
+    Hypothesis.evaluate("H1.1a", "layers of higher weight variance have higher activation entropy", r_var_entropy, 0.0, ">",
+                        primary=True, **practical),
+    Hypothesis.evaluate("H1.1b", "layers of higher weight variance let the current token be decoded better", r_var_acc, 0.0, ">",
+                        family="decoding", **practical),
+    Hypothesis.evaluate("H1.1b-prev", "layers of higher weight variance let the previous token be decoded better", r_var_prev,
+                        0.0, ">", family="decoding", **practical),
+    Hypothesis.evaluate("H1.1c", "layers of higher activation entropy are more critical", r_entropy_crit, 0.0, ">",
+                        family="criticality", premise=premise, **practical),
+    Hypothesis.evaluate("H1.1c-decode", "layers whose current token is decoded better are more critical", r_acc_crit, 0.0, ">",
+                        family="criticality", premise=premise, **practical),
+    premise,
+])
 for h in hypotheses:
     print(h.sentence())
 
@@ -233,10 +268,11 @@ figures = [plots.save_figure(fig, OUTPUT_DIR, "t001_information_content")]
 
 # %% [markdown]
 # ## Verdict and record
-# The verdicts below are computed from the intervals above; if they contradict the seed's chain (high
-# variance -> high entropy -> good decoding -> critical), that is the finding. `results.json` in
-# `OUTPUT_DIR` holds every parameter, the environment, the per-layer and per-language tables and the
-# hypotheses.
+# The verdicts below are computed from the intervals above: the primary H1.1a first, then the families
+# with their raw and Holm-adjusted verdicts and n (layers). If they contradict the seed's chain (high
+# variance -> high entropy -> good decoding -> critical), that is the finding; H1.1c is read only through
+# its premise `P-D`. `results.json` in `OUTPUT_DIR` holds every parameter, the environment, the per-layer
+# and per-language tables and the hypotheses.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -252,6 +288,7 @@ metrics = {
     "decoding_per_language": info.per_language,
     "criticality": crit.table,
     "criticality_definition": crit.describe(),
+    "premise_disparity_all_quantized": d_all.to_dict(),
     "correlations": {"variance_entropy": r_var_entropy, "variance_accuracy_current": r_var_acc,
                      "variance_accuracy_previous": r_var_prev, "entropy_criticality": r_entropy_crit,
                      "accuracy_criticality": r_acc_crit},

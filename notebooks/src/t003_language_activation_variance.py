@@ -24,10 +24,30 @@
 # quantizing them disrupts language-specific pathways. Do the layers that matter most for the low-resource
 # disparity show more activation variance *across languages*?
 #
-# **Hypothesis H1.3 (seed 004, "Language Distribution Hypothesis").** *High-variance layers are activated
-# differently by different languages; quantization disrupts language-specific pathways.* Prediction:
-# *activation variance differs more across languages in critical layers*. Null: the cross-language spread
-# of activation variance is unrelated to a layer's criticality.
+# **Hypothesis H1.3 (seed 004, "Language Distribution Hypothesis"), the primary hypothesis of this
+# notebook.** *High-variance layers are activated differently by different languages; quantization
+# disrupts language-specific pathways.* Prediction: *activation variance differs more across languages in
+# critical layers*. Null: the cross-language spread of activation variance is unrelated to a layer's
+# criticality.
+#
+# **Decided only when two analyses agree.** A handful of "massive-activation" token rows can decide the
+# correlation on their own (on SmolLM2 the seed's statistic went from r = 0.53 to r = -0.40 when 11 such
+# rows were dropped). H1.3 is therefore computed twice, with every token row (`H1.3-all`) and without the
+# massive-activation rows (`H1.3-robust`), and gets a verdict only when both analyses give the same one;
+# otherwise it is INCONCLUSIVE with the reason "the two analyses disagree" (`agreeing` in
+# `qhelpers.report.results`). The seed's own statistic (`cross_var`) is treated the same way as the
+# secondary `H1.3-seed`.
+#
+# **Premise.** Criticality is "how much disparity protecting a layer removes", with the disparity
+# `D` = mean LR minus mean HR change in bits per byte with every layer quantized. If low-resource
+# languages do not lose more (`D` not above 0), "removing disparity" has no meaning and the sign of every
+# criticality flips. `P-D` (D > 0 by at least 0.01 bits per byte, family "premises") is evaluated first;
+# when it is not SUPPORTED the H1.3 verdicts are INCONCLUSIVE with the reason "premise not met (...)".
+#
+# **Effect size and multiplicity.** A correlation counts only beyond r = `MIN_EFFECT_R` = 0.1 (below it
+# the criticality shares less than 1 % of its rank variance with the spread across languages, which
+# explains nothing a reader could use). Each family is Holm-adjusted; n is the number of layers and a
+# verdict needs at least 10.
 #
 # **Method.**
 # 1. Residual stream after every decoder block (the block outputs; `qhelpers.experiments.representation_geometry`), a seeded
@@ -46,8 +66,9 @@
 #    bootstrap interval over layers and a permutation p-value.
 # 6. Robustness: a few tokens with "massive activations" (Sun et al., 2024; norms tens of times the median
 #    token norm) can dominate a language's variance, so that the cross-language statistic measures whether
-#    such a token happened to be sampled. H1.3-robust repeats H1.3 without the token rows whose norm exceeds
-#    `MASSIVE_RATIO` times the median token norm at any layer (the same rows dropped at every layer).
+#    such a token happened to be sampled. Every correlation is repeated without the token rows whose norm
+#    exceeds `MASSIVE_RATIO` times the median token norm at any layer (the same rows dropped at every
+#    layer), and the verdict is given only when both agree.
 #
 # **Caveats.** The correlation's bootstrap resamples layers and does not carry each layer's own
 # uncertainty; adjacent layers are not independent. The embedded model's baseline is a dequantized GGUF
@@ -79,12 +100,15 @@ DEVICE = None                     # None: cuda if available, else cpu
 DTYPE = None                      # None: fp32 on CPU, bf16 on CUDA (fp16 on a T4); "fp32" everywhere for reference numbers
 SEED = 0
 N_BOOT = 1000
+MIN_EFFECT_R = 0.1                # practical size of a correlation over layers
+MIN_EFFECT_BPB = 0.01             # practical size of the premise's disparity (bits per byte)
 OUTPUT_DIR = "results/t003_language_activation_variance"
 
 # %%
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from qhelpers import stats
 from qhelpers.experiments.representation_geometry import (
     collect_activations,
     language_variance,
@@ -97,6 +121,8 @@ from qhelpers.report import plots
 from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
+    adjust_families,
+    agreeing,
     print_verdicts,
     seed_everything,
     write_results,
@@ -173,26 +199,56 @@ print(crit.describe())
 crit.table[["layer", "depth", "criticality", "criticality_ci_low", "criticality_ci_high", "n", "reason"]]
 
 # %% [markdown]
+# ## Premise: do low-resource languages lose more at all?
+# `D` with every layer quantized (the configuration every criticality is measured against), with its
+# paired bootstrap interval over texts.
+
+# %%
+d_all = stats.disparity_difference(crit.sweep.scores, "all_quantized", baseline=crit.sweep.baseline, lr_langs=LR_LANGS,
+                                   hr_langs=HR_LANGS, metric="delta_bpb", n_boot=N_BOOT, seed=SEED)
+premise = Hypothesis.evaluate("P-D", "with every layer quantized, LR languages lose more bits per byte than HR languages",
+                              d_all, 0.0, ">", family="premises", min_effect=MIN_EFFECT_BPB, quantity="D (bits per byte)")
+print(premise.sentence())
+
+# %% [markdown]
 # ## H1.3: do critical layers show more cross-language variance?
 # Spearman correlations over layers (n = number of layers). The prediction is a positive correlation; the
-# verdict needs the whole 95 % interval above 0. The correlation of `cross_var` with depth shows how much
-# of the seed's statistic is just the growing residual norm.
+# verdict needs the whole 95 % interval above `MIN_EFFECT_R`, with every token row AND without the
+# massive-activation rows. The correlation of `cross_var` with depth shows how much of the seed's
+# statistic is just the growing residual norm.
 
 # %%
 r_cv = layer_correlation(lv.values("cross_cv"), crit, method="spearman", n_boot=N_BOOT, seed=SEED)
 r_var = layer_correlation(lv.values("cross_var"), crit, method="spearman", n_boot=N_BOOT, seed=SEED)
 r_clean = layer_correlation(lv_clean.values("cross_cv"), crit, method="spearman", n_boot=N_BOOT, seed=SEED)
+r_var_clean = layer_correlation(lv_clean.values("cross_var"), crit, method="spearman", n_boot=N_BOOT, seed=SEED)
 r_depth = layer_correlation(lv.values("cross_var"), lv.values("depth"), method="spearman", n_boot=N_BOOT, seed=SEED)
 print(f"Spearman r(cross_var, depth) = {r_depth['r']:.3f} [{r_depth['ci_low']:.3f}, {r_depth['ci_high']:.3f}], n = {r_depth['n']}")
-hypotheses = [
-    Hypothesis.evaluate("H1.3", "critical layers show more cross-language activation variance (scale-free: cross_cv)",
-                        r_cv, 0.0, ">", quantity="Spearman r(cross_cv, criticality)"),
-    Hypothesis.evaluate("H1.3-seed", "critical layers show more cross-language activation variance (seed's np.var: cross_var)",
-                        r_var, 0.0, ">", quantity="Spearman r(cross_var, criticality)"),
-    Hypothesis.evaluate("H1.3-robust", "critical layers show more cross-language activation variance (cross_cv, massive-activation tokens dropped)",
-                        r_clean, 0.0, ">", quantity="Spearman r(cross_cv without massive tokens, criticality)",
-                        notes=f"{len(clean.dropped_tokens)} token rows above {MASSIVE_RATIO:g} x the median norm dropped"),
-]
+dropped = f"{len(clean.dropped_tokens)} token rows above {MASSIVE_RATIO:g} x the median norm dropped"
+judge = dict(min_effect=MIN_EFFECT_R, premise=premise)
+analyses = {
+    "H1.3-all": Hypothesis.evaluate("H1.3-all", "critical layers show more cross-language activation variance (cross_cv, every token row)",
+                                    r_cv, 0.0, ">", quantity="Spearman r(cross_cv, criticality)", **judge),
+    "H1.3-robust": Hypothesis.evaluate("H1.3-robust", "the same without the massive-activation token rows",
+                                       r_clean, 0.0, ">", quantity="Spearman r(cross_cv without massive tokens, criticality)",
+                                       notes=dropped, **judge),
+    "H1.3-seed-all": Hypothesis.evaluate("H1.3-seed-all", "the same with the seed's np.var (cross_var), every token row",
+                                         r_var, 0.0, ">", quantity="Spearman r(cross_var, criticality)", **judge),
+    "H1.3-seed-robust": Hypothesis.evaluate("H1.3-seed-robust", "the same with cross_var, massive-activation token rows dropped",
+                                            r_var_clean, 0.0, ">", quantity="Spearman r(cross_var without massive tokens, criticality)",
+                                            notes=dropped, **judge),
+}
+for h in analyses.values():
+    print(f"[one analysis] {h.sentence()}")
+hypotheses = adjust_families([
+    agreeing(analyses["H1.3-all"], analyses["H1.3-robust"], id="H1.3", primary=True,
+             statement="critical layers show more cross-language activation variance (scale-free cross_cv; "
+                       "with and without massive-activation tokens)"),
+    agreeing(analyses["H1.3-seed-all"], analyses["H1.3-seed-robust"], id="H1.3-seed", family="seed statistic",
+             statement="critical layers show more cross-language activation variance (seed's np.var: cross_var; "
+                       "with and without massive-activation tokens)"),
+    premise,
+])
 for h in hypotheses:
     print(h.sentence())
 
@@ -219,10 +275,12 @@ figures = [plots.save_figure(fig, OUTPUT_DIR, "t003_language_variance")]
 # %% [markdown]
 # ## Verdict and record
 # The sentences above and the table below are generated from the intervals; read them with the caveats at
-# the top. Whatever the verdicts, `cross_var` and `cross_cv` can disagree (the former tracks the residual
-# norm, the latter the relative spread between languages), and where H1.3 and H1.3-robust disagree, a few
-# massive-activation tokens decide the result rather than how languages use a layer as a whole. `results.json` in `OUTPUT_DIR` holds every
-# parameter, the environment, the metrics and the hypotheses.
+# the top. The primary H1.3 comes first, then the seed's statistic and the premise, each with its raw and
+# Holm-adjusted verdict and n (layers). `cross_var` and `cross_cv` can disagree (the former tracks the
+# residual norm, the latter the relative spread between languages); where the analyses with and without the
+# massive-activation tokens disagree, the notes say so and give both intervals, and the verdict is
+# INCONCLUSIVE: a few tokens, not how languages use a layer as a whole, would decide it. `results.json` in
+# `OUTPUT_DIR` holds every parameter, the environment, the metrics and the hypotheses.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -236,6 +294,9 @@ metrics = {
     "massive_tokens_dropped": clean.dropped_tokens,
     "cross_language_without_massive": lv_clean.cross,
     "spearman_cross_cv_without_massive_criticality": r_clean,
+    "spearman_cross_var_without_massive_criticality": r_var_clean,
+    "premise_disparity_all_quantized": d_all.to_dict(),
+    "analyses": [h.to_dict() for h in analyses.values()],
     "criticality": crit.table,
     "criticality_definition": crit.describe(),
     "spearman_cross_cv_criticality": r_cv,

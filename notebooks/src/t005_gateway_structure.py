@@ -47,6 +47,17 @@
 #    different choice of descriptors. With few layers (6 or fewer at `ALPHA` = 0.05) no outcome can reach
 #    the level and H2.2 is undefined (INCONCLUSIVE).
 #
+# **How the verdicts are decided.** H2.2 is the **primary hypothesis** (the seed's), declared before the
+# data. H2.2-crit (family "criticality") rests on a **premise**: criticality is the disparity that
+# protecting a layer removes, which means "fairer" only if, with every layer quantized, LR languages lose
+# more than HR ones; that premise (`LR-lose-more`, `D(all quantized) > 0`) is tested first, and when it is
+# not SUPPORTED H2.2-crit is INCONCLUSIVE ("premise not met"). **Minimum effects** of practical size:
+# `T` must clear the chance critical value by 0.25 robust standard deviations (a smaller margin moves
+# with the choice of descriptors), a correlation must exceed 0.1, and the premise's gap 0.01 bits per
+# byte (half a percent of a ~2 bits-per-byte baseline). SUPPORTED needs the 95 % interval beyond
+# threshold + minimum effect; NOT_SUPPORTED, wholly short of it. Fewer than 10 units (feature columns
+# for H2.2, layers for H2.2-crit, texts for the premise) give no verdict.
+#
 # **Caveats.** The embedded model's weights are a dequantized GGUF (Q4_1), so small singular values carry
 # that earlier quantization too. The feature columns are not independent (ranks of one matrix move
 # together), so the bootstrap interval is a sensitivity range, not a sampling interval. On a random-init
@@ -94,6 +105,7 @@ from qhelpers.report import plots
 from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
+    adjust_families,
     print_verdicts,
     seed_everything,
     write_results,
@@ -161,16 +173,25 @@ merged
 
 # %% [markdown]
 # ## Hypotheses
+# `LR-lose-more` (the premise of H2.2-crit) is the LR-minus-HR change in bits per byte with every layer
+# quantized, from the criticality sweep.
 
 # %%
+premise = Hypothesis.evaluate(
+    "LR-lose-more", "with every layer quantized, LR languages lose more bits per byte than HR languages",
+    stats.disparity_difference(crit.sweep.scores, "all_quantized", baseline=crit.sweep.baseline, lr_langs=LR_LANGS,
+                               hr_langs=HR_LANGS, metric="delta_bpb", n_boot=N_BOOT, seed=SEED),
+    0.0, ">", quantity="D(all quantized), bits per byte", family="premise", min_effect=0.01)
 hypotheses = [
     Hypothesis.evaluate("H2.2", "L0 and L_last are jointly the most distinct layers, beyond chance (SVD structure)",
-                        dist.gateway_vs_chance, 0.0, ">", quantity=f"T (alpha {ALPHA:g})",
+                        dist.gateway_vs_chance, 0.0, ">", quantity=f"T (alpha {ALPHA:g})", primary=True, min_effect=0.25,
                         notes=f"exact permutation p = {dist.p_perm:.4g} over {dist.n_pairs} pairs; "
                               f"gateway ranks {dist.table.set_index('layer').loc[list(dist.gateways), 'rank'].tolist()}"),
+    premise,
     Hypothesis.evaluate("H2.2-crit", "layers with a more distinct weight structure are more critical",
-                        crit_corr, 0.0, ">"),
+                        crit_corr, 0.0, ">", family="criticality", min_effect=0.1, premise=premise),
 ]
+hypotheses = adjust_families(hypotheses)
 for h in hypotheses:
     print(h.sentence())
 
@@ -214,8 +235,10 @@ figures.append(plots.save_figure(fig, OUTPUT_DIR, "t005_svd_profiles"))
 # ## Verdict and record
 # The verdict table below is computed from the intervals above. H2.2 is SUPPORTED only if the gateway pair is
 # beyond the permutation critical value for every resampling of the descriptors in the 95 % interval,
-# NOT_SUPPORTED if it is below it throughout (the gateways are not more distinct than a random pair of layers
-# would be), and INCONCLUSIVE otherwise. The ranks in the notes show where each gateway stands on its own (a
+# NOT_SUPPORTED if it stays short of the minimum effect throughout (the gateways are not clearly more
+# distinct than a random pair of layers would be), and INCONCLUSIVE otherwise. H2.2-crit is INCONCLUSIVE
+# whenever `LR-lose-more` is not SUPPORTED: when LR languages lose less than HR ones, the disparity a layer
+# "removes" is a gap that favours them. The ranks in the notes show where each gateway stands on its own (a
 # single layer ranked r of n has a one-layer permutation p-value of r / n): one gateway can be the most
 # distinct layer while the pair as a whole is not beyond chance, and a run of neighbouring layers that share
 # a structure (e.g. the last few blocks) can all rank high together, which says "depth regime" rather than

@@ -48,6 +48,18 @@
 #    median token norm at any layer ("massive activations", Sun et al., 2024), which can hold most of a
 #    layer's variance on their own.
 #
+# **How the verdicts are decided.** The **primary hypothesis** is H3.1 on the participation ratio, decided
+# only when the analysis with every token row and the one without massive-activation tokens agree
+# (`agreeing`): a few tokens with huge norms can hold most of a layer's variance, so a minimum that moves
+# when they are dropped is not a property of the representation. Both analyses and the seed's own
+# statistic (the 95 % effective dimension, an integer with ties) form the family "depth of the minimum".
+# The criticality correlations form the family "criticality" and rest on a **premise**: criticality is the
+# disparity protecting a layer removes, which is "fairer" only if, with every layer quantized, LR
+# languages lose more than HR ones (`LR-lose-more`); when it is not SUPPORTED they are INCONCLUSIVE.
+# **Minimum effects**: the depth window `TOLERANCE` is itself the practical size (no extra margin); a
+# correlation must exceed 0.1 in size; the premise's gap 0.01 bits per byte. Holm's method adjusts within
+# each family. Fewer than 10 units (texts; layers for a correlation) give no verdict.
+#
 # **Caveats.** The effective dimension cannot exceed `min(n_rows - 1, hidden)`: with few rows the number of
 # rows, not the model, may cap it (the `rank_limit` column). A few tokens with "massive activations" (norms
 # hundreds of times the median, see `norm_ratio`) can hold most of the variance of a layer, and then the 95 %
@@ -92,6 +104,7 @@ OUTPUT_DIR = "results/t007_bottleneck"
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from qhelpers import stats
 from qhelpers.experiments.representation_geometry import (
     bottleneck,
     collect_activations,
@@ -105,6 +118,8 @@ from qhelpers.report import plots
 from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
+    adjust_families,
+    agreeing,
     print_verdicts,
     seed_everything,
     write_results,
@@ -186,32 +201,50 @@ crit.table[["layer", "depth", "criticality", "criticality_ci_low", "criticality_
 # %% [markdown]
 # ## Hypotheses
 # H3.1 on each dimensionality measure: the distance of the minimum's depth from `TARGET_DEPTH` must lie below
-# `TOLERANCE` over its whole 95 % interval. H3.1-criticality: if the bottleneck is why a layer is critical,
-# lower dimensionality should go with higher criticality (negative Spearman r over layers; the bootstrap
-# resamples layers and does not carry each layer's own uncertainty). The `-robust` versions drop the
-# massive-activation tokens first; where a verdict changes, those few tokens decide it.
+# `TOLERANCE` over its whole 95 % interval. The primary H3.1 keeps that verdict only when the analyses with
+# and without massive-activation tokens agree; otherwise it is INCONCLUSIVE and its notes show both.
+# H3.1-criticality: if the bottleneck is why a layer is critical, lower dimensionality should go with higher
+# criticality (negative Spearman r over layers; the bootstrap resamples layers and does not carry each
+# layer's own uncertainty), judged only when the premise `LR-lose-more` holds. The `-robust` versions drop
+# the massive-activation tokens first; where a verdict changes, those few tokens decide it.
 
 # %%
 r_crit = layer_correlation(all_layers.set_index("layer")["eff_dim"], crit, method="spearman", n_boot=N_BOOT, seed=SEED)
 dims_clean = dimensionality(clean, threshold=THRESHOLD, per_language=False)
 r_crit_clean = layer_correlation(dims_clean.set_index("layer")["eff_dim"], crit, method="spearman", n_boot=N_BOOT, seed=SEED)
 window = f"[{TARGET_DEPTH - TOLERANCE:g}, {TARGET_DEPTH + TOLERANCE:g}]"
+family = "depth of the minimum"
+pr_all = Hypothesis.evaluate(
+    "H3.1-all-tokens", f"the participation ratio of the residual stream (every token row) is lowest at a depth in {window}",
+    pr.distance, TOLERANCE, "<", quantity=f"|depth of minimum - {TARGET_DEPTH:g}|", family=family,
+    notes=f"minimum at layers {pr.layers}; depth {pr.depth}")
+pr_robust = Hypothesis.evaluate(
+    "H3.1-robust", f"without massive-activation tokens, the participation ratio is lowest at a depth in {window}",
+    pr_clean.distance, TOLERANCE, "<", quantity=f"|depth of minimum - {TARGET_DEPTH:g}|", family=family,
+    notes=f"minimum at layers {pr_clean.layers}; depth {pr_clean.depth}; "
+          f"{len(clean.dropped_tokens)} token rows above {MASSIVE_RATIO:g} x the median norm dropped")
+premise = Hypothesis.evaluate(
+    "LR-lose-more", "with every layer quantized, LR languages lose more bits per byte than HR languages",
+    stats.disparity_difference(crit.sweep.scores, "all_quantized", baseline=crit.sweep.baseline, lr_langs=LR_LANGS,
+                               hr_langs=HR_LANGS, metric="delta_bpb", n_boot=N_BOOT, seed=SEED),
+    0.0, ">", quantity="D(all quantized), bits per byte", family="premise", min_effect=0.01)
 hypotheses = [
-    Hypothesis.evaluate("H3.1", f"the participation ratio of the residual stream is lowest at a depth in {window}",
-                        pr.distance, TOLERANCE, "<", quantity=f"|depth of minimum - {TARGET_DEPTH:g}|",
-                        notes=f"minimum at layers {pr.layers}; depth {pr.depth}"),
+    agreeing(pr_all, pr_robust, id="H3.1", primary=True,
+             statement=f"the participation ratio of the residual stream is lowest at a depth in {window}, with and without massive-activation tokens"),
+    pr_all,
+    pr_robust,
     Hypothesis.evaluate("H3.1-effdim", f"the effective dimension ({THRESHOLD:.0%} variance) is lowest at a depth in {window}",
-                        ed.distance, TOLERANCE, "<", quantity=f"|depth of minimum - {TARGET_DEPTH:g}|",
+                        ed.distance, TOLERANCE, "<", quantity=f"|depth of minimum - {TARGET_DEPTH:g}|", family=family,
                         notes=f"minimum at layers {ed.layers}; depth {ed.depth}; {N_BOOT_SPECTRUM} bootstrap replicates"),
-    Hypothesis.evaluate("H3.1-robust", f"without massive-activation tokens, the participation ratio is lowest at a depth in {window}",
-                        pr_clean.distance, TOLERANCE, "<", quantity=f"|depth of minimum - {TARGET_DEPTH:g}|",
-                        notes=f"minimum at layers {pr_clean.layers}; depth {pr_clean.depth}; "
-                              f"{len(clean.dropped_tokens)} token rows above {MASSIVE_RATIO:g} x the median norm dropped"),
+    premise,
     Hypothesis.evaluate("H3.1-criticality", "layers of lower effective dimension are more critical",
-                        r_crit, 0.0, "<", quantity="Spearman r(eff_dim, criticality)"),
+                        r_crit, 0.0, "<", quantity="Spearman r(eff_dim, criticality)", family="criticality",
+                        min_effect=0.1, premise=premise),
     Hypothesis.evaluate("H3.1-criticality-robust", "without massive-activation tokens, layers of lower effective dimension are more critical",
-                        r_crit_clean, 0.0, "<", quantity="Spearman r(eff_dim without massive tokens, criticality)"),
+                        r_crit_clean, 0.0, "<", quantity="Spearman r(eff_dim without massive tokens, criticality)",
+                        family="criticality", min_effect=0.1, premise=premise),
 ]
+hypotheses = adjust_families(hypotheses)
 for h in hypotheses:
     print(h.sentence())
 
@@ -245,8 +278,9 @@ figures = [plots.save_figure(fig, OUTPUT_DIR, "t007_bottleneck")]
 
 # %% [markdown]
 # ## Verdict and record
-# The sentences above and the table below are generated from the intervals; read them with the caveats at
-# the top, in particular the massive-activation tokens (`norm_ratio`) and the rank limit. `results.json` in
+# The sentences above and the table below are generated from the intervals (Holm-adjusted within each
+# family; the table shows the raw verdict beside the adjusted one); read them with the caveats at the top,
+# in particular the massive-activation tokens (`norm_ratio`) and the rank limit. `results.json` in
 # `OUTPUT_DIR` holds every parameter, the environment, the metrics and the hypotheses.
 
 # %%

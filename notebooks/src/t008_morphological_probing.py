@@ -36,6 +36,15 @@
 #   mean MRL recovery minus mean HR recovery > 0, where recovery = accuracy(INT4, that layer protected) -
 #   accuracy(INT4).
 #
+# **How the verdicts are decided.** H3.2a, the seed's prediction, is the **primary hypothesis**, declared
+# before the data. H3.2b ("MRLs lose more agreement under INT4") is the **premise** of H3.2c: protecting a
+# layer can only "recover MRL agreement more than HR agreement" in a meaningful sense if the MRLs lost more
+# in the first place, so H3.2c is INCONCLUSIVE ("premise not met") unless H3.2b is SUPPORTED. **Minimum
+# effects** of practical size: accuracy differences of 0.05 (five percentage points, one or two pairs of
+# a language's ~30); for H3.2a the depth tolerance `DEPTH_TOLERANCE` is itself the practical size.
+# Each of H3.2b and H3.2c forms its own family ("quantization damage", "protection"), so no Holm adjustment
+# changes them. Fewer than 10 pairs per language give no verdict ("too few").
+#
 # **What changed relative to the seed's sketch.** The seed's per-layer loop computes its "agreement score"
 # from the full model's output at every iteration, so the layer never enters the number: every layer gets
 # the same score. And it scores a single Hebrew pair, which cannot support any claim. Here each layer is
@@ -105,6 +114,7 @@ from qhelpers.report import plots
 from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
+    adjust_families,
     print_verdicts,
     seed_everything,
     write_results,
@@ -225,15 +235,21 @@ peak_mrl_offset = morphology.peak_depth(lens, MRL_LANGS, loaded.n_layers, n_boot
 h32b = morphology.accuracy_contrast(quant, {"fp": 1, "all_quantized": -1}, **groups)
 h32c = morphology.accuracy_contrast(quant, {"bottleneck_protected": 1, "all_quantized": -1}, **groups)
 gateway_mrl_vs_hr = morphology.accuracy_contrast(quant, {"gateway_protected": 1, "all_quantized": -1}, **groups)
+MIN_ACCURACY_EFFECT = 0.05  # five percentage points of agreement accuracy
+premise = Hypothesis.evaluate(
+    "H3.2b", f"INT{BITS} lowers agreement accuracy more for MRLs ({', '.join(MRL_LANGS)}) than for HR languages ({', '.join(HR_LANGS)})",
+    h32b, 0.0, ">", quantity="MRL drop - HR drop", family="quantization damage", min_effect=MIN_ACCURACY_EFFECT)
 hypotheses = [
     Hypothesis.evaluate("H3.2a", f"logit-lens agreement accuracy for {'/'.join(MRL_LANGS)} peaks at ~{PEAK_DEPTH:.0%} depth",
                         peak_mrl_offset, DEPTH_TOLERANCE, "<", abs_value=True, quantity=f"peak depth - {PEAK_DEPTH:g}",
+                        primary=True,
                         notes=f"peak depth = layer / n_layers; ~{PEAK_DEPTH:.0%} layer is L{bottleneck} of {loaded.n_layers}"),
-    Hypothesis.evaluate("H3.2b", f"INT{BITS} lowers agreement accuracy more for MRLs ({', '.join(MRL_LANGS)}) than for HR languages ({', '.join(HR_LANGS)})",
-                        h32b, 0.0, ">", quantity="MRL drop - HR drop"),
+    premise,
     Hypothesis.evaluate("H3.2c", f"protecting the ~{PEAK_DEPTH:.0%} layer (L{bottleneck}) recovers MRL agreement more than HR agreement",
-                        h32c, 0.0, ">", quantity="MRL recovery - HR recovery"),
+                        h32c, 0.0, ">", quantity="MRL recovery - HR recovery", family="protection",
+                        min_effect=MIN_ACCURACY_EFFECT, premise=premise),
 ]
+hypotheses = adjust_families(hypotheses)
 print("MRL peak depth:", peak_mrl)
 for h in hypotheses:
     print(h.sentence())
@@ -244,7 +260,8 @@ for h in hypotheses:
 # table shows where (and whether) accuracy peaks for each language; a "no signal" note means the model
 # does not beat chance on that language's pairs at any layer, which says more about the model's knowledge
 # of the language than about where agreement is consolidated. H3.2b and H3.2c are only defined when the
-# full-precision model solves both groups' pairs above chance. Whatever the verdicts, the seed's claim
+# full-precision model solves both groups' pairs above chance, and H3.2c is judged only when H3.2b holds
+# (if the MRLs do not lose more agreement, there is no MRL deficit to recover). Whatever the verdicts, the seed's claim
 # rests on one pair and a per-layer score that ignored the layer, so these numbers, not the seed's, are
 # the evidence; `results.json` records them with the parameters and the environment.
 

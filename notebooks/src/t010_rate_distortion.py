@@ -49,6 +49,25 @@
 # error; parameter intervals and the interval of the LOO difference come from refitting on `N_FIT_BOOT`
 # paired bootstrap replicates of the whole grid (texts resampled once for all cells).
 #
+# **Fits at a bound are failed fits.** The fits are bounded (`b` in [-4, 8], `c` in [-10, 10]). A fit
+# that stops at a bound has not found the law's optimum, which lies outside the allowed range (e.g. a
+# disparity that vanishes between two bit widths needs `b` → ∞); its parameters and their "intervals"
+# (refits at the same bound give [8, 8]) then mean nothing. So a point fit at a bound makes every
+# estimate of that law undefined ("fit at bound: ..."), and its verdicts INCONCLUSIVE; a bootstrap refit
+# at a bound counts as a failed refit, left out of the interval and reported (`boot_failed`,
+# `boot_failed_frac`); more than 2.5 % of refits failing makes the interval undefined too.
+#
+# **How the verdicts are decided.** One primary hypothesis, declared before the data: `H4.1-i`, the
+# seed's trade-off in bits (`b > 0`). The premise `H4.1-gap`: there is a gap to shrink, i.e. with nothing
+# protected at the smallest bit width that gives a defined cell, the LR and HR languages lose different
+# amounts (`|D|` above 0.01 bits per byte). The law carries the gap's sign in `a`, so `b > 0` and `c > 0`
+# mean the gap closes towards parity whichever group loses more; without a gap they are not identified,
+# and `H4.1-i` and `H4.1-ii` are then INCONCLUSIVE ("premise not met"). Minimum effects of practical
+# size: `b` 0.1 per bit (the gap shrinks by a third or more from INT2 to INT8), `c` 0.2 (protecting half
+# of the weights closes at least a tenth of the gap), and the LOO margin `LOO_MARGIN_PCT` itself for
+# (iii). Families: "protection effect" (ii) and "law vs alternatives" (iii, Holm-adjusted together).
+# Fewer than 10 texts per language give no verdict ("too few texts").
+#
 # Caveat: the embedded SmolLM2 is a dequantized GGUF (Q4_1), so "full precision" is already a 4-bit
 # model and INT6/INT8 re-quantization shows little damage by construction.
 
@@ -95,9 +114,11 @@ from qhelpers.measure.scoring import MeasureConfig
 from qhelpers.measure.sweep import run_sweep
 from qhelpers.models.loading import load_model
 from qhelpers.report import plots
+from qhelpers.report.damage import damage_card
 from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
+    adjust_families,
     print_verdicts,
     seed_everything,
     write_results,
@@ -156,6 +177,14 @@ measures.table[["bits", "pct", "p", "effective_bits", "disparity", "disparity_ci
                 "ratio", "ratio_ci_low", "ratio_ci_high", "distortion", "distortion_ci_low", "distortion_ci_high"]].round(4)
 
 # %% [markdown]
+# The damage card of the unprotected cell at each bit width: per language, the change in bits per byte, KL to
+# the full model (bits per byte), top-1 agreement and the 99th-percentile per-token KL, with intervals.
+
+# %%
+unprotected = list(dict.fromkeys(grid.cells.loc[grid.cells["pct"] == 0, "config"]))
+damage_card(sweep.language_table(n_boot=N_BOOT, seed=SEED, configs=unprotected))
+
+# %% [markdown]
 # Cells excluded from the fit, with the reason (an empty table: every cell is defined).
 
 # %%
@@ -175,8 +204,9 @@ figures = [plots.save_figure(fig, OUTPUT_DIR, "t010_grid_heatmaps")]
 # ## Fitting the laws
 # `comparison`: one row per law (R² on the fitted cells; `loo_rmse` / `loo_r2` from predicting each cell
 # with the law refitted without it; information criteria with their differences to the best law;
-# `at_bound` names parameters that stopped at a fitting bound, whose values then mean "at least this").
-# `params`: each parameter with its bootstrap 95 % interval.
+# `at_bound` names parameters at which the point fit stopped at a fitting bound: a failed fit;
+# `boot_failed` / `boot_failed_frac`: bootstrap refits that failed, at a bound or without converging).
+# `params`: each parameter with its bootstrap 95 % interval, or the reason it has none.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -184,7 +214,7 @@ fit = rd.fit_grid(measures, policy=POLICY, models=MODELS, n_fit_boot=N_FIT_BOOT,
 
 # %%
 fit.comparison[["model", "formula", "n", "k", "r2", "rmse", "loo_rmse", "loo_r2", "aic", "aicc", "bic",
-                "delta_aicc", "delta_bic", "at_bound", "boot_ok", "reason"]].round(4)
+                "delta_aicc", "delta_bic", "at_bound", "boot_ok", "boot_failed", "boot_failed_frac", "reason"]].round(4)
 
 # %%
 fit.params.round(4)
@@ -210,33 +240,40 @@ measures.frontier().round(4)
 
 # %% [markdown]
 # ## Hypotheses
-# (i) and (ii) are judged on the bootstrap interval of the seed law's `b` and `c`. A negative `a`
-# would mean the low-resource languages lose *less* than the high-resource ones; `b > 0` then still
-# says the gap closes as bits grow, and `c > 0` that protection closes it. (iii) compares held-out
-# prediction error: `100 · (LOO RMSE(seed) / LOO RMSE(alternative) − 1)` over the cells both laws can
-# predict, with the interval of the same quantity over the bootstrap refits; it is SUPPORTED when the
-# whole interval lies below `LOO_MARGIN_PCT`. A parameter that stopped at a fitting bound (`at_bound`,
-# `boot_at_bound` above) has a censored interval: the verdict then only says on which side of 0 it lies,
-# not how large it is, and the hypothesis notes say so. `b` at its upper bound means the disparity falls
-# off faster between the fitted bit widths than any moderate exponential: a step more than a smooth law.
+# `H4.1-gap` (the premise) reads the disparity of the unprotected cell at the smallest bit width with a
+# defined disparity. (i) and (ii) are judged on the bootstrap interval of the seed law's `b` and `c`
+# (undefined when the fit stopped at a bound: a failed fit, so INCONCLUSIVE). A negative `a` means the
+# low-resource languages lose *less* than the high-resource ones; `b > 0` then still says the gap closes
+# as bits grow, and `c > 0` that protection closes it. (iii) compares held-out prediction error:
+# `100 · (LOO RMSE(seed) / LOO RMSE(alternative) − 1)` over the cells both laws can predict, with the
+# interval of the same quantity over the bootstrap refits; it is SUPPORTED when the whole interval lies
+# below `LOO_MARGIN_PCT`, and undefined when either law's fit failed at a bound.
 
 # %%
 a_seed = fit.estimate("seed", "a")
+gap_cell = measures.gap_cell(POLICY)
+premise = Hypothesis.evaluate(
+    "H4.1-gap", "there is a gap to shrink: with nothing protected, LR and HR languages lose different amounts",
+    measures.gap(POLICY), 0.0, ">", abs_value=True, family="premise", min_effect=0.01,
+    quantity=f"|D| at INT{gap_cell[0]}, nothing protected (bits per byte)" if gap_cell else "|D|")
 hypotheses = [
+    premise,
     Hypothesis.evaluate("H4.1-i", "disparity shrinks as bits grow: b > 0 in a*2^(-b*bits)*(1-c*p)",
-                        fit.estimate("seed", "b"), 0.0, ">", quantity="b",
-                        notes=f"a = {a_seed}. {fit.bound_note('seed', 'b')}".strip(". ")),
+                        fit.estimate("seed", "b"), 0.0, ">", quantity="b (per bit)", primary=True, min_effect=0.1,
+                        premise=premise, notes=f"a = {a_seed}. {fit.bound_note('seed', 'b')}".strip(". ")),
     Hypothesis.evaluate("H4.1-ii", "protecting more weights reduces disparity: c > 0 in a*2^(-b*bits)*(1-c*p)",
                         fit.estimate("seed", "c"), 0.0, ">", quantity="c (per unit p; per % point c/100)",
+                        family="protection effect", min_effect=0.2, premise=premise,
                         notes=f"a = {a_seed}. {fit.bound_note('seed', 'c')}".strip(". ")),
 ] + [
     Hypothesis.evaluate(f"H4.1-iii-{alt}",
                         f"the seed's law predicts held-out cells at least as well as {rd.MODELS[alt].formula}",
                         fit.loo_difference(alt), LOO_MARGIN_PCT, "<",
-                        quantity="100*(LOO RMSE seed / LOO RMSE alternative - 1)",
+                        quantity="100*(LOO RMSE seed / LOO RMSE alternative - 1)", family="law vs alternatives",
                         notes=f"absolute difference {fit.loo_difference(alt, relative=False)} bits per byte")
     for alt in MODELS if alt != "seed"
 ]
+hypotheses = adjust_families(hypotheses)
 for h in hypotheses:
     print(h.sentence())
 
@@ -250,7 +287,8 @@ for h in hypotheses:
 # error, the residual pattern in the fitted-laws figure and the parameters stopped at a bound; `free`
 # (one intercept per bit width) shows how much of the fit the `2^(-b·bits)` form itself explains.
 # Nothing here supports extrapolating outside the fitted bit widths and protected shares. The verdicts
-# below are computed from the intervals above and hold only for this configuration.
+# below are computed from the intervals above and hold only for this configuration: a law whose fit
+# stopped at a bound is reported as a failed fit (INCONCLUSIVE), not as "b is at least 8".
 
 # %%
 print(fit.describe())
@@ -271,6 +309,8 @@ metrics = {
     "params": fit.params,
     "frontier": measures.frontier(),
     "n_fit_boot": fit.n_fit_boot,
+    "boot_failed_frac": {m: fit.failed_fraction(m) for m in fit.fits},
+    "gap_cell": gap_cell,
     "fit_scope": fit.describe(),
     "seconds": sweep.seconds,
     "prefix_stats": sweep.prefix_stats,

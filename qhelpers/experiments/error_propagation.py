@@ -54,9 +54,11 @@ quantized", and the skipped blocks' values are those of the configuration that c
 Summaries (:func:`text_contrast`, :func:`text_means`, :func:`text_mean`): per-text values
 (or per-text contrasts between configurations, paired by construction) averaged over texts
 per language, pooled over languages (the mean of the language means) and, given groups, as
-the LR-minus-HR difference, each with a percentile bootstrap CI over texts. For a parallel
-corpus (the same text ids in every language, as UDHR) one resample of text ids serves every
-language, so pooled and LR-minus-HR intervals are paired across languages too.
+the LR-minus-HR difference, each with a bootstrap CI over texts: the interval method of
+:mod:`qhelpers.stats` (studentized, with delta-method standard errors, by default; percentile
+intervals of a mean undercover at small n). For a parallel corpus (the same text ids in every
+language, as UDHR) one resample of text ids serves every language, so pooled and LR-minus-HR
+intervals are paired across languages too.
 """
 from __future__ import annotations
 
@@ -105,6 +107,9 @@ __all__ = [
     "text_mean",
     "plot_error_growth",
     "plot_language_growth",
+    "T004_MIN_EFFECTS",
+    "T004_CONTRASTS",
+    "t004_claims",
 ]
 
 #: T-004's configurations (seed 000's names) and what each protects.
@@ -879,17 +884,22 @@ def _lang_values(frame: pd.DataFrame, value: str) -> dict[str, pd.Series]:
     return out
 
 
-def _replicates(values: Mapping[str, pd.Series], n_boot: int, seed: int) -> dict[str, np.ndarray]:
-    """Bootstrap replicates of each language's mean; one shared resample when every language
-    has the same text ids (paired across languages), else one per language."""
+def _replicates(values: Mapping[str, pd.Series], n_boot: int, seed: int) -> dict[str, "_stats.BootStat"]:
+    """Each language's mean over texts as a :class:`~qhelpers.stats.BootStat` (point, bootstrap
+    replicates and influence values); one shared resample, and one unit group, when every
+    language has the same text ids (paired across languages), else one per language."""
     ids = [tuple(s.index) for s in values.values()]
     parallel = all(i == ids[0] for i in ids)
     counts = _stats.language_counts({lang: len(s) for lang, s in values.items()}, n_boot, seed, parallel)
-    return {lang: counts[lang] @ np.nan_to_num(s.to_numpy(), nan=0.0) / len(s) for lang, s in values.items()}
+    out = {}
+    for lang, s in values.items():
+        v = np.nan_to_num(s.to_numpy(dtype=np.float64), nan=0.0)
+        out[lang] = _stats.BootStat.ratio_of_sums(v, np.ones(v.size), counts[lang], "texts" if parallel else lang)
+    return out
 
 
-def _estimate(values: Mapping[str, pd.Series], reps: Mapping[str, np.ndarray], plus: Sequence[str],
-              minus: Sequence[str], level: float) -> _stats.Estimate:
+def _estimate(values: Mapping[str, pd.Series], reps: Mapping[str, "_stats.BootStat"], plus: Sequence[str],
+              minus: Sequence[str], level: float, method: str = _stats.DEFAULT_METHOD) -> _stats.Estimate:
     langs = [*plus, *minus]
     n = int(min(len(values[x]) for x in langs))
     bad = {x: list(values[x].index[~np.isfinite(values[x].to_numpy())]) for x in langs}
@@ -899,13 +909,10 @@ def _estimate(values: Mapping[str, pd.Series], reps: Mapping[str, np.ndarray], p
         return _stats.Estimate.undefined(f"non-finite: the value is NaN or inf for {shown}", n, level)
     if n < 2:
         return _stats.Estimate.undefined(f"too few: a bootstrap interval needs >= 2 texts per language, got {n}", n, level)
-    point = np.mean([values[x].mean() for x in plus])
-    rep = np.mean([reps[x] for x in plus], axis=0)
+    stat = _stats.BootStat.mean([reps[x] for x in plus])
     if minus:
-        point = point - np.mean([values[x].mean() for x in minus])
-        rep = rep - np.mean([reps[x] for x in minus], axis=0)
-    lo, hi = _stats.percentile_interval(rep, level)
-    return _stats.Estimate(float(point), float(lo), float(hi), n, level)
+        stat = stat - _stats.BootStat.mean([reps[x] for x in minus])
+    return _stats.stat_estimate(stat, n, level, method)
 
 
 def _pick(present: Sequence[str], given: Sequence[str] | None, name: str) -> list[str]:
@@ -938,13 +945,17 @@ def text_mean(
     n_boot: int = 2000,
     seed: int = 0,
     level: float = 0.95,
+    method: str = _stats.DEFAULT_METHOD,
 ) -> _stats.Estimate:
     """Mean over ``langs`` (default every language) of each language's mean over texts of
     ``value``, minus the same over ``minus`` languages if given (e.g. LR minus HR), as an
-    :class:`~qhelpers.stats.Estimate` with a percentile bootstrap CI over texts (see the module
-    docstring). Undefined with a reason when a value is not finite or a language has fewer
-    than 2 texts. ``frame``: one row per (lang, text_id), e.g. from :func:`text_contrast`."""
+    :class:`~qhelpers.stats.Estimate` with a bootstrap CI over texts (``method``: the interval
+    method of :mod:`qhelpers.stats`, studentized by default; see the module docstring).
+    Undefined with a reason when a value is not finite, a language has fewer than 2 texts, or
+    the interval is unbounded (resamples that repeat one text). ``frame``: one row per
+    (lang, text_id), e.g. from :func:`text_contrast`."""
     _stats.check_level(level)
+    _stats.check_interval_method(method)
     values = _lang_values(frame, value)
     present = list(values)
     plus = present if langs is None else _pick(present, langs, "langs")
@@ -955,7 +966,7 @@ def text_mean(
     if overlap:
         raise ConfigError(f"languages {overlap} are in both langs and minus")
     used = {x: values[x] for x in dict.fromkeys([*plus, *minus_l])}
-    return _estimate(used, _replicates(used, n_boot, seed), plus, minus_l, level)
+    return _estimate(used, _replicates(used, n_boot, seed), plus, minus_l, level, method)
 
 
 class TextMeansOptions(TypedDict, total=False):
@@ -967,6 +978,7 @@ class TextMeansOptions(TypedDict, total=False):
     n_boot: int
     seed: int
     level: float
+    method: str
 
 
 def text_means(
@@ -979,6 +991,7 @@ def text_means(
     n_boot: int = 2000,
     seed: int = 0,
     level: float = 0.95,
+    method: str = _stats.DEFAULT_METHOD,
 ) -> pd.DataFrame:
     """Per group of the ``by`` columns: the mean of ``value`` over texts for each language,
     ``all`` (mean of the language means) and, when both groups are given, ``LR``, ``HR`` and
@@ -1008,10 +1021,87 @@ def text_means(
         for label, plus, minus in wanted:
             if any(x not in values for x in [*plus, *minus]):
                 continue
-            est = _estimate(values, reps, plus, minus, level)
+            est = _estimate(values, reps, plus, minus, level, method)
             rows.append({**dict(zip(by, keys)), "lang": label, value: est.value, f"{value}_ci_low": est.ci_low,
                          f"{value}_ci_high": est.ci_high, "n": est.n, "defined": est.defined, "reason": est.reason or ""})
     return pd.DataFrame(rows, columns=[*by, "lang", value, f"{value}_ci_low", f"{value}_ci_high", "n", "defined", "reason"])
+
+
+# ----------------------------------------------------------------------------- T-004's hypotheses
+
+#: The smallest effects of practical size of T-004's hypotheses (``min_effect``), per quantity:
+#: output KL 0.01 nats per predicted token (a few per cent of what INT4 costs a 135M model),
+#: relative L2 error 0.01 (one per cent of the activation norm), KL in bits per byte 0.01 (the
+#: project's bits-per-byte minimum effect). The cosine gain belongs to a sanity check: none.
+T004_MIN_EFFECTS: dict[str, float] = {"kl": 0.01, "rel_l2": 0.01, "kl_bpb": 0.01, "cosine": 0.0}
+
+#: T-004's per-text contrasts of configurations.
+T004_CONTRASTS: dict[str, dict[str, float]] = {
+    "l0_gain": {"gateway_protected": 1, "last_protected": -1},
+    "l0_reduction": {"last_protected": 1, "gateway_protected": -1},
+    "interaction": {"first_protected": 1, "gateway_protected": -1, "all_quantized": -1, "last_protected": 1},
+}
+
+
+def t004_claims(
+    prop: "Propagation",
+    lr_langs: Sequence[str],
+    hr_langs: Sequence[str],
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """T-004's hypotheses (seed 004, H2.1) from a :func:`residual_propagation` of the
+    :func:`propagation_variants`: one dict of keyword arguments of
+    :meth:`qhelpers.report.results.Hypothesis.evaluate` per hypothesis (the notebook evaluates
+    them), each with its estimate and its role:
+
+    * ``H2.1-interaction`` (primary): the seed's claim "without L0 protection, L_last protection
+      is useless" in a form that more protection alone cannot make true, protecting L_last
+      removes more output KL when L0 is protected than when it is quantized,
+      ``[KL(L0) - KL(L0+L_last)] - [KL(all) - KL(L_last)] > 0``;
+    * ``H2.1`` and ``H2.1-output``: sanity checks (``kind="sanity check"``). "Activations at
+      L_last (or the output) are closer to FP when L0 is protected too" compares a configuration
+      with one more full-precision layer against one with fewer, so it holds by construction up
+      to rare error cancellation; they are reported apart, never as findings;
+    * ``LR-error-L_last``, ``LR-error-output`` (family "LR vs HR"): with every layer quantized
+      the LR languages' error exceeds the HR languages' (relative error at L_last; output KL per
+      byte, which compares the same content).
+
+    Minimum effects: :data:`T004_MIN_EFFECTS`.
+    """
+    last = prop.last
+    est = dict(n_boot=n_boot, seed=seed)
+    gain_cos = text_contrast(prop.layers, "cosine", T004_CONTRASTS["l0_gain"], layer=last)
+    gain_kl = text_contrast(prop.logits, "kl", T004_CONTRASTS["l0_reduction"])
+    interaction = text_contrast(prop.logits, "kl", T004_CONTRASTS["interaction"])
+    err_last = text_contrast(prop.layers, "rel_l2", {"all_quantized": 1}, layer=last)
+    err_out = text_contrast(prop.logits, "kl_bpb", {"all_quantized": 1})
+    groups = dict(langs=list(lr_langs), minus=list(hr_langs), **est)
+    by_construction = "one more full-precision layer: closer to FP by construction (up to rare error cancellation)"
+    return [
+        dict(id="H2.1-interaction",
+             statement="protecting L_last removes more output error when L0 is protected than when L0 is quantized",
+             estimate=text_mean(interaction, **est), threshold=0.0, direction=">",
+             quantity="[KL(L0) - KL(L0+L_last)] - [KL(all) - KL(L_last)], nats per token",
+             primary=True, min_effect=T004_MIN_EFFECTS["kl"]),
+        dict(id="H2.1",
+             statement="activations at L_last are more similar to FP when L0 is protected too (L0 + L_last vs L_last protected)",
+             estimate=text_mean(gain_cos, **est), threshold=0.0, direction=">",
+             quantity="cosine(L0+L_last) - cosine(L_last)", kind="sanity check", notes=by_construction),
+        dict(id="H2.1-output",
+             statement="the output distribution is closer to FP when L0 is protected too (L0 + L_last vs L_last protected)",
+             estimate=text_mean(gain_kl, **est), threshold=0.0, direction=">",
+             quantity="KL(L_last) - KL(L0+L_last)", kind="sanity check", notes=by_construction),
+        dict(id="LR-error-L_last",
+             statement="with every layer quantized, the LR languages' residual stream at L_last is further from FP than the HR languages'",
+             estimate=text_mean(err_last, **groups), threshold=0.0, direction=">", quantity="rel_l2 LR - HR",
+             family="LR vs HR", min_effect=T004_MIN_EFFECTS["rel_l2"]),
+        dict(id="LR-error-output",
+             statement="with every layer quantized, the LR languages' output diverges more from FP per byte of text than the HR languages'",
+             estimate=text_mean(err_out, **groups), threshold=0.0, direction=">", quantity="KL bits per byte LR - HR",
+             family="LR vs HR", min_effect=T004_MIN_EFFECTS["kl_bpb"]),
+    ]
 
 
 # ----------------------------------------------------------------------------- figures

@@ -759,8 +759,10 @@ def config_difference(
     vocab_size: int | None = None,
     collapse_ppl: float | None = None,
     allow_collapsed: bool = False,
+    method: str = _stats.DEFAULT_METHOD,
 ) -> _stats.Estimate:
-    """Mean over ``langs`` of ``metric(config_a) - metric(config_b)``, paired bootstrap CI.
+    """Mean over ``langs`` of ``metric(config_a) - metric(config_b)``, paired bootstrap CI
+    (``method``: the interval method of :mod:`qhelpers.stats`, studentized by default).
 
     ``metric`` is a per-language change of :func:`qhelpers.stats.language_table`
     (``"delta_bpb"`` by default; per language the token- or byte-weighted aggregate over its
@@ -776,14 +778,13 @@ def config_difference(
     if str(config_a) == str(config_b):
         raise ConfigError(f"config_a and config_b are the same config {config_a!r}")
     configs = [str(config_a), str(config_b)]
-    eng = _stats.PairedScores(scores, baseline, configs, langs, n_boot, seed, level)
+    eng = _stats.PairedScores(scores, baseline, configs, langs, n_boot, seed, level, method)
     n = eng.n_min(eng.langs)
     why = eng.undefined_reason(configs, eng.langs, allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
     if why:
         return _stats.Estimate.undefined(why, n, level)
-    pa, ba = eng.group_mean(configs[0], eng.langs, metric)
-    pb, bb = eng.group_mean(configs[1], eng.langs, metric)
-    return _stats.diff_estimate(pa - pb, ba - bb, n, level)
+    # the interval method of qhelpers.stats (studentized by default), on the paired statistic
+    return eng.estimate(eng.group_stat(configs[0], eng.langs, metric) - eng.group_stat(configs[1], eng.langs, metric), n)
 
 
 def mean_change_table(
@@ -807,8 +808,7 @@ def mean_change_table(
     eng = _stats.PairedScores(scores, baseline, configs, langs, n_boot, seed, level)
     rows = []
     for c in eng.configs:
-        p, b = eng.group_mean(c, eng.langs, metric)
-        est = _stats.diff_estimate(p, b, eng.n_min(eng.langs), level)
+        est = eng.estimate(eng.group_stat(c, eng.langs, metric), eng.n_min(eng.langs))
         note = eng.undefined_reason([c], eng.langs) or ""
         row = {"config": c, "mean": est.value, "mean_ci_low": est.ci_low, "mean_ci_high": est.ci_high,
                "n": est.n, "collapsed": note.startswith("collapsed"), "note": note}

@@ -16,6 +16,14 @@ Disparity, by protocol (``D`` below; lower means low-resource languages lose les
     degradation(en)`` with ``degradation = (ppl_q - ppl_fp) / ppl_fp`` (parity 1). Per
     language: ``degradation(lang) / degradation(en)``.
 
+Equal-overhead controls (:meth:`IndexStudy.control_comparison`): a control (random or
+magnitude element protection, random layer pairs) is compared with the structural protection
+(L0 + L_last) at the same number of full-precision parameters (checked, 1 % tolerance), on
+each group separately: the extra change in bits per byte of the LR and of the HR languages
+under the control. "The control fails" (:meth:`IndexStudy.control_fails`) means the LR
+languages lose more under it; ``D(control) - D(structure)`` is not used for that, since a
+control that spares the HR languages more raises ``D`` even when both groups lose less.
+
 Every estimate's ``value`` is the plain arithmetic of the protocol on the language aggregates
 (for the seeds' single-sentence corpus, exactly the seeds' numbers), also when the estimate is
 undefined: ``defined=False`` with a reason when the model collapsed (:mod:`qhelpers.stats.scores`
@@ -44,6 +52,8 @@ from qhelpers.util.errors import ConfigError
 
 __all__ = [
     "PRIMARY",
+    "MIN_EFFECTS",
+    "CONTENT_METRIC",
     "INDEX_PARETO",
     "StudyPlan",
     "IndexStudy",
@@ -59,6 +69,21 @@ PRIMARY: dict[str, dict[str, Any]] = {
     "seed": {"measure": "ratio", "metric": "degradation", "parity": 1.0,
              "label": "mean LR degradation / degradation of the reference (en)"},
 }
+
+#: The smallest difference of practical size, per disparity metric: a hypothesis's ``min_effect``
+#: (SUPPORTED needs its interval to clear the threshold by this much). Bits per byte: 0.01, half a
+#: percent of a ~2 bits-per-byte baseline and about a tenth of what INT4 costs SmolLM2. Bits per
+#: parallel paragraph: 1.5, the same 0.01 bits per byte on a median UDHR paragraph (~150 bytes).
+#: The seeds' ratio of degradations (parity 1): 0.1, a tenth of parity. Correlations: 0.1.
+MIN_EFFECTS: dict[str, float] = {
+    "delta_bpb": 0.01,
+    "delta_bits_per_paragraph": 1.5,
+    "degradation": 0.1,
+    "correlation": 0.1,
+}
+
+#: The content-matched metric (issue 11): Delta bits for the same paragraph in every language.
+CONTENT_METRIC = "delta_bits_per_paragraph"
 
 #: Seed 002's Pareto table (GPT-2 small, seed protocol, one sentence per language).
 INDEX_PARETO = pd.DataFrame(
@@ -281,6 +306,28 @@ class IndexStudy:
         return float(self.primary["parity"])
 
     @property
+    def parallel(self) -> bool:
+        """Whether every language has the same text ids (a parallel corpus such as UDHR)."""
+        base = self.sweep.scores[self.sweep.scores["config"] == self.sweep.baseline]
+        ids = {lang: frozenset(part["text_id"].astype(str)) for lang, part in base.groupby("lang")}
+        return len(set(ids.values())) == 1
+
+    def primary_metric(self) -> str:
+        """The metric of the primary hypothesis: under ``sound``, the content-matched
+        :data:`CONTENT_METRIC` when the statistics layer offers it and the corpus is parallel,
+        else the protocol's own metric (``delta_bpb``; ``degradation`` under ``seed``)."""
+        if self.protocol == "sound" and CONTENT_METRIC in stats.METRICS and self.parallel:
+            return CONTENT_METRIC
+        return str(self.primary["metric"])
+
+    def min_effect(self, metric: str | None = None) -> float:
+        """:data:`MIN_EFFECTS` of ``metric`` (default: the protocol's)."""
+        metric = metric or str(self.primary["metric"])
+        if metric not in MIN_EFFECTS:
+            raise ConfigError(f"no minimum effect is set for metric {metric!r}; known: {list(MIN_EFFECTS)}")
+        return MIN_EFFECTS[metric]
+
+    @property
     def configs(self) -> list[str]:
         return [c for c in self.sweep.configs if c != self.sweep.baseline]
 
@@ -316,10 +363,10 @@ class IndexStudy:
     @staticmethod
     def _finish(estimate: Estimate, raw: float, n: int) -> Estimate:
         raw = raw if math.isfinite(raw) else math.nan
+        if n < 2 and not (estimate.reason or "").startswith(("collapsed", "non-finite")):
+            return Estimate.undefined(_TOO_FEW.format(n=n), n, estimate.level, value=raw)
         if not estimate.defined:
             return Estimate.undefined(short_reason(estimate.reason), n, estimate.level, value=raw)
-        if n < 2:
-            return Estimate.undefined(_TOO_FEW.format(n=n), n, estimate.level, value=raw)
         return estimate
 
     def _kwargs(self) -> dict[str, Any]:
@@ -353,6 +400,124 @@ class IndexStudy:
         )
         raw = sum(w * self.disparity(c, measure, metric).value for c, w in weights.items())
         return self._finish(est, raw, self._n(lr + hr))
+
+    # ------------------------------------------------------------------ group damage, equal overhead
+    def group_langs(self, group: str) -> list[str]:
+        """The languages of ``group``: "LR", "HR" or "all"."""
+        if group == "LR":
+            return list(self.lr_langs)
+        if group == "HR":
+            if not self.hr_langs:
+                raise ConfigError("no HR language was measured; add one to LANGS and HR_LANGS")
+            return list(self.hr_langs)
+        if group == "all":
+            return list(self.langs)
+        raise ConfigError(f"group must be 'LR', 'HR' or 'all', got {group!r}")
+
+    def group_contrast(self, weights: Mapping[str, float], group: str = "LR", metric: str = "delta_bpb") -> Estimate:
+        """``sum_c w_c * mean_{lang in group} metric(c, lang)`` with a paired bootstrap CI over
+        texts (one resample for every config and language; texts of a parallel corpus are
+        resampled together across languages).
+
+        With ``{"control": 1, "structure": -1}`` and the default metric this is how much more
+        the group loses (bits per byte) under the control than under the structure; positive:
+        the control leaves more damage. Undefined (reason passed on) when a config involved
+        collapses the model or has non-finite scores, or with one text per language.
+        """
+        if not weights:
+            raise ConfigError("group_contrast needs at least one {config: weight}")
+        stats.check_metric(metric)
+        missing = self.missing(*weights)
+        if missing:
+            raise ConfigError(f"group_contrast: {missing}")
+        langs = self.group_langs(group)
+        configs = [str(c) for c in weights]
+        eng = stats.PairedScores(self._scores(configs), self.sweep.baseline, configs, langs, self.n_boot, self.seed, 0.95)
+        n = eng.n_min(langs)
+        why = eng.undefined_reason(configs, langs, vocab_size=self.vocab_size)
+        raw = sum(w * float(np.mean([self._point[metric][(str(c), lang)] for lang in langs])) for c, w in weights.items())
+        if why:
+            return Estimate.undefined(short_reason(why), n, value=raw if math.isfinite(raw) else math.nan)
+        total = None
+        for c, w in weights.items():
+            stat = eng.group_stat(str(c), langs, metric) * float(w)
+            total = stat if total is None else total + stat
+        return self._finish(eng.estimate(total, n), raw, n)
+
+    def kept_params(self, config: str) -> int:
+        """Parameters of the quantized scope that ``config`` leaves in full precision (its
+        overhead in parameters: the same count means equal overhead)."""
+        row = self.sweep.overhead.set_index("config").loc[config]
+        if "scope_params" in row and "quantized_params" in row and pd.notna(row["scope_params"]):
+            return int(row["scope_params"]) - int(row["quantized_params"])
+        raise ConfigError(f"the sweep's overhead table has no scope_params/quantized_params for {config!r}; "
+                          "run the strategies with measure.sweep.run_sweep")
+
+    def overhead_mismatch(self, configs: Sequence[str], reference: str, rtol: float = 0.01) -> str | None:
+        """None when every config keeps the same number of full-precision parameters as
+        ``reference`` (within ``rtol``, relative), else a reason naming the counts."""
+        ref = self.kept_params(reference)
+        bad = {c: self.kept_params(c) for c in configs if abs(self.kept_params(c) - ref) > rtol * max(ref, 1)}
+        if not bad:
+            return None
+        shown = ", ".join(f"{c} {k:,}" for c, k in bad.items())
+        return (f"unequal overhead: {reference} keeps {ref:,} parameters in full precision, {shown} "
+                f"(differ by more than {rtol:.0%}); compare strategies at the same overhead")
+
+    def control_comparison(self, control: Mapping[str, float] | str, structure: str | None = None,
+                           metric: str = "delta_bpb", rtol: float = 0.01) -> dict[str, Any]:
+        """A control (e.g. magnitude element protection) against the structural protection
+        (default L0 + L_last) at equal overhead, on both groups.
+
+        ``control``: a strategy name, or weights averaging several (random layer draws,
+        weights summing to 1). Returns ``{"LR": Estimate, "HR": Estimate, "kept": {...},
+        "reason": str | None}``: per group the mean change under the control minus under the
+        structure (positive: the control leaves the group more damage). Both estimates are
+        undefined with ``reason`` when the overheads differ by more than ``rtol``.
+        """
+        structure = structure or (self.plan.gateway if self.plan is not None else None)
+        if structure is None:
+            raise ConfigError("control_comparison needs the structural strategy; pass structure='L0+L<last>'")
+        weights = {control: 1.0} if isinstance(control, str) else {str(c): float(w) for c, w in control.items()}
+        if abs(sum(weights.values()) - 1.0) > 1e-9:
+            raise ConfigError(f"control weights must sum to 1 (an average of strategies), got {weights}")
+        contrast = {**weights, structure: -1.0}
+        reason = self.overhead_mismatch(list(weights), structure, rtol)
+        kept = {c: self.kept_params(c) for c in [*weights, structure]}
+        out: dict[str, Any] = {"kept": kept, "reason": reason}
+        for group in ("LR", "HR"):
+            est = self.group_contrast(contrast, group, metric)
+            out[group] = Estimate.undefined(reason, est.n, value=est.value) if reason else est
+        return out
+
+    def control_fails(self, control: Mapping[str, float] | str, structure: str | None = None,
+                      metric: str = "delta_bpb", group: str = "LR", rtol: float = 0.01) -> Estimate:
+        """The index's "control X at equal overhead fails" (exp055/056) as an estimate: how much
+        more the ``group`` languages (default LR, whose protection the index is about) lose under
+        the control than under the structural protection, at the same number of full-precision
+        parameters. Positive: the control fails (it leaves more damage); negative: the control
+        protects the group better. Unlike ``D(control) - D(structure)``, it cannot call a control
+        a failure that leaves both groups less damage (a lower HR loss raises ``D``).
+        Undefined when the overheads differ (see :meth:`control_comparison`)."""
+        return self.control_comparison(control, structure, metric, rtol)[group]
+
+    def control_table(self, controls: Mapping[str, Mapping[str, float] | str], structure: str | None = None,
+                      metric: str = "delta_bpb") -> pd.DataFrame:
+        """One row per (control, group): full-precision parameters of control and structure,
+        and the group's extra change under the control with its interval."""
+        rows = []
+        structure = structure or (self.plan.gateway if self.plan is not None else None)
+        for name, control in controls.items():
+            comp = self.control_comparison(control, structure, metric)
+            weights = [control] if isinstance(control, str) else list(control)
+            for group in ("LR", "HR"):
+                est = comp[group]
+                rows.append({"control": name, "group": group,
+                             "kept_control": float(np.mean([comp["kept"][c] for c in weights])),
+                             "kept_structure": comp["kept"][structure],
+                             f"extra_{metric}": est.value, "ci_low": est.ci_low, "ci_high": est.ci_high,
+                             "defined": est.defined, "reason": est.reason or ""})
+        return pd.DataFrame(rows)
 
     def per_language(self, config: str) -> dict[str, Estimate]:
         """Per-language disparity against the reference: ``degradation(lang) / degradation(en)``

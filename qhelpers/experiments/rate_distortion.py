@@ -45,8 +45,13 @@ Every model is compared by R^2, AIC, AICc and BIC (Gaussian likelihood with the 
 variance as one more parameter) and by leave-one-out (LOO) prediction error over cells.
 Parameter CIs and the CI of the LOO difference come from refitting every model on paired
 bootstrap replicates of the grid (one resample of texts for all cells, so the replicate grid
-keeps the cells' correlation). A fitted law describes the measured grid of one model, corpus
-and quantizer; it is not a lower bound (see :meth:`RDFit.describe`).
+keeps the cells' correlation). A fit that stops at a parameter bound (``b`` in [-4, 8], ``c``
+in [-10, 10], ``|a|`` <= 100 x max |disparity|) is a FAILED fit, not a censored estimate: the
+point fit at a bound makes every estimate of that law undefined (reason ``"fit at bound:
+..."``, so the verdict is INCONCLUSIVE), and bootstrap refits at a bound count as failed
+refits, left out and reported as a fraction (more than (1 - level) / 2 failed: the interval is
+undefined too). A fitted law describes the measured grid of one model, corpus and quantizer;
+it is not a lower bound (see :meth:`RDFit.describe`).
 """
 from __future__ import annotations
 
@@ -417,6 +422,28 @@ class GridMeasures:
         out.columns.name = "protect %"
         return out
 
+    def gap(self, policy: str | None = None) -> _stats.Estimate:
+        """The disparity of the unprotected cell (smallest ``p``) at the smallest bit width whose
+        disparity is defined: the gap a law in bits and protection would shrink, with its CI.
+        Undefined (reason) when no such cell is defined."""
+        t = _policy_rows(self.table, policy)
+        ok = t[t["defined"]]
+        if ok.empty:
+            n = int(t["n"].min()) if len(t) else 0
+            return _stats.Estimate.undefined("too few: no grid cell has a defined disparity", n, self.level)
+        row = ok.sort_values(["bits", "p"]).iloc[0]
+        return _stats.Estimate(float(row["disparity"]), float(row["disparity_ci_low"]), float(row["disparity_ci_high"]),
+                               int(row["n"]), self.level)
+
+    def gap_cell(self, policy: str | None = None) -> tuple[int, float] | None:
+        """``(bits, pct)`` of the cell :meth:`gap` reads (None when none is defined)."""
+        t = _policy_rows(self.table, policy)
+        ok = t[t["defined"]]
+        if ok.empty:
+            return None
+        row = ok.sort_values(["bits", "p"]).iloc[0]
+        return int(row["bits"]), float(row["pct"])
+
     def excluded(self, policy: str | None = None) -> pd.DataFrame:
         """Cells left out of the fit and why."""
         t = _policy_rows(self.table, policy)
@@ -477,20 +504,16 @@ def grid_measures(
     for c in configs:
         n = eng.n_min(lr + hr)
         why = eng.nonfinite_reason([c], lr + hr) or eng.collapse_reason([c], lr + hr, collapse_bpb, vocab_size, None)
-        lp, lb = eng.group_mean(c, lr, "delta_bpb")
-        hp, hb = eng.group_mean(c, hr, "delta_bpb")
-        est = _stats.Estimate.undefined(why, n, level) if why else _stats.diff_estimate(lp - hp, lb - hb, n, level)
-        dp, db = eng.group_mean(c, langs, "delta_bpb")
-        dist = _stats.diff_estimate(dp, db, eng.n_min(langs), level)
-        disp_reps[c] = (lb - hb) if est.defined else np.full(eng.n_boot, np.nan)
-        dist_reps[c] = db if dist.defined else np.full(eng.n_boot, np.nan)
-        if why:
-            ratio = _stats.Estimate.undefined(why, n, level)
-        else:  # the seeds' ratio, as stats.disparity computes it, on the same resample
-            rp, rb = eng.group_mean(c, lr, "degradation")
-            sp, sb = eng.group_mean(c, hr, "degradation")
-            ratio = _stats.ratio_estimate(rp, rb, sp, sb, n, level, 1e-9, f"mean HR degradation ({', '.join(hr)})",
-                                           "the disparity column (LR - HR change in bits per byte)")
+        # the disparity and the seeds' ratio exactly as stats.disparity_difference / stats.disparity
+        # compute them (same resample, same interval method)
+        d_est, d_stat = eng.disparity(c, lr, hr, "delta_bpb", "difference")
+        est = _stats.Estimate.undefined(why, n, level) if why else d_est
+        lp, hp = eng.group_stat(c, lr, "delta_bpb").point, eng.group_stat(c, hr, "delta_bpb").point
+        dist_stat = eng.group_stat(c, langs, "delta_bpb")
+        dist = eng.estimate(dist_stat, eng.n_min(langs))
+        disp_reps[c] = d_stat.reps if est.defined else np.full(eng.n_boot, np.nan)
+        dist_reps[c] = dist_stat.reps if dist.defined else np.full(eng.n_boot, np.nan)
+        ratio = _stats.Estimate.undefined(why, n, level) if why else eng.disparity(c, lr, hr, "degradation", "ratio")[0]
         p = float(overhead.loc[c, "scope_kept_fraction"])
         per_config[c] = {
             "p": p,
@@ -921,27 +944,62 @@ class RDFit:
     level: float
     #: per model, how many bootstrap refits stopped each parameter at a fitting bound
     boot_at_bound: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: bootstrap replicates refitted (those whose cells are all finite)
+    boot_tried: int = 0
+    #: per model, how many refits failed: the solver failed or a parameter stopped at a bound
+    boot_failed: dict[str, int] = field(default_factory=dict)
+
+    def failed_fraction(self, model: str) -> float:
+        """Share of the bootstrap refits of ``model`` that failed (solver failure or a parameter
+        at a fitting bound); NaN when none was attempted."""
+        return self.boot_failed.get(model, 0) / self.boot_tried if self.boot_tried else math.nan
+
+    def bound_reason(self, model: str) -> str | None:
+        """``"fit at bound: ..."`` when the point fit of ``model`` stopped at a fitting bound (a
+        failed fit: the least-squares optimum lies outside the allowed range, so its parameters
+        and intervals mean nothing beyond "at or past the bound"); None otherwise."""
+        fit = self.fits.get(model)
+        if fit is None or not fit.defined or not fit.at_bound:
+            return None
+        sides = _at_bound(MODELS[model], fit.theta, self.cells["disparity"].to_numpy(float), fit.levels)
+        where = ", ".join(f"{k} = {fit.params[k]:.4g} ({sides.get(k, 'a')} bound)" for k in fit.at_bound)
+        return (f"fit at bound: the {model} fit stopped at {where}; a fit at a parameter bound is a failed fit "
+                f"(the data fall off faster or slower than the law allows), so its estimates are undefined")
+
+    def _boot_reason(self, model: str, what: str = "bootstrap refits") -> str | None:
+        """Why a bootstrap interval of ``model`` is undefined: more than (1 - level) / 2 of its
+        refits failed (the interval's end would sit on the censored refits); None otherwise."""
+        frac = self.failed_fraction(model)
+        if not math.isfinite(frac) or frac <= (1.0 - self.level) / 2:
+            return None
+        return (f"fit at bound: {self.boot_failed.get(model, 0)} of {self.boot_tried} {what} of {model} failed "
+                f"(a parameter at a fitting bound or no convergence; {frac:.0%} > {(1 - self.level) / 2:.1%}), "
+                "so the interval would be censored")
 
     def bound_note(self, model: str, param: str) -> str:
-        """A sentence when ``param`` stopped at a fitting bound (its estimate and interval are then
-        censored there: the data only say it lies at or beyond the bound); "" otherwise."""
+        """A sentence on fitting bounds: whether the point fit stopped at one (a failed fit) and
+        what share of the bootstrap refits failed (at a bound or without convergence; they are
+        left out of every interval); "" when none did."""
         fit = self.fits.get(model)
         if fit is None or not fit.defined:
             return ""
-        n_boot = self.boot_at_bound.get(model, {}).get(param, 0)
-        side = dict(_at_bound(MODELS[model], fit.theta, self.cells["disparity"].to_numpy(float), fit.levels)).get(param)
-        if side is None and n_boot == 0:
-            return ""
-        ok = int(self.comparison.set_index("model").loc[model, "boot_ok"]) if len(self.comparison) else 0
-        where = f"in the point fit and {n_boot} of {ok} bootstrap refits" if side else f"in {n_boot} of {ok} bootstrap refits"
-        value = fit.params[param]
-        censored = ""
-        if side is not None:
-            censored = f"; censored: the data say only {param} {'>=' if side == 'upper' else '<='} {value:.4g}"
-        return f"{model} {param} stopped at a fitting bound {where}{censored}"
+        n_param = self.boot_at_bound.get(model, {}).get(param, 0)
+        failed = self.boot_failed.get(model, 0)
+        parts = []
+        if param in fit.at_bound:
+            parts.append(f"{model} {param} = {fit.params[param]:.4g} is at a fitting bound: a failed fit")
+        elif fit.at_bound:
+            parts.append(f"the {model} fit stopped at a bound ({', '.join(fit.at_bound)}): a failed fit")
+        if failed:
+            parts.append(f"{failed} of {self.boot_tried} bootstrap refits failed ({failed / max(self.boot_tried, 1):.0%}; "
+                         f"{n_param} with {param} at a bound) and are left out of the interval")
+        return "; ".join(parts)
 
     def estimate(self, model: str, param: str) -> _stats.Estimate:
-        """A parameter as an :class:`~qhelpers.stats.Estimate` (point fit, bootstrap CI; n = texts)."""
+        """A parameter as an :class:`~qhelpers.stats.Estimate` (point fit, percentile CI of the
+        bootstrap refits that did not fail; n = texts). Undefined with ``"fit at bound: ..."``
+        when the point fit stopped at a fitting bound, or when more than (1 - level) / 2 of the
+        refits failed (:meth:`failed_fraction`)."""
         if model not in self.fits:
             raise ConfigError(f"model {model!r} was not fitted (fitted: {list(self.fits)})")
         fit = self.fits[model]
@@ -950,9 +1008,12 @@ class RDFit:
                                              self.n_texts, self.level)
         if param not in fit.params:
             raise ConfigError(f"model {model!r} has no parameter {param!r}; parameters: {list(fit.params)}")
+        value = fit.params[param]
+        why = self.bound_reason(model) or self._boot_reason(model)
+        if why:
+            return _stats.Estimate.undefined(why, self.n_texts, self.level, value=value)
         reps = self.boot_params[model][param].to_numpy(float) if model in self.boot_params else np.array([])
         reps = reps[np.isfinite(reps)]
-        value = fit.params[param]
         if reps.size < 2:
             return _stats.Estimate.undefined("too few: no bootstrap refit succeeded", self.n_texts, self.level, value=value)
         lo, hi = _stats.percentile_interval(reps, self.level)
@@ -978,6 +1039,11 @@ class RDFit:
         if ea is None or eb is None:
             return _stats.Estimate.undefined("too few: the fits were made without leave-one-out", self.n_texts, self.level)
         value = _loo_stat(ea, eb, relative)
+        for name in (model, alternative):
+            why = self.bound_reason(name) or self._boot_reason(name, "bootstrap LOO refits")
+            if why:
+                return _stats.Estimate.undefined(why, self.n_texts, self.level,
+                                                 value=value if math.isfinite(value) else math.nan)
         col_a, col_b = f"{model}_loo", f"{alternative}_loo"
         if not math.isfinite(value):
             return _stats.Estimate.undefined("non-finite: no cell that both models can predict held out "
@@ -1038,7 +1104,11 @@ def fit_grid(
     first ``n_fit_boot`` (None: all) paired replicates of the grid; every model is refitted
     on each (warm-started from the point fit) and, with ``loo``, its leave-one-out errors
     recomputed, giving the CIs of :meth:`RDFit.estimate` and :meth:`RDFit.loo_difference`.
-    Replicates whose fit fails are dropped (their count is in ``comparison.boot_ok``).
+    A refit fails when the solver fails or a parameter stops at a fitting bound; failed refits
+    are left out of every interval and counted (``comparison.boot_ok``, ``boot_failed``,
+    ``boot_failed_frac``; per parameter ``params.boot_at_bound``). A point fit at a bound is a
+    failed fit: its estimates are undefined (:meth:`RDFit.bound_reason`), and so is an interval
+    when more than (1 - level) / 2 of the refits failed.
     """
     if isinstance(models, str) or not models:
         raise ConfigError(f"models must be a non-empty list such as ['seed', 'exp', 'free'], got {models!r}")
@@ -1065,6 +1135,7 @@ def fit_grid(
     boot_loo: dict[str, list[Any]] = {f"{m.name}_loo": [] for m in specs}
     ok_counts = {m.name: 0 for m in specs}
     boot_bound: dict[str, dict[str, int]] = {m.name: {} for m in specs}
+    tried = 0
     defined = [m for m in specs if fits[m.name].defined]
     if defined:
         items: Iterable[int] = range(n_use)
@@ -1076,16 +1147,18 @@ def fit_grid(
             yr = reps[r]
             if not np.all(np.isfinite(yr)):
                 continue
+            tried += 1
             for m in defined:
                 fit = fits[m.name]
                 theta, ok = _fit_theta(m, bits, p, yr, fit.levels, fit.bref, p0=fit.theta)
-                if not ok:
+                bound = _at_bound(m, theta, yr, fit.levels) if ok else {}
+                for name in bound:
+                    boot_bound[m.name][name] = boot_bound[m.name].get(name, 0) + 1
+                if not ok or bound:  # a refit at a bound is a failed refit, like one that did not converge
                     boot_params[m.name].append({k: math.nan for k in fit.params})
                     boot_loo[f"{m.name}_loo"].append(None)
                     continue
                 ok_counts[m.name] += 1
-                for name in _at_bound(m, theta, yr, fit.levels):
-                    boot_bound[m.name][name] = boot_bound[m.name].get(name, 0) + 1
                 boot_params[m.name].append(m.report(theta, fit.levels, fit.bref))
                 boot_loo[f"{m.name}_loo"].append(
                     _loo_errors(m, bits, p, yr, fit.levels, fit.bref, theta) if loo else None)
@@ -1095,11 +1168,14 @@ def fit_grid(
         best = comparison[crit].min(skipna=True)
         comparison[f"delta_{crit}"] = comparison[crit] - best
     comparison["boot_ok"] = [ok_counts[m.name] for m in specs]
+    failed = {m.name: (tried - ok_counts[m.name]) if fits[m.name].defined else 0 for m in specs}
+    comparison["boot_failed"] = [failed[m.name] for m in specs]
+    comparison["boot_failed_frac"] = [failed[m.name] / tried if tried and fits[m.name].defined else math.nan for m in specs]
     prow = []
     boot_frames = {name: pd.DataFrame(v) for name, v in boot_params.items() if v}
     out = RDFit(policy, fits, comparison, pd.DataFrame(), used, excluded, boot_frames,
                 pd.DataFrame({k: v for k, v in boot_loo.items() if v}) if any(boot_loo.values()) else pd.DataFrame(),
-                n_texts, n_use, measures.level, boot_bound)
+                n_texts, n_use, measures.level, boot_bound, boot_tried=tried, boot_failed=failed)
     for m in specs:
         for name in fits[m.name].params:
             est = out.estimate(m.name, name)
