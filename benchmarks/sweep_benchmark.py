@@ -18,6 +18,10 @@ Ways (see benchmarks/README.md):
 * ``engine``: :func:`qhelpers.measure.sweep.run_sweep` with its default, fresh
   :class:`~qhelpers.quant.engine.QuantEngine` (streaming on CPU, resident on CUDA), prefix caching off.
 * ``engine+prefix``: the same with prefix caching on.
+* ``engine+damage``, ``engine+prefix+damage``: the same two, also measuring the damage card
+  (per-token KL to the full model over the full vocabulary, top-1 agreement, KL histogram;
+  :meth:`qhelpers.measure.scoring.Scorer.score` with ``damage=``). ``damage/plain`` in the
+  output is its cost over the plain sweep (issue target: <= 1.3x on CPU).
 
 Reference lines:
 
@@ -78,7 +82,7 @@ from qhelpers.models.loading import (
 from qhelpers.quant.engine import Variant  # noqa: E402
 from qhelpers.quant.protection import ProtectionSpec, resolve_plan  # noqa: E402
 from qhelpers.quant.quantizers import QuantConfig, fake_quantize  # noqa: E402
-from qhelpers.text.corpora import load_corpus  # noqa: E402
+from qhelpers.text.corpora import SEED_LANGS, load_corpus  # noqa: E402
 
 #: Randomly initialised models of real architectures and sizes (no download: configs only,
 #: with the packaged GPT-2 tokenizer). Config values are those of the hub checkpoints.
@@ -106,7 +110,9 @@ PEAK_TFLOPS: list[tuple[tuple[str, ...], float]] = [
     (("A100",), 312.0),
 ]
 
-WAYS = ("seed", "engine", "engine+prefix")
+WAYS = ("seed", "engine", "engine+prefix", "engine+damage", "engine+prefix+damage")
+#: Ways that also measure the damage card (KL to the full model, top-1 agreement, KL histogram).
+DAMAGE_WAYS = ("engine+damage", "engine+prefix+damage")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -267,10 +273,10 @@ def seed_way(loaded: LoadedModel, scorer: Scorer, variants: dict[str, Variant]) 
     return pd.concat(rows, ignore_index=True)
 
 
-def engine_way(loaded: LoadedModel, scorer: Scorer, variants: dict[str, Variant], prefix: bool):
+def engine_way(loaded: LoadedModel, scorer: Scorer, variants: dict[str, Variant], prefix: bool, damage: bool):
     engine = None  # run_sweep's default: streaming on CPU, resident on CUDA when memory allows
-    result = run_sweep(loaded, None, variants, engine=engine, scorer=scorer, progress=False, prefix_cache=prefix)
-    return result
+    return run_sweep(loaded, None, variants, MeasureConfig(damage=damage), engine=engine, scorer=scorer,
+                     progress=False, prefix_cache=prefix)
 
 
 def floor_pass(scorer: Scorer) -> None:
@@ -364,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     loaded = load(args.model, args.device, args.dtype)
     device = loaded.device
-    corpus = load_corpus("udhr", n_texts=args.n_texts)
+    corpus = load_corpus("udhr", langs=SEED_LANGS, n_texts=args.n_texts)  # the seeds' 7 of the 61 languages
     measure = MeasureConfig(max_length=args.max_length, truncate=args.truncate, batch_tokens=args.batch_tokens)
     scorer = corpus_scorer(loaded, corpus, measure)
     n_layers = loaded.n_layers
@@ -457,7 +463,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if way == "seed":
             scores = record(way, lambda: seed_way(loaded, scorer, variants))
         else:
-            result = record(way, lambda: engine_way(loaded, scorer, variants, prefix=(way == "engine+prefix")))
+            result = record(way, lambda: engine_way(loaded, scorer, variants, prefix="prefix" in way,
+                                                    damage=way in DAMAGE_WAYS))
             scores = result.scores
             if way == "engine+prefix":
                 prefix_stats = result.prefix_stats
@@ -490,6 +497,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["max_abs_diff_lang_nll_vs_" + reference] = float(diff)
         if device.type == "cuda" and peak_tflops:
             row["mfu_pct"] = 100.0 * n_configs * flops["flops_per_config"] / row["wall_s"] / (peak_tflops * 1e12)
+    for plain, damage in (("engine", "engine+damage"), ("engine+prefix", "engine+prefix+damage")):
+        if plain in rows and damage in rows:
+            rows[damage]["damage_over_plain"] = rows[damage]["wall_s"] / rows[plain]["wall_s"]
     if "engine" in per_lang and "engine+prefix" in per_lang:
         rows["engine+prefix"]["max_abs_diff_lang_nll_vs_engine"] = float(
             (per_lang["engine+prefix"] - per_lang["engine"]).abs().max()
@@ -498,7 +508,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ------------------------------------------------------------------ print
     print()
     mem_label = "peak_alloc_MB" if device.type == "cuda" else "peak_rss+_MB"
-    cols = f"{'way':14s} {'wall_s':>9s} {'cpu_s':>9s} {'floor_s':>9s} {'over_%':>8s} {mem_label:>13s} {'x_fp32':>7s} {'seed/way':>9s} {'max|dNLL|':>10s}"
+    cols = f"{'way':22s} {'wall_s':>9s} {'cpu_s':>9s} {'floor_s':>9s} {'over_%':>8s} {mem_label:>13s} {'x_fp32':>7s} {'seed/way':>9s} {'max|dNLL|':>10s}"
     if device.type == "cuda":
         cols += f" {'MFU_%':>7s}"
     print(cols)
@@ -506,7 +516,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, row in rows.items():
         diff = row.get("max_abs_diff_lang_nll_vs_" + str(reference))
         line = (
-            f"{name:14s} {row['wall_s']:9.2f} {row['cpu_s']:9.2f} {floor:9.2f} {row['overhead_vs_floor_pct']:8.1f} "
+            f"{name:22s} {row['wall_s']:9.2f} {row['cpu_s']:9.2f} {floor:9.2f} {row['overhead_vs_floor_pct']:8.1f} "
             f"{row['peak_mem_mb']:13.1f} {row['peak_mem_x_fp32']:7.3f} "
             f"{row.get('speedup_seed_over_way', float('nan')):9.2f} "
             f"{diff if diff is not None else float('nan'):10.2e}"
@@ -520,6 +530,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"  max|dNLL|  = max over (config, language) of |mean NLL per token - the {reference} way's|")
     if "engine+prefix" in rows and "engine" in per_lang:
         print(f"  engine+prefix vs engine: max|dNLL| = {rows['engine+prefix']['max_abs_diff_lang_nll_vs_engine']:.2e}")
+    for way in DAMAGE_WAYS:
+        if "damage_over_plain" in rows.get(way, {}):
+            print(f"  {way}: damage card costs {rows[way]['damage_over_plain']:.2f}x the plain sweep")
     if prefix_stats:
         run = prefix_stats.get("layers_run", 0)
         skipped = prefix_stats.get("layers_skipped", 0)
@@ -542,6 +555,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         targets["engine overhead <= 10 % (prefix off)"] = rows["engine"]["overhead_vs_floor_pct"] <= 10.0
     if "engine+prefix" in rows:
         targets["engine+prefix below the floor"] = rows["engine+prefix"]["wall_s"] < floor
+    for way in DAMAGE_WAYS:
+        if "damage_over_plain" in rows.get(way, {}) and device.type == "cpu":
+            targets[f"{way} <= 1.3x the plain sweep"] = rows[way]["damage_over_plain"] <= 1.3
     for way in ("engine", "engine+prefix"):
         if way in rows and device.type == "cpu":  # the memory target is a CPU one
             targets[f"{way} peak RSS increase <= 1.5x fp32 model"] = rows[way]["peak_mem_x_fp32"] <= 1.5

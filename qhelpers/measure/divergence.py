@@ -17,7 +17,7 @@ import torch
 
 from qhelpers.util.errors import ConfigError
 
-__all__ = ["KLReference", "kl_divergence"]
+__all__ = ["KLReference", "kl_divergence", "token_kl"]
 
 
 def _log_probs(x: Any, logits: bool) -> torch.Tensor:
@@ -61,3 +61,17 @@ def kl_divergence(full: Any, quant: Any, *, logits: bool = False) -> np.ndarray:
     tensors of log-probabilities (or logits with ``logits=True``) of the same shape; see the
     module docstring."""
     return KLReference(full, logits=logits).divergence(quant, logits=logits)
+
+
+def token_kl(logp_full: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Per-row ``KL(p_full || q) = sum_v p_v (log p_v - log q_v)`` in nats, summed in float64,
+    on the tensors' own device (the sweep's damage card: one call per batch of token positions).
+
+    Computed as the weighted sum of differences (not ``sum p log p - sum p log q``), so two
+    identical rows give exactly 0 and small divergences keep their digits: with float32
+    log-probabilities the rounding is about 1e-7 nats per row (the terms are float32, their sum
+    float64).
+    """
+    if logp_full.shape != logq.shape:
+        raise ConfigError(f"log-probabilities must have the same shape, got {tuple(logp_full.shape)} and {tuple(logq.shape)}")
+    return (logp_full.exp() * (logp_full - logq)).sum(dim=-1, dtype=torch.float64)

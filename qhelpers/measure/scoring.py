@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qhelpers.measure.divergence import token_kl
 from qhelpers.models.loaded import as_module
+from qhelpers.stats.quantities import KL_HIST_EDGES
 from qhelpers.util.errors import ConfigError, MeasurementError
 from qhelpers.quant.strategies import PROTOCOLS
 from qhelpers.text.encoding import CPU_BATCH_TOKENS, batch_overhead_tokens, encode_text, length_batches, pad_batch
@@ -47,6 +49,9 @@ class MeasureConfig:
             from the free GPU memory, see :func:`auto_batch_tokens`). On CUDA an out-of-memory
             error while scoring halves it and retries (with a warning).
         max_batch: upper bound on texts per batch.
+        damage: in a sweep (:func:`qhelpers.measure.sweep.run_sweep`), also measure every
+            variant's divergence from the full model per text (the damage card: summed KL,
+            top-1 agreement, a histogram of per-token KL); see :meth:`Scorer.score`.
     """
 
     max_length: int | None = None
@@ -55,6 +60,7 @@ class MeasureConfig:
     prepend_bos: bool | None = None
     batch_tokens: int | None = None
     max_batch: int = 64
+    damage: bool = True
 
     def __post_init__(self) -> None:
         if self.max_length is not None and self.max_length < 2:
@@ -76,11 +82,24 @@ class MeasureConfig:
         return cls(max_length=256, truncate=True, prepend_bos=False, max_batch=1)
 
 
+#: Memory the damage card may use to keep the full model's last hidden states (one row per
+#: scored token) between the baseline and the variants.
+DAMAGE_REFERENCE_BUDGET = 4 << 30
+#: The modes of ``Scorer.score(damage=...)``.
+DAMAGE_MODES = ("reference", "compare")
+
+
 @dataclass(frozen=True)
 class _Window:
     row: int  # index of the text
     ids: tuple[int, ...]
     first_target: int  # position (in ids) of the first scored target token
+    start: int = 0  # position of ids[0] in the text's tokens
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """(text, start): identifies the window whatever batch it lands in."""
+        return self.row, self.start
 
 
 def _windows(row: int, ids: list[int], max_length: int, stride: int, truncate: bool) -> list[_Window]:
@@ -92,7 +111,7 @@ def _windows(row: int, ids: list[int], max_length: int, stride: int, truncate: b
     prev_end = 0
     for begin in range(0, n, stride):
         end = min(begin + max_length, n)
-        out.append(_Window(row, tuple(ids[begin:end]), max(prev_end, 1) - begin))
+        out.append(_Window(row, tuple(ids[begin:end]), max(prev_end, 1) - begin, begin))
         prev_end = end
         if end == n:
             break
@@ -221,6 +240,7 @@ class Scorer:
         #: :class:`~qhelpers.quant.prefix_cache.PrefixCache` used by ``score(prefix=...)`` (None until
         #: :meth:`enable_prefix_cache` or the first such call).
         self.prefix_cache = None
+        self._reference: dict[tuple[int, int], torch.Tensor] = {}  # window key -> its scored hidden rows
         self._layout = 0  # bumped whenever self.batches changes (prefix cache entries are per batch)
 
     def _batch(self, windows: list[_Window]) -> list[list[_Window]]:
@@ -289,10 +309,14 @@ class Scorer:
         On CUDA, an out-of-memory error halves the batch token budget, re-batches and scores
         again (with a warning) until a batch holds a single window.
         """
-        signature = self._signature(prefix)
+        return self._score_batches(progress, self._signature(prefix), None)["nll"]
+
+    def _score_batches(self, progress: bool, signature: Any, damage: str | None) -> dict[str, np.ndarray]:
+        """Per-text sums over every batch (see :meth:`_score`), halving the batch token
+        budget and retrying on a CUDA out-of-memory error."""
         while True:
             try:
-                return self._score_nll(progress, signature)
+                return self._score(progress, signature, damage)
             except torch.cuda.OutOfMemoryError as err:
                 if not self._can_shrink():
                     raise
@@ -319,10 +343,22 @@ class Scorer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _score_nll(self, progress: bool, signature: Any) -> np.ndarray:
+    def _score(self, progress: bool, signature: Any, damage: str | None) -> dict[str, np.ndarray]:
+        """Per-text ``nll`` (and with ``damage``: ``kl_nats``, ``top1_agree`` counts and
+        ``kl_hist`` rows) summed over every batch."""
         from qhelpers.quant.prefix_cache import UNSUPPORTED_ARCHS
 
-        nll = np.zeros(len(self.texts), dtype=np.float64)
+        n = len(self.texts)
+        sums: dict[str, np.ndarray] = {"nll": np.zeros(n, dtype=np.float64)}
+        if damage is not None:
+            sums.update(
+                kl_nats=np.zeros(n, dtype=np.float64),
+                top1_agree=np.zeros(n, dtype=np.int64),
+                kl_hist=np.zeros((n, len(KL_HIST_EDGES) - 1), dtype=np.int64),
+            )
+            forward = lambda batch: self._forward_damage(batch, damage)  # noqa: E731
+        else:
+            forward = self._forward
         batches: Iterable = list(enumerate(self.batches))
         if progress:
             batches = progress_bar(batches, desc="batches", leave=False)
@@ -335,16 +371,22 @@ class Scorer:
         with session if session is not None else contextlib.nullcontext():
             for index, batch in batches:
                 if session is not None:
-                    values, _ = session.run_batch(index, lambda: self._forward(batch))
+                    values, _ = session.run_batch(index, lambda: forward(batch))
                 else:
-                    values = self._forward(batch)
+                    values = forward(batch)
                 for window, value in zip(batch, values):
-                    nll[window.row] += value
+                    if damage is None:
+                        sums["nll"][window.row] += value
+                    else:
+                        for key, part in value.items():
+                            sums[key][window.row] += part
         if cache is not None:
             cache.finish(signature)
-        return nll
+        return sums
 
-    def _forward(self, batch: list[_Window]) -> list[float]:
+    def _hidden(self, batch: list[_Window]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Last hidden states of a padded batch, and the (row, position) of each scored token
+        with its target id."""
         ids, mask = pad_batch([w.ids for w in batch], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         hidden = self.model.base_model(
@@ -352,40 +394,134 @@ class Scorer:
         )[0]
         rows = torch.cat([torch.full((len(w.ids) - w.first_target,), i) for i, w in enumerate(batch)]).to(self.device)
         positions = torch.cat([torch.arange(w.first_target - 1, len(w.ids) - 1) for w in batch]).to(self.device)
-        targets = ids[rows, positions + 1]
+        return hidden, rows, positions, ids[rows, positions + 1]
+
+    def _selected_logits(self, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> Iterator[torch.Tensor]:
+        """float32 logits of the scored positions, in consecutive chunks of rows."""
         head, finish = output_head(self.model)
         vocab = head.weight.shape[0]
         if hidden.shape[0] * hidden.shape[1] * vocab <= LOGIT_BUDGET:
             # the same head matmul as the model's own forward, so logits match it bit for bit
-            logits = finish(head(hidden)).float()
-            token_nll = F.cross_entropy(logits[rows, positions], targets, reduction="none")
-        else:
-            selected = hidden[rows, positions]
-            chunk = max(1, LOGIT_BUDGET // vocab)
-            token_nll = torch.cat(
-                [
-                    F.cross_entropy(finish(head(selected[s : s + chunk])).float(), targets[s : s + chunk], reduction="none")
-                    for s in range(0, len(targets), chunk)
-                ]
-            )
+            yield finish(head(hidden)).float()[rows, positions]
+            return
+        selected = hidden[rows, positions]
+        chunk = max(1, LOGIT_BUDGET // vocab)
+        for s in range(0, len(rows), chunk):
+            yield finish(head(selected[s : s + chunk])).float()
+
+    def _forward(self, batch: list[_Window]) -> list[float]:
+        hidden, rows, positions, targets = self._hidden(batch)
+        token_nll, start = [], 0
+        for logits in self._selected_logits(hidden, rows, positions):
+            token_nll.append(F.cross_entropy(logits, targets[start : start + len(logits)], reduction="none"))
+            start += len(logits)
         sums = torch.zeros(len(batch), dtype=torch.float64, device=self.device)
-        sums.index_add_(0, rows, token_nll.double())
+        sums.index_add_(0, rows, torch.cat(token_nll).double())
         return sums.tolist()
+
+    def _forward_damage(self, batch: list[_Window], damage: str) -> list[dict[str, Any]]:
+        """Per window: summed NLL (computed exactly as :meth:`_forward` does) and, against the
+        full model's reference, summed KL, top-1 agreements and the per-token KL histogram.
+
+        The reference's logits come from the same head on a tensor of the same shape (its kept
+        hidden rows scattered into zeros), so a variant equal to the full model gives exactly
+        KL 0 and full agreement. In ``"reference"`` mode (the full model itself) the last hidden
+        rows are kept for later ``"compare"`` calls, and KL is 0 and agreement full by definition.
+        """
+        hidden, rows, positions, targets = self._hidden(batch)
+        counts = [len(w.ids) - w.first_target for w in batch]
+        n_bins = len(KL_HIST_EDGES) - 1
+        if damage == "reference":
+            selected = hidden[rows, positions]
+            for window, part in zip(batch, selected.split(counts)):
+                self._reference[window.key] = part.detach().to("cpu", copy=True)
+            reference_logits = None
+        else:
+            missing = [w for w in batch if w.key not in self._reference]
+            if missing:
+                raise MeasurementError(
+                    f"no full-model reference for {self.keys[missing[0].row]}: score the baseline with "
+                    "damage='reference' before damage='compare' (run_sweep does this)"
+                )
+            reference = torch.zeros_like(hidden)
+            reference[rows, positions] = torch.cat([self._reference[w.key] for w in batch]).to(
+                device=self.device, dtype=hidden.dtype
+            )
+            reference_logits = self._selected_logits(reference, rows, positions)
+        vocab = output_head(self.model)[0].weight.shape[0]
+        sub = max(1, LOGIT_BUDGET // (4 * vocab))  # log-softmaxes of both models, their difference and product
+        token_nll, token_kl_parts, agree_parts, start = [], [], [], 0
+        for logq32 in self._selected_logits(hidden, rows, positions):
+            logp32 = next(reference_logits) if reference_logits is not None else None
+            if logp32 is not None:
+                agree_parts.append(logp32.argmax(dim=-1) == logq32.argmax(dim=-1))
+            for s in range(0, len(logq32), sub):
+                # cross_entropy is log_softmax + nll_loss: the same NLL as _forward, bit for bit,
+                # and the log-probabilities serve the KL too. float32 log-softmaxes summed in float64
+                # (token_kl) round by about 1e-7 nats per token, far below any quantization damage.
+                logq = torch.log_softmax(logq32[s : s + sub], dim=-1)
+                token_nll.append(F.nll_loss(logq, targets[start + s : start + s + len(logq)], reduction="none"))
+                if logp32 is not None:
+                    token_kl_parts.append(token_kl(torch.log_softmax(logp32[s : s + sub], dim=-1), logq))
+            start += len(logq32)
+        if reference_logits is None:
+            kl = torch.zeros(len(targets), dtype=torch.float64, device=self.device)
+            agree = torch.ones(len(targets), dtype=torch.bool, device=self.device)
+        else:
+            kl, agree = torch.cat(token_kl_parts), torch.cat(agree_parts)
+        kl = kl.clamp_min(0.0)  # rounding leaves nearly identical rows a hair below 0
+        edges = torch.as_tensor(KL_HIST_EDGES[1:-1], dtype=torch.float64, device=self.device)
+        bins = torch.bucketize(kl, edges, right=True)
+        hist = torch.bincount(rows * n_bins + bins, minlength=len(batch) * n_bins).reshape(len(batch), n_bins)
+        zeros = lambda dtype: torch.zeros(len(batch), dtype=dtype, device=self.device)  # noqa: E731
+        out_nll = zeros(torch.float64).index_add_(0, rows, torch.cat(token_nll).double())
+        out_kl = zeros(torch.float64).index_add_(0, rows, kl)
+        out_agree = zeros(torch.int64).index_add_(0, rows, agree.long())
+        return [
+            {"nll": a, "kl_nats": b, "top1_agree": c, "kl_hist": h}
+            for a, b, c, h in zip(out_nll.tolist(), out_kl.tolist(), out_agree.tolist(), hist.cpu().numpy())
+        ]
+
+    def reference_bytes(self) -> int:
+        """Memory the damage card's full-model reference takes: one hidden row per scored token."""
+        hidden = self.model.get_output_embeddings().weight.shape[1]
+        elem = next(self.model.parameters()).element_size()
+        return int(self.n_tokens.sum()) * hidden * elem
 
     def score(self, progress: bool = False, prefix: Any = _NO_PREFIX, **columns: Any) -> pd.DataFrame:
         """One row per text: its keys, ``nll``, ``n_tokens``, ``n_bytes`` (+ constant ``columns``).
+
+        ``damage="reference"`` (the full model) / ``"compare"`` (a variant, after a reference
+        call on the same scorer) adds the damage card's columns: ``kl_nats`` (summed per-token
+        ``KL(p_full || p_variant)`` over the full vocabulary), ``top1_agree`` (share of scored
+        tokens whose argmax agrees with the full model's) and ``kl_hist`` (counts of per-token
+        KL over :data:`~qhelpers.stats.quantities.KL_HIST_EDGES`, for tail quantiles). NLL stays
+        exactly what it is without ``damage``.
 
         ``prefix``: prefix caching, as in :meth:`score_nll` (e.g. ``scorer.score(prefix=engine)``
         inside ``with engine.applied(variant):``). A value that is not None, an engine or a
         :class:`~qhelpers.quant.prefix_cache.PrefixSignature` is taken as a constant column named
         ``prefix``, as before prefix caching existed.
         """
+        damage = columns.pop("damage", None)
+        if damage is not None and damage not in DAMAGE_MODES:
+            raise ConfigError(f"damage must be None, 'reference' or 'compare', got {damage!r}")
         if prefix is _NO_PREFIX:
             prefix = None
         elif not self._is_prefix(prefix):
             columns = {"prefix": prefix, **columns}
             prefix = None
-        nll = self.score_nll(progress=progress, prefix=prefix)
+        if damage == "reference":
+            need = self.reference_bytes()
+            if need > DAMAGE_REFERENCE_BUDGET:
+                raise MeasurementError(
+                    f"the damage card keeps the full model's last hidden state of every scored token "
+                    f"({need / 2**30:.1f} GiB > {DAMAGE_REFERENCE_BUDGET / 2**30:.0f} GiB); score fewer texts, "
+                    "or pass MeasureConfig(damage=False) to measure NLL only"
+                )
+            self._reference = {}
+        sums = self._score_batches(progress, self._signature(prefix), damage)
+        nll = sums["nll"]
         if not np.all(np.isfinite(nll)):
             bad = [self.keys[i] for i in np.flatnonzero(~np.isfinite(nll))[:3]]
             raise MeasurementError(
@@ -396,6 +532,10 @@ class Scorer:
         frame["nll"] = nll
         frame["n_tokens"] = self.n_tokens
         frame["n_bytes"] = self.n_bytes
+        if damage is not None:
+            frame["kl_nats"] = sums["kl_nats"]
+            frame["top1_agree"] = sums["top1_agree"] / np.maximum(self.n_tokens, 1)
+            frame["kl_hist"] = [row.tolist() for row in sums["kl_hist"]]
         for key, value in columns.items():
             frame[key] = value
         return frame

@@ -187,8 +187,11 @@ def run_sweep(
         for name in items:
             variant = ordered[name]
             start = time.perf_counter()
+            damage = None
+            if measure.damage:
+                damage = "reference" if name == baseline else "compare"
             with engine.applied(variant):
-                frames[name] = scorer.score(config=name, prefix=signatures.get(name))
+                frames[name] = scorer.score(config=name, prefix=signatures.get(name), damage=damage)
             seconds[name] = time.perf_counter() - start
             overhead[name] = {"config": name, **engine.overhead(variant)}
     finally:
