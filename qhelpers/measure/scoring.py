@@ -241,6 +241,7 @@ class Scorer:
         #: :meth:`enable_prefix_cache` or the first such call).
         self.prefix_cache = None
         self._reference: dict[tuple[int, int], torch.Tensor] = {}  # window key -> its scored hidden rows
+        self._reference_device = torch.device("cpu")
         self._layout = 0  # bumped whenever self.batches changes (prefix cache entries are per batch)
 
     def _batch(self, windows: list[_Window]) -> list[list[_Window]]:
@@ -434,7 +435,7 @@ class Scorer:
         if damage == "reference":
             selected = hidden[rows, positions]
             for window, part in zip(batch, selected.split(counts)):
-                self._reference[window.key] = part.detach().to("cpu", copy=True)
+                self._reference[window.key] = part.detach().to(self._reference_device, copy=True)
             reference_logits = None
         else:
             missing = [w for w in batch if w.key not in self._reference]
@@ -449,7 +450,9 @@ class Scorer:
             )
             reference_logits = self._selected_logits(reference, rows, positions)
         vocab = output_head(self.model)[0].weight.shape[0]
-        sub = max(1, LOGIT_BUDGET // (4 * vocab))  # log-softmaxes of both models, their difference and product
+        # log-softmaxes of both models, their difference and product live at once; on CUDA memory is
+        # ample and small pieces would make the card launch-bound
+        sub = max(1, LOGIT_BUDGET // (vocab if self.device.type == "cuda" else 4 * vocab))
         token_nll, token_kl_parts, agree_parts, start = [], [], [], 0
         for logq32 in self._selected_logits(hidden, rows, positions):
             logp32 = next(reference_logits) if reference_logits is not None else None
@@ -520,6 +523,11 @@ class Scorer:
                     "or pass MeasureConfig(damage=False) to measure NLL only"
                 )
             self._reference = {}
+            # on CUDA the reference stays on the GPU when it takes under a quarter of the free memory:
+            # copying it to the host and back each batch made the card CPU-bound (1.9x on an H200)
+            self._reference_device = torch.device("cpu")
+            if self.device.type == "cuda" and need < 0.25 * torch.cuda.mem_get_info(self.device)[0]:
+                self._reference_device = self.device
         sums = self._score_batches(progress, self._signature(prefix), damage)
         nll = sums["nll"]
         if not np.all(np.isfinite(nll)):
