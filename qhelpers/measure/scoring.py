@@ -491,7 +491,9 @@ class Scorer:
         elem = next(self.model.parameters()).element_size()
         return int(self.n_tokens.sum()) * hidden * elem
 
-    def score(self, progress: bool = False, prefix: Any = _NO_PREFIX, **columns: Any) -> pd.DataFrame:
+    def score(
+        self, progress: bool = False, prefix: Any = _NO_PREFIX, damage: str | None = None, **columns: Any
+    ) -> pd.DataFrame:
         """One row per text: its keys, ``nll``, ``n_tokens``, ``n_bytes`` (+ constant ``columns``).
 
         ``damage="reference"`` (the full model) / ``"compare"`` (a variant, after a reference
@@ -506,7 +508,6 @@ class Scorer:
         :class:`~qhelpers.quant.prefix_cache.PrefixSignature` is taken as a constant column named
         ``prefix``, as before prefix caching existed.
         """
-        damage = columns.pop("damage", None)
         if damage is not None and damage not in DAMAGE_MODES:
             raise ConfigError(f"damage must be None, 'reference' or 'compare', got {damage!r}")
         if prefix is _NO_PREFIX:
