@@ -193,13 +193,12 @@ CARD_COLUMNS: tuple[tuple[str, str, int], ...] = (
 def card_cell(value: Any, low: Any, high: Any, digits: int) -> str:
     """``value [low, high]`` to ``digits`` significant digits; ``n/a`` without a finite value,
     ``[no CI]`` without a finite interval."""
-    f = lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan  # noqa: E731
-    v, lo, hi = f(value), f(low), f(high)
-    if not math.isfinite(v):
+    finite = lambda v: _num(v) != "n/a"  # noqa: E731
+    if not finite(value):
         return "n/a"
-    if math.isfinite(lo) and math.isfinite(hi):
-        return f"{v:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
-    return f"{v:.{digits}g} [no CI]"
+    if finite(low) and finite(high):
+        return _value_ci({"value": value, "ci_low": low, "ci_high": high}, digits)
+    return f"{_num(value, digits)} [no CI]"
 
 
 def damage_cards(rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, list[list[str]]]]:

@@ -132,7 +132,7 @@ def verdict_with_reason(
         lo, hi = hi, lo
     if abs_value:
         lo, hi = _fold(lo, hi)
-    b = threshold + min_effect if direction == ">" else threshold - min_effect
+    b = boundary(threshold, direction, min_effect)
     if direction == ">":
         if lo > b:
             return SUPPORTED, ""
