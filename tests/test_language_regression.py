@@ -91,7 +91,7 @@ def test_measures_agree_with_the_stats_language_table():
 
 
 # ---------------------------------------------------------------------------- regression
-def planted(n_langs: int = 40, n_texts: int = 10, slope: float = 0.3, seed: int = 0):
+def planted(n_langs: int = 40, n_texts: int = 10, slope: float = 0.3, seed: int = 0, base: float = 50.0):
     """Texts whose damage (bits per paragraph) is mean_damage * (1 + slope * (bpb - mean bpb)) up to
     per-language and per-text noise: a relative slope of ``slope`` per bit per byte."""
     rng = np.random.default_rng(seed)
@@ -104,7 +104,7 @@ def planted(n_langs: int = 40, n_texts: int = 10, slope: float = 0.3, seed: int 
         for t in range(n_texts):
             n_bytes = int(rng.integers(150, 250))
             nll_fp_bits = bpb[i] * n_bytes * rng.normal(1.0, 0.02)
-            damage_bits = 50.0 * (1 + slope * (bpb[i] - 2.5) + u) + rng.normal(scale=5.0)
+            damage_bits = base * (1 + slope * (bpb[i] - 2.5) + u) + rng.normal(scale=5.0)
             n_tokens = int(n_bytes / (2.0 + bpc[i]))
             rows += [("fp", lang, f"p{t}", nll_fp_bits * LN2, n_tokens, n_bytes),
                      ("int4", lang, f"p{t}", (nll_fp_bits + damage_bits) * LN2, n_tokens, n_bytes)]
@@ -135,6 +135,24 @@ def test_regression_recovers_a_planted_slope_and_matches_statsmodels():
     abs_fit = lr.fit_language_regression(per_text, cov, lr.RegressionSpec("delta_bits_per_paragraph", "bpb_fp",
                                                                          ("utf8_bytes_per_char",), relative=False), n_boot=50)
     assert abs_fit.slope.value == pytest.approx(fit.slope.value * fit.response_mean, rel=1e-9)
+
+
+def test_relative_slope_needs_clearly_positive_average_damage():
+    # no damage at all (per-text noise around 0): a slope relative to the mean damage is undefined,
+    # the absolute slope is not, and the mean damage's interval covers 0
+    per_text, cov = planted(base=0.0, seed=4)
+    fit = lr.fit_language_regression(per_text, cov, lr.RegressionSpec(controls=()), n_boot=400, seed=2)
+    assert not fit.slope.defined and fit.slope.reason.startswith("no scale")
+    assert fit.mean_damage.ci_low < 0.0 < fit.mean_damage.ci_high
+    dmg = (per_text["nll_q"] - per_text["nll_fp"]).groupby(per_text["lang"], sort=False).mean() / LN2
+    assert fit.mean_damage.value == pytest.approx(dmg.mean(), rel=1e-9)
+    absolute = lr.fit_language_regression(per_text, cov, lr.RegressionSpec(controls=(), relative=False), n_boot=400, seed=2)
+    assert absolute.slope.defined and absolute.slope.ci_low < 0.0 < absolute.slope.ci_high
+    # clear damage: defined, and the mean damage's interval is above 0
+    per_text, cov = planted(base=50.0, seed=4)
+    fit = lr.fit_language_regression(per_text, cov, lr.RegressionSpec(controls=()), n_boot=400, seed=2)
+    assert fit.slope.defined and fit.mean_damage.ci_low > 0.0
+    assert fit.to_dict()["mean_damage"]["value"] == pytest.approx(fit.response_mean, rel=1e-12)
 
 
 def test_no_effect_gives_an_interval_around_zero():
@@ -196,5 +214,10 @@ def test_end_to_end_on_a_tiny_model():
     sweep = run_sweep(loaded, corpus, {"int4": Variant("int4", quant, scope=scope)},
                       MeasureConfig(max_length=64, truncate=True, **kwargs), progress=False)
     per_text = lr.per_text_table(sweep.scores, "int4", parallel=True)
-    fit = lr.fit_language_regression(per_text, language_covariates(langs), lr.RegressionSpec(controls=()), n_boot=50)
+    fit = lr.fit_language_regression(per_text, language_covariates(langs), lr.RegressionSpec(controls=(), relative=False),
+                                     n_boot=50)
     assert fit.languages == tuple(langs) and fit.slope.n == 10 and math.isfinite(fit.slope.value)
+    # a random tiny model has no systematic damage: the relative slope is undefined for want of a scale
+    relative = lr.fit_language_regression(per_text, language_covariates(langs), lr.RegressionSpec(controls=()), n_boot=50)
+    assert relative.mean_damage.ci_low < 0.0 < relative.mean_damage.ci_high
+    assert not relative.slope.defined and "no scale" in relative.slope.reason

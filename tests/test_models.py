@@ -140,10 +140,27 @@ def test_tokenizer_is_real_gpt2(tiny_model):
     "name,expected",
     [("fp32", torch.float32), ("float32", torch.float32), ("FP16", torch.float16), ("float16", torch.float16),
      ("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("torch.float16", torch.float16),
-     (torch.bfloat16, torch.bfloat16)],
+     (torch.bfloat16, torch.bfloat16), ("fp64", torch.float64), (torch.float64, torch.float64)],
 )
 def test_resolve_dtype_names(name, expected):
     assert resolve_dtype(name, "cpu") == expected
+
+
+def test_float64_scores_agree_with_float32_to_float32_precision():
+    """fp64 (the ci profile's choice where goldens print differences of near-equal losses) loads
+    and scores; its NLL is float32's up to float32 rounding, so neither is broken."""
+    from qhelpers.measure.scoring import MeasureConfig, Scorer
+    from qhelpers.text.corpora import load_corpus
+
+    corpus = load_corpus("udhr", langs=["en", "am"], n_texts=2)
+    texts = [t for lang in corpus.langs for t in corpus.texts[lang]]
+    nll = {}
+    for dtype in ("fp32", "fp64"):
+        loaded = load_model("tiny:gpt2", dtype=dtype)
+        assert next(loaded.model.parameters()).dtype == resolve_dtype(dtype)
+        nll[dtype] = Scorer(loaded, texts=texts, config=MeasureConfig(max_length=64, damage=False)).score()["nll"].to_numpy()
+    assert nll["fp64"] == pytest.approx(nll["fp32"], rel=1e-5)
+    assert not (nll["fp64"] == nll["fp32"]).all()  # really computed in another precision
 
 
 def test_resolve_dtype_defaults(monkeypatch):

@@ -161,7 +161,9 @@ measures.sort_values("bpb_fp")[show].round(3)
 # ## Regressions across languages
 # Each row: the slope of the predictor (relative to the average language's damage), statsmodels' OLS
 # point estimate, and the hierarchical bootstrap interval (languages, then texts). A language without a
-# Joshi class would be left out of the resource-class regressions and named.
+# Joshi class would be left out of the resource-class regressions and named. The relative slope needs
+# a scale: when the average damage's interval (last columns) is not wholly above 0 there is no damage
+# to grow, and the slope is undefined (NaN) rather than a ratio to noise.
 
 # %%
 controls = ("utf8_bytes_per_char", "log2_bytes_per_token")
@@ -175,7 +177,8 @@ specs = {
 fits = {name: lr.fit_language_regression(per_text, covariates, spec, n_boot=N_BOOT, seed=SEED) for name, spec in specs.items()}
 pd.DataFrame([
     {"regression": name, "model": f.spec.describe(), "n_languages": len(f.languages), "slope": f.slope.value,
-     "ci_low": f.slope.ci_low, "ci_high": f.slope.ci_high, "r_squared": f.r_squared, "mean_damage": f.response_mean}
+     "ci_low": f.slope.ci_low, "ci_high": f.slope.ci_high, "r_squared": f.r_squared, "mean_damage": f.mean_damage.value,
+     "mean_damage_ci_low": f.mean_damage.ci_low, "mean_damage_ci_high": f.mean_damage.ci_high}
     for name, f in fits.items()
 ]).round(4)
 
@@ -263,9 +266,12 @@ meaning = {"SUPPORTED": "damage grows with baseline difficulty by more than the 
            "NOT_SUPPORTED": "damage does not grow with baseline difficulty by the practical size",
            "INCONCLUSIVE": "the data cannot decide whether damage grows with baseline difficulty"}[primary.verdict]
 print(f"Primary ({primary.id}), {len(fit.languages)} languages x {corpus.n_texts(langs[0])} paragraphs: "
-      f"{primary.verdict}: {meaning}. Relative slope {fit.slope.value:.3f} per bit per byte "
-      f"(95% hierarchical CI {fit.slope.ci_low:.3f} to {fit.slope.ci_high:.3f}; minimum effect {primary.min_effect:g}); "
-      f"the average language loses {fit.response_mean:.1f} bits per paragraph.")
+      f"{primary.verdict}: {meaning}. "
+      + (f"Relative slope {fit.slope.value:.3f} per bit per byte (95% hierarchical CI {fit.slope.ci_low:.3f} to "
+         f"{fit.slope.ci_high:.3f}; minimum effect {primary.min_effect:g}); " if fit.slope.defined else
+         f"No relative slope: {fit.slope.reason}. ")
+      + f"Average damage over the languages: {fit.mean_damage.value:.2f} bits per paragraph "
+        f"(95% CI {fit.mean_damage.ci_low:.2f} to {fit.mean_damage.ci_high:.2f}).")
 
 # %%
 # NBVAL_IGNORE_OUTPUT

@@ -21,7 +21,11 @@ Fixed per-language covariates come from :func:`qhelpers.text.corpora.language_co
 (``joshi_class``, ``utf8_bytes_per_char``, ``script_bytes``). The regression (:class:`RegressionSpec`)
 is ordinary least squares across languages of a response on a predictor and controls; with
 ``relative=True`` the response is divided by its mean over the languages, so the slope reads "change
-in damage, as a fraction of the average language's damage, per unit of the predictor". The point
+in damage, as a fraction of the average language's damage, per unit of the predictor"; that scale
+exists only when the average damage is clearly positive (its hierarchical interval wholly above 0),
+otherwise the slope is undefined with the reason (a ratio to a mean near 0 is noise: its value swings
+with the last bits of the forward pass, and "damage grows" has no meaning when there is no damage).
+The point
 estimate is statsmodels' OLS on the per-language table; the interval is the percentile interval of
 the same regression refitted on every hierarchical replicate (per-language measures recomputed from
 the resampled texts' sums, fixed covariates looked up per drawn language).
@@ -251,7 +255,7 @@ class RegressionResult:
     :class:`~qhelpers.stats.bootstrap.Estimate` (``n`` = languages), every coefficient with its
     statsmodels OLS interval and its hierarchical bootstrap interval (``coefficients``), the
     languages used and those dropped (a fixed covariate missing), R², and the response's mean
-    (the scale of a relative slope)."""
+    (the scale of a relative slope) as a value and as an Estimate with its hierarchical interval."""
 
     spec: RegressionSpec
     slope: Estimate
@@ -263,6 +267,7 @@ class RegressionResult:
     n_boot: int
     seed: int
     notes: tuple[str, ...] = field(default_factory=tuple)
+    mean_damage: Estimate | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -278,6 +283,7 @@ class RegressionResult:
             "dropped": list(self.dropped),
             "r_squared": self.r_squared,
             "response_mean": self.response_mean,
+            "mean_damage": self.mean_damage.to_dict() if self.mean_damage is not None else None,
             "n_boot": self.n_boot,
             "seed": self.seed,
             "interval": "hierarchical bootstrap (languages, then texts within them), percentile",
@@ -346,18 +352,23 @@ def fit_language_regression(
 
     y = table[spec.response].to_numpy(dtype=np.float64)
     mean = float(y.mean())
+    grouped = hierarchical_sums(sub, list(SUMMED), group="lang", n_boot=n_boot, seed=seed)
+    if grouped.labels != langs:
+        raise MeasurementError(f"language order differs between the table {langs} and the sums {grouped.labels}")
+    mean_damage = hierarchical_estimate(grouped, _mean_statistic(spec.response, grouped.columns), level=level)
     if spec.relative:
-        if not (abs(mean) > 0):
-            est = Estimate.undefined("denominator <= 0: the mean damage over the languages is 0", len(langs), level)
-            return RegressionResult(spec, est, nan_coefs, langs, dropped, math.nan, mean, int(n_boot), int(seed), tuple(notes))
+        if not (mean_damage.defined and mean_damage.ci_low > 0):
+            est = Estimate.undefined(
+                f"no scale: the average language's damage is not clearly positive ({spec.response} mean "
+                f"{_short(mean_damage)}), so a slope relative to it is undefined; fit relative=False for the "
+                "absolute slope", len(langs), level)
+            return RegressionResult(spec, est, nan_coefs, langs, dropped, math.nan, mean, int(n_boot), int(seed),
+                                    tuple(notes), mean_damage)
         y = y / mean
     x = sm.add_constant(table[[spec.predictor, *spec.controls]].to_numpy(dtype=np.float64), has_constant="add")
     fit = sm.OLS(y, x).fit()
     ols_ci = np.asarray(fit.conf_int(alpha=1.0 - level))
 
-    grouped = hierarchical_sums(sub, list(SUMMED), group="lang", n_boot=n_boot, seed=seed)
-    if grouped.labels != langs:
-        raise MeasurementError(f"language order differs between the table {langs} and the sums {grouped.labels}")
     statistic = _design_statistic(spec, table, grouped.columns)
     point, reps = hierarchical_replicates(grouped, statistic)
     if not np.allclose(point, fit.params, rtol=1e-6, atol=1e-9):
@@ -376,7 +387,20 @@ def fit_language_regression(
         "boot_ci_high": hi,
     })
     return RegressionResult(spec, slope, coefficients, langs, dropped, float(fit.rsquared), mean,
-                            int(n_boot), int(seed), tuple(notes))
+                            int(n_boot), int(seed), tuple(notes), mean_damage)
+
+
+def _mean_statistic(response: str, columns: Sequence[str]):
+    """The vectorised statistic: slot sums -> the response's mean over the languages."""
+    def statistic(sums: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        return measures_from_sums(sums, columns)[response].mean(axis=-1)
+    return statistic
+
+
+def _short(est: Estimate) -> str:
+    if not est.defined:
+        return f"undefined ({est.reason})"
+    return f"{est.value:.4g} [{est.ci_low:.4g}, {est.ci_high:.4g}]"
 
 
 # --------------------------------------------------------------------------- figure

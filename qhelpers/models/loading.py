@@ -226,8 +226,15 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
     "half": torch.float16,
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
+    # float64: slow, but its results agree across CPUs to ~1e-12 (float32 kernels differ from
+    # one CPU to another in the last bits, which moves differences of near-equal losses, such as
+    # a random tiny model's quantization damage, at the 1e-4 level); the ci profile uses it where
+    # a golden prints such differences
+    "fp64": torch.float64,
+    "float64": torch.float64,
+    "double": torch.float64,
 }
-_VALID_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_VALID_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -269,7 +276,7 @@ def resolve_dtype(dtype: str | torch.dtype | None = None, device: str | torch.de
             return _DTYPE_NAMES[key]
     raise ConfigError(
         f"unknown dtype {dtype!r}; valid: {', '.join(_DTYPE_NAMES)}, 'auto', None "
-        "or torch.float32 / torch.float16 / torch.bfloat16"
+        "or torch.float32 / torch.float16 / torch.bfloat16 / torch.float64"
     )
 
 
@@ -292,7 +299,7 @@ def load_model(
         spec: ``"tiny:<arch>"``, ``"embedded:smollm2-135m"``, ``"embedded:gemma-3-270m"``,
             a local folder, or a Hugging Face hub id (``"gpt2"``, ``"facebook/opt-125m"``).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA if available, else CPU.
-        dtype: ``"fp32"``, ``"fp16"``, ``"bf16"`` (or a torch dtype); default float32 on CPU,
+        dtype: ``"fp32"``, ``"fp16"``, ``"bf16"``, ``"fp64"`` (or a torch dtype); default float32 on CPU,
             bfloat16 on CUDA (float16 on GPUs without bf16, such as the T4).
         cache_dir: folder for converted embedded models (default ``$QHELPERS_CACHE``, else
             ``~/.cache/qhelpers/models``).
