@@ -32,7 +32,8 @@ from qhelpers.quant.protection import (
     canonical_parameters,
     resolve_plan,
 )
-from qhelpers.quant.quantizers import QTensor, QuantConfig, quantize
+from qhelpers.quant.methods import Encoded, TensorRole, WeightMethod, bits_per_weight, tensor_roles
+from qhelpers.quant.quantizers import QuantConfig, quantize
 from qhelpers.util.errors import ConfigError
 
 
@@ -40,11 +41,13 @@ from qhelpers.util.errors import ConfigError
 class Variant:
     """One experiment configuration: how to quantize and what to protect.
 
-    ``quant=None`` is the full-precision baseline.
+    ``quant=None`` is the full-precision baseline; ``quant`` is a round-to-nearest / NF4
+    :class:`~qhelpers.quant.quantizers.QuantConfig` or any :class:`~qhelpers.quant.methods.WeightMethod`
+    (GGUF k-quants, HQQ, AWQ, SignRound...).
     """
 
     name: str
-    quant: QuantConfig | None = None
+    quant: QuantConfig | WeightMethod | None = None
     protect: ProtectionSpec = field(default_factory=ProtectionSpec)
     scope: str = "linear"
 
@@ -54,8 +57,9 @@ class Variant:
         if self.scope not in SCOPES:
             raise ConfigError(f"unknown scope {self.scope!r} in variant {self.name!r}; valid: {', '.join(SCOPES)}")
         object.__setattr__(self, "protect", ProtectionSpec.from_any(self.protect))
-        if self.quant is not None and not isinstance(self.quant, QuantConfig):
-            raise ConfigError(f"Variant.quant must be a QuantConfig or None, got {type(self.quant).__name__}")
+        if self.quant is not None and not isinstance(self.quant, (QuantConfig, WeightMethod)):
+            raise ConfigError(f"Variant.quant must be a QuantConfig, a WeightMethod (qhelpers.quant.methods) or None, "
+                              f"got {type(self.quant).__name__}")
 
     @property
     def is_baseline(self) -> bool:
@@ -72,7 +76,7 @@ class Variant:
 
 @dataclass
 class _Entry:
-    qtensor: QTensor
+    qtensor: Encoded
     keep: torch.Tensor | None  # bool mask of elements restored from the original
 
     @property
@@ -99,6 +103,7 @@ class QuantEngine:
 
     def __init__(self, model: Any, cache_fraction: float = 0.3, resident: bool = False) -> None:
         self.model: nn.Module = as_module(model)
+        self.tokenizer = getattr(model, "tokenizer", None)  # a LoadedModel's, for calibrated methods
         self.arch: ArchSpec = get_arch(self.model)
         self.params = canonical_parameters(self.model)
         self.fp32_bytes = 4 * sum(p.numel() for p in self.params.values())
@@ -109,6 +114,8 @@ class QuantEngine:
         self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
         self._cache_bytes = 0
         self._plans: dict[tuple, QuantPlan] = {}
+        self._roles: dict[str, TensorRole] | None = None
+        self._prepared: dict[WeightMethod, Any] = {}
         self._handles: list[Any] = []
         self._swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
         self.active: Variant | None = None
@@ -140,7 +147,34 @@ class QuantEngine:
         return self.plan(variant).summary()
 
     # ------------------------------------------------------------------ cache
-    def _entry(self, quant: QuantConfig, tplan: TensorPlan) -> _Entry:
+    @property
+    def roles(self) -> dict[str, TensorRole]:
+        """The :class:`~qhelpers.quant.methods.TensorRole` of every parameter (computed once)."""
+        if self._roles is None:
+            self._roles = tensor_roles(self.model, self.arch)
+        return self._roles
+
+    def _encode(self, quant: QuantConfig | WeightMethod, weight: torch.Tensor, tplan: TensorPlan,
+                keep: torch.Tensor | None) -> Encoded:
+        if isinstance(quant, QuantConfig):
+            return quantize(weight, quant, out_dim=tplan.out_dim, exclude=keep)
+        if quant not in self._prepared:
+            if self._swapped:  # prepare() must see the loaded weights (it runs on the first tensor of a variant)
+                raise ConfigError(f"cannot prepare {quant.label} while quantized weights are swapped in; restore() first")
+            self._prepared[quant] = quant.prepare(self.model, self.roles, self.tokenizer)
+        return quant.encode(weight, self.roles[tplan.name], keep, self._prepared[quant])
+
+    def bits_per_weight(self, variant: Variant) -> float:
+        """Storage bits per quantized weight of ``variant`` (codes, scales, minimums and headers of
+        its format; protected elements excluded from neither count: they are stored quantized too
+        in a deployable file and kept beside it)."""
+        if variant.is_baseline:
+            raise ConfigError("the full-precision baseline has no quantized weights")
+        plan = self.plan(variant)
+        encoded = {name: self._entry(variant.quant, tplan).qtensor for name, tplan in plan.tensors.items()}
+        return bits_per_weight(encoded, {name: tplan.numel for name, tplan in plan.tensors.items()})
+
+    def _entry(self, quant: QuantConfig | WeightMethod, tplan: TensorPlan) -> _Entry:
         key = (tplan.name, quant, tplan.mask_key)
         entry = self._cache.get(key)
         if entry is not None:
@@ -149,7 +183,7 @@ class QuantEngine:
             return entry
         weight = self.params[tplan.name].detach()
         keep = tplan.exclude_mask(weight)
-        entry = _Entry(quantize(weight, quant, out_dim=tplan.out_dim, exclude=keep), keep)
+        entry = _Entry(self._encode(quant, weight, tplan, keep), keep)
         self.counters["quantized"] += 1
         self._cache[key] = entry
         self._cache_bytes += entry.nbytes

@@ -271,7 +271,8 @@ def scope_names(model: nn.Module, scope: str, arch: ArchSpec | None = None) -> l
     return out
 
 
-def _owner_out_dim(model: nn.Module, name: str) -> int:
+def owner_out_dim(model: nn.Module, name: str) -> int:
+    """The output-channel dimension of parameter ``name`` (1 for GPT-2's ``Conv1D`` weights, else 0)."""
     module_path, _, attr = name.rpartition(".")
     if attr != "weight":
         return 0
@@ -350,7 +351,7 @@ def resolve_plan(
         if name in full:
             continue
         weight = params[name]
-        out_dim = _owner_out_dim(model, name) if weight.dim() > 1 else 0
+        out_dim = owner_out_dim(model, name) if weight.dim() > 1 else 0
         keep = torch.unique(torch.cat(parts))
         if len(keep) == weight.shape[out_dim]:
             full.add(name)
@@ -362,7 +363,7 @@ def resolve_plan(
         if name in full:
             continue
         weight = params[name]
-        plan = TensorPlan(name=name, out_dim=_owner_out_dim(model, name), numel=weight.numel())
+        plan = TensorPlan(name=name, out_dim=owner_out_dim(model, name), numel=weight.numel())
         if name in kept_rows:
             plan.keep_rows = kept_rows[name]
             plan.mask_key = f"rows{len(plan.keep_rows)}:{zlib.crc32(plan.keep_rows.numpy().tobytes())}"
@@ -377,7 +378,7 @@ def resolve_plan(
     for name, keep in kept_rows.items():
         weight = params[name]
         if name not in tensors:  # out of scope: only the protected rows count
-            protected += len(keep) * (weight.numel() // weight.shape[_owner_out_dim(model, name) if weight.dim() > 1 else 0])
+            protected += len(keep) * (weight.numel() // weight.shape[owner_out_dim(model, name) if weight.dim() > 1 else 0])
     protected += sum(params[n].numel() for n in tensors) - quantized
     return QuantPlan(
         scope=scope,

@@ -318,6 +318,11 @@ class QTensor:
         return total
 
     @property
+    def storage_bits(self) -> int:
+        """Bits of the packed form (:attr:`packed_nbytes`), for bits-per-weight accounting."""
+        return 8 * self.packed_nbytes
+
+    @property
     def packed_nbytes(self) -> int:
         """Bytes a packed format would need: ``bits`` per code + fp32 scales (+ zero points)."""
         n = math.prod(self.shape)
