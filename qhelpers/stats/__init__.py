@@ -182,6 +182,8 @@ from qhelpers.stats.tables import (  # noqa: F401
     disparity_vs_reference,
     disparity_contrast,
     reduction,
+    config_difference,
+    ranking_concordance,
 )
 from qhelpers.stats.correlation import (  # noqa: F401
     rowwise_pearson,
@@ -189,6 +191,7 @@ from qhelpers.stats.correlation import (  # noqa: F401
     correlation_record,
     monte_carlo_p,
     correlation,
+    kendalls_w,
 )
 from qhelpers.stats.verdicts import (  # noqa: F401
     SUPPORTED,
@@ -258,6 +261,9 @@ __all__ = [
     "disparity_difference",
     "disparity_vs_reference",
     "disparity_contrast",
+    "config_difference",
+    "ranking_concordance",
+    "kendalls_w",
     "reduction",
     "rowwise_pearson",
     "check_method",

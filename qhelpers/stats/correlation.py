@@ -134,3 +134,35 @@ def correlation(
     else:
         out["reason"] = "non-finite: every bootstrap resample was degenerate; measure more pairs"
     return out
+
+
+def kendalls_w(values: np.ndarray) -> np.ndarray:
+    """Kendall's coefficient of concordance W of ``m`` raters ranking ``k`` objects.
+
+    ``values`` has shape ``(..., m, k)``: each rater's scores of the objects (ranked within the
+    rater, ties get average ranks); leading axes are independent problems (e.g. bootstrap
+    replicates). ``W = 12 S / (m^2 (k^3 - k) - m sum_j T_j)`` with ``S`` the sum of squared
+    deviations of the objects' rank sums from their mean and ``T_j = sum (t^3 - t)`` over rater
+    ``j``'s tie groups (Kendall & Babington Smith 1939; the tie correction of Siegel & Castellan
+    1988, eq. 9.16). 1: every rater ranks the objects alike; 0: no agreement. NaN where every
+    rater ties every object. Written here because scipy has no W."""
+    a = np.asarray(values, dtype=np.float64)
+    if a.ndim < 2 or a.shape[-2] < 2 or a.shape[-1] < 2:
+        raise ConfigError(f"Kendall's W needs at least 2 raters and 2 objects, got shape {a.shape}")
+    m, k = a.shape[-2], a.shape[-1]
+    ranks = _sps.rankdata(a, axis=-1)
+    rank_sums = ranks.sum(axis=-2)
+    s = ((rank_sums - rank_sums.mean(axis=-1, keepdims=True)) ** 2).sum(axis=-1)
+    # tie groups: for each rater, sum over distinct values of (t^3 - t)
+    srt = np.sort(a, axis=-1)
+    same = np.concatenate([np.zeros(srt.shape[:-1] + (1,), dtype=bool), srt[..., 1:] == srt[..., :-1]], axis=-1)
+    ties = np.zeros(srt.shape[:-1])
+    run = np.ones(srt.shape[:-1])
+    for j in range(1, k):  # run lengths of equal values, k is small (methods)
+        cont = same[..., j]
+        ties += np.where(cont, 0.0, run ** 3 - run)
+        run = np.where(cont, run + 1, 1.0)
+    ties += run ** 3 - run
+    denom = m ** 2 * (k ** 3 - k) - m * ties.sum(axis=-1)
+    with np.errstate(all="ignore"):
+        return np.where(denom > 0, 12.0 * s / denom, np.nan)

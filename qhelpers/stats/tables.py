@@ -14,6 +14,7 @@ from qhelpers.util.errors import ConfigError
 from qhelpers.stats.bootstrap import (
     DEFAULT_METHOD, BootDistribution, BootStat, Estimate, check_interval_method, percentile_interval, stat_ratio_estimate,
 )
+from qhelpers.stats.correlation import kendalls_w
 from qhelpers.stats.quantities import histogram_quantile
 from qhelpers.stats.scores import PairedScores, check_metric, resolve_groups, validate_scores
 
@@ -474,3 +475,80 @@ def reduction(
         method=method,
         scale=100.0,
     )
+
+
+def config_difference(
+    scores: pd.DataFrame,
+    config: str,
+    reference: str,
+    baseline: str = "fp",
+    langs: Iterable[str] | None = None,
+    metric: str = "delta_bpb",
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    allow_collapsed: bool = False,
+    method: str = DEFAULT_METHOD,
+) -> dict[str, Estimate]:
+    """Per language, ``metric(config) - metric(reference)``: how much more (or less) one
+    configuration changes the model than another on the same texts (paired: one resample of
+    texts for both), e.g. target-language against English calibration."""
+    check_metric(metric)
+    check_interval_method(method)
+    df = validate_scores(scores)
+    present = list(dict.fromkeys(df.loc[df["config"] == str(baseline), "lang"]))
+    chosen = present if langs is None else [str(v) for v in langs]
+    missing = [x for x in chosen if x not in present]
+    if missing:
+        raise ConfigError(f"languages {missing} are not in the scores (languages: {present})")
+    eng = PairedScores(df, baseline, [config, reference], chosen, n_boot, seed, level, method)
+    out: dict[str, Estimate] = {}
+    for lang in chosen:
+        why = eng.undefined_reason([config, reference], [lang], allow_collapsed)
+        n = eng.n_min([lang])
+        out[lang] = (Estimate.undefined(why, n, level) if why else
+                     eng.estimate(eng.stat(config, lang, metric) - eng.stat(reference, lang, metric), n))
+    return out
+
+
+def ranking_concordance(
+    scores: pd.DataFrame,
+    configs: Sequence[str],
+    baseline: str = "fp",
+    langs: Iterable[str] | None = None,
+    metric: str = "delta_bpb",
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Estimate:
+    """Do the languages rank ``configs`` alike by ``metric``? Kendall's W
+    (:func:`~qhelpers.stats.correlation.kendalls_w`) with the languages as raters, and a
+    percentile interval from the paired text resamples (every configuration ranked on the
+    same resample of each language's texts; W is a rank statistic, not a smooth function of
+    sums, so no studentized interval). ``n`` is the smallest number of texts of a language."""
+    check_metric(metric)
+    configs = [str(c) for c in configs]
+    if len(configs) < 2:
+        raise ConfigError(f"ranking concordance needs at least 2 configurations, got {configs}")
+    df = validate_scores(scores)
+    present = list(dict.fromkeys(df.loc[df["config"] == str(baseline), "lang"]))
+    chosen = present if langs is None else [str(v) for v in langs]
+    if len(chosen) < 2:
+        raise ConfigError(f"ranking concordance needs at least 2 languages (raters), got {chosen}")
+    eng = PairedScores(df, baseline, configs, chosen, n_boot, seed, level, "percentile")
+    n = eng.n_min(chosen)
+    why = eng.undefined_reason(configs, chosen)
+    if why:
+        return Estimate.undefined(why, n, level)
+    point = np.empty((len(chosen), len(configs)))
+    reps = np.empty((n_boot, len(chosen), len(configs)))
+    for i, lang in enumerate(chosen):
+        for j, c in enumerate(configs):
+            point[i, j], reps[:, i, j] = eng.quantity(c, lang, metric)
+    value = float(kendalls_w(point))
+    boot = kendalls_w(reps)
+    boot = boot[np.isfinite(boot)]
+    if not math.isfinite(value) or boot.size < 0.9 * n_boot:
+        return Estimate.undefined("every language ties every configuration: no ranking to compare", n, level)
+    lo, hi = percentile_interval(boot, level)
+    return Estimate(value, float(lo), float(hi), n, level)
