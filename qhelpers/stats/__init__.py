@@ -183,6 +183,7 @@ from qhelpers.stats.tables import (  # noqa: F401
     disparity_contrast,
     reduction,
     config_difference,
+    config_contrast,
     ranking_concordance,
 )
 from qhelpers.stats.correlation import (  # noqa: F401
@@ -262,6 +263,7 @@ __all__ = [
     "disparity_vs_reference",
     "disparity_contrast",
     "config_difference",
+    "config_contrast",
     "ranking_concordance",
     "kendalls_w",
     "reduction",

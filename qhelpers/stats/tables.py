@@ -511,6 +511,40 @@ def config_difference(
     return out
 
 
+def config_contrast(
+    scores: pd.DataFrame,
+    terms: Mapping[tuple[str, str], float],
+    baseline: str = "fp",
+    metric: str = "delta_bpb",
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    allow_collapsed: bool = False,
+    method: str = DEFAULT_METHOD,
+) -> Estimate:
+    """A weighted sum ``sum w * metric(config, lang)`` over ``terms`` ``{(config, lang): w}``, paired
+    over texts (one resample for every configuration), e.g. the mean over languages of
+    "calibrated on the language minus calibrated on English". ``n``: the fewest texts of a
+    language involved."""
+    check_metric(metric)
+    check_interval_method(method)
+    if not terms:
+        raise ConfigError("a contrast needs at least one (config, lang) term")
+    df = validate_scores(scores)
+    configs = list(dict.fromkeys(c for c, _ in terms))
+    langs = list(dict.fromkeys(lang for _, lang in terms))
+    eng = PairedScores(df, baseline, configs, langs, n_boot, seed, level, method)
+    n = eng.n_min(langs)
+    why = eng.undefined_reason(configs, langs, allow_collapsed)
+    if why:
+        return Estimate.undefined(why, n, level)
+    total: BootStat | None = None
+    for (c, lang), w in terms.items():
+        term = eng.stat(c, lang, metric) * float(w)
+        total = term if total is None else total + term
+    return eng.estimate(total, n)
+
+
 def ranking_concordance(
     scores: pd.DataFrame,
     configs: Sequence[str],
