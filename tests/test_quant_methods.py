@@ -22,6 +22,13 @@ def test_specs_parse_to_the_configs_they_name():
                        ("nf4:2", "no options"), ("gptq:4", "GPTQ"), ("foo:4", "families"), ("", "non-empty")):
         with pytest.raises(ConfigError, match=match):
             parse_method(bad)
+    from qhelpers.quant.gguf import GGUFPreset, GGUFType
+
+    assert parse_method("gguf:Q4_K_M") == GGUFPreset("Q4_K_M") and parse_method("gguf:q4_k") == GGUFType("Q4_K")
+    assert parse_method("gguf:Q4_0") == GGUFPreset("Q4_0") and parse_method("gguf:Q4_0:pure") == GGUFType("Q4_0")
+    assert parse_method("gguf:Q3_K_M", calibration="sw") == GGUFPreset("Q3_K_M", calibration="sw")
+    with pytest.raises(ConfigError, match="pure"):
+        parse_method("gguf:Q4_K:fast")
     rows = catalog_table()
     assert [r["family"] for r in rows] == list(CATALOG) and all(r["version"] for r in rows)
 

@@ -549,6 +549,27 @@ def _quiet_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def embedded_available(name: str, cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether ``embedded:<name>`` can load here: its package is installed or a converted copy is
+    in the cache."""
+    info = EMBEDDED_MODELS[name]
+    return _package_dir(info["import_name"]) is not None or _read_cache_meta(embedded_cache_dir(name, cache_dir)) is not None
+
+
+def embedded_gguf_path(name: str, workdir: str | os.PathLike) -> Path:
+    """The shipped GGUF file of ``embedded:<name>``, checked against the sha256 qhelpers was tested
+    with (a model that comes in part packages is assembled into ``workdir``). For reading the file's
+    own tensor types and bytes (e.g. with ``gguf.GGUFReader``)."""
+    if name not in EMBEDDED_MODELS:
+        raise ConfigError(f"unknown embedded model {name!r}; available: {', '.join(EMBEDDED_MODELS)}")
+    info = EMBEDDED_MODELS[name]
+    if _package_dir(info["import_name"]) is None:
+        raise _missing_package(info)
+    path = _locate_gguf(name, info, Path(workdir))
+    _check_gguf(path, name, info)
+    return path
+
+
 def _check_gguf(path: Path, key: str, info: dict[str, Any]) -> str:
     """The GGUF's sha256, checked against the one qhelpers was tested with (ModelLoadError if not)."""
     digest = file_sha256(path)

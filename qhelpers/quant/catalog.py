@@ -5,8 +5,11 @@ Spec grammar (``parse_method``)::
     rtn:<bits>[:g<group>]        round-to-nearest INT, per output channel (or groups of input features)
     nf4 | fp4                    bitsandbytes' 4-bit formats (simulated bit-exactly)
     hqq:<bits>[:g<group>]        HQQ (calibration-free), default group 64
-    gguf:<type or preset>        llama.cpp GGML type (Q4_K, IQ4_NL, Q8_0...) or mixture preset
-                                 (Q4_K_M, Q3_K_M, Q2_K...) with llama-quantize's per-tensor rules
+    gguf:<preset>                llama.cpp mixture preset (Q4_K_M, Q3_K_M, Q2_K, Q8_0...) with
+                                 llama-quantize's per-tensor rules
+    gguf:<type>[:pure]           one GGML type for every matrix (Q4_K, IQ4_NL...), like
+                                 ``llama-quantize --pure``; ``:pure`` where the type is also a preset
+                                 name (``gguf:Q4_0:pure``)
     awq:<bits>[:g<group>]        AWQ through auto-round (calibrated), default group 128
     signround:<bits>[:g<group>]  SignRound through auto-round (calibrated), default group 128
 
@@ -78,10 +81,12 @@ def _hqq(args: list[str], calibration: str | None) -> WeightMethod:
 
 def _gguf(args: list[str], calibration: str | None) -> WeightMethod:
     gguf = importlib.import_module("qhelpers.quant.gguf")
-    if len(args) != 1:
-        raise ConfigError(f"gguf takes one GGML type or llama.cpp preset, e.g. gguf:Q4_K_M or gguf:Q4_K, got {args}")
+    pure = len(args) == 2 and args[1].lower() == "pure"
+    if len(args) != 1 and not pure:
+        raise ConfigError(f"gguf takes one GGML type or llama.cpp preset (and optionally ':pure'), e.g. gguf:Q4_K_M, "
+                          f"gguf:Q4_K or gguf:Q4_0:pure, got {args}")
     name = args[0].upper()
-    if name in gguf.PRESETS:
+    if name in gguf.PRESETS and not pure:
         return gguf.GGUFPreset(preset=name, calibration=calibration)
     return gguf.GGUFType(qtype=name, calibration=calibration)
 
