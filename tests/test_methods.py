@@ -122,3 +122,12 @@ def test_variant_rejects_other_objects():
     with pytest.raises(ConfigError, match="WeightMethod"):
         Variant("x", quant="int4")
 
+
+
+def test_a_calibrated_method_is_not_prepared_while_another_variant_is_applied():
+    loaded = load_model("tiny:llama")
+    engine = QuantEngine(loaded)  # hook mode: the applied variant's hooks would run during calibration
+    with engine.applied(Variant("q", QuantConfig(bits=4))):
+        with pytest.raises(ConfigError, match="restore"):
+            engine.bits_per_weight(Variant("halve", _Halve()))
+    assert engine.bits_per_weight(Variant("halve", _Halve())) == 16.0

@@ -159,8 +159,9 @@ class QuantEngine:
         if isinstance(quant, QuantConfig):
             return quantize(weight, quant, out_dim=tplan.out_dim, exclude=keep)
         if quant not in self._prepared:
-            if self._swapped:  # prepare() must see the loaded weights (it runs on the first tensor of a variant)
-                raise ConfigError(f"cannot prepare {quant.label} while quantized weights are swapped in; restore() first")
+            if self._swapped or self._handles:  # prepare() must see the loaded weights (calibration forwards)
+                raise ConfigError(f"cannot prepare {quant.label} while variant {self.active.name if self.active else '?'} "
+                                  "is applied; restore() first (or prepare it before applying another)")
             self._prepared[quant] = quant.prepare(self.model, self.roles, self.tokenizer)
         return quant.encode(weight, self.roles[tplan.name], keep, self._prepared[quant])
 
