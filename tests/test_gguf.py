@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import sys
 import types
 
 import numpy as np
@@ -334,23 +333,24 @@ def test_bits_per_weight_through_the_engine(tiny_model):
 
 
 def test_importance_matrix_reaches_the_decoder_matrices(tiny_model, monkeypatch):
-    """prepare() asks compute_imatrix for the decoder-block matrices only (llama-imatrix skips token_embd
-    and output) and quantizes each with its vector (stand-ins for the calibration modules)."""
-    lm = tiny_model("llama")
+    """prepare() asks for the importance matrix of the decoder-block matrices only (llama-imatrix skips
+    token_embd and output), over the named calibration set, and quantizes each matrix with its vector."""
+    import qhelpers.quant.imatrix as im
+    from qhelpers.text.calibration import calibration_texts
+
+    lm = tiny_model("llama", fresh=True)  # fresh: the per-model imatrix cache starts empty
     calls = {}
 
-    def compute_imatrix(model, tokenizer, texts, roles):
-        calls.update(texts=texts, names=set(roles))
-        return {n: torch.linspace(1, 50, model.get_parameter(n).shape[1]) for n in roles}
+    def compute_imatrix(model, tokenizer, texts, roles, names=None, **kwargs):
+        calls.update(texts=list(texts), names=set(names))
+        return {n: torch.linspace(1, 50, lm.model.get_parameter(n).shape[1]) for n in names}
 
-    monkeypatch.setitem(sys.modules, "qhelpers.quant.imatrix", types.SimpleNamespace(compute_imatrix=compute_imatrix))
-    monkeypatch.setitem(sys.modules, "qhelpers.text.calibration",
-                        types.SimpleNamespace(calibration_texts=lambda name: [f"calibration text {name}"]))
+    monkeypatch.setattr(im, "compute_imatrix", compute_imatrix)
     method = G.GGUFPreset("Q4_K_M", calibration="sw")
     assert method.needs_calibration and method.label == "gguf-Q4_K_M-imat-sw"
     roles = tensor_roles(lm.model)
     prepared = method.prepare(lm.model, roles, lm.tokenizer)
-    assert calls["texts"] == ["calibration text sw"]
+    assert calls["texts"] == calibration_texts("sw")
     assert calls["names"] == {n for n, r in roles.items() if r.layer is not None and lm.model.get_parameter(n).ndim == 2}
     name = "model.layers.1.mlp.down_proj.weight"
     weight = lm.model.get_parameter(name).detach()

@@ -189,3 +189,28 @@ def test_bad_inputs_name_the_fix(gpt2):
     im = compute_imatrix(gpt2, None, TEXTS[:1], roles)
     with pytest.raises(ConfigError, match="no importance-matrix entry"):
         im.vector("transformer.wte.weight")
+
+
+def test_calibration_imatrix_is_computed_once_per_model_and_set(monkeypatch):
+    import qhelpers.quant.imatrix as im
+    from qhelpers.models.loading import load_model
+    from qhelpers.quant.methods import tensor_roles
+
+    loaded = load_model("tiny:llama")
+    roles = tensor_roles(loaded.model)
+    calls = []
+    real = im.compute_imatrix
+    monkeypatch.setattr(im, "compute_imatrix", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = im.calibration_imatrix(loaded, loaded.tokenizer, "sw", roles)
+    b = im.calibration_imatrix(loaded, loaded.tokenizer, "sw", roles)
+    assert a is b and len(calls) == 1
+    c = im.calibration_imatrix(loaded, loaded.tokenizer, "en", roles)
+    assert len(calls) == 2 and c != a
+    # the same numbers as computing it directly on the same texts
+    from qhelpers.text.calibration import calibration_texts
+    assert real(loaded, loaded.tokenizer, calibration_texts("sw"), roles) == a
+    # new storage (e.g. a reloaded or swapped weight) is measured again
+    param = next(loaded.model.parameters())
+    param.data = param.data.clone()
+    im.calibration_imatrix(loaded, loaded.tokenizer, "sw", roles)
+    assert len(calls) == 3

@@ -439,11 +439,10 @@ class _GGUFMethod(WeightMethod):
         if tokenizer is None:
             raise ConfigError(f"{self.label} computes an importance matrix from calibration text and needs the "
                               "tokenizer: give QuantEngine the LoadedModel, not a bare module")
-        compute_imatrix = importlib.import_module("qhelpers.quant.imatrix").compute_imatrix
-        calibration_texts = importlib.import_module("qhelpers.text.calibration").calibration_texts
+        calibration_imatrix = importlib.import_module("qhelpers.quant.imatrix").calibration_imatrix
         # llama-imatrix collects the matrices of the decoder blocks only (not token_embd / output)
         targets = {n: r for n, r in roles.items() if r.component in LINEAR_COMPONENTS}
-        matrix = compute_imatrix(model, tokenizer, calibration_texts(self.calibration), targets)
+        matrix = calibration_imatrix(model, tokenizer, self.calibration, roles, names=sorted(targets))
         found = {n: matrix[n] for n in targets if n in matrix}
         return {n: np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
                 for n, v in found.items()}

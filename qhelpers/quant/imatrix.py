@@ -25,6 +25,7 @@ same matrix as its texts one at a time (up to float rounding). Accumulation is f
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -38,7 +39,7 @@ from qhelpers.quant.methods import TensorRole
 from qhelpers.text.encoding import bos_id, default_batch_tokens, encode_text, iter_padded_batches
 from qhelpers.util.errors import ConfigError
 
-__all__ = ["ImportanceMatrix", "compute_imatrix", "default_imatrix_names"]
+__all__ = ["ImportanceMatrix", "compute_imatrix", "default_imatrix_names", "calibration_imatrix"]
 
 
 @dataclass(frozen=True)
@@ -248,3 +249,26 @@ def compute_imatrix(
     finally:
         module.train(was_training)
     return ImportanceMatrix.from_sums({n: s.numpy() for n, s in collector.sums.items()}, collector.counts, source)
+
+
+#: model -> {(calibration set, weights' storage, names): ImportanceMatrix}; entries die with the model
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, ImportanceMatrix]]" = weakref.WeakKeyDictionary()
+
+
+def calibration_imatrix(model: nn.Module | LoadedModel, tokenizer: Any, calibration: str,
+                        roles: Mapping[str, TensorRole], names: Sequence[str] | None = None) -> ImportanceMatrix:
+    """:func:`compute_imatrix` over the calibration set ``calibration`` (:mod:`qhelpers.text.calibration`),
+    computed once per model and set: several quantization configurations calibrated on the same text
+    (Q4_K_M and Q2_K on Swahili) share it. The cache key includes every parameter's storage address,
+    so a model whose weights were swapped or reloaded is measured again (weights edited in place are
+    not noticed: call :func:`compute_imatrix` directly after such edits)."""
+    from qhelpers.text.calibration import calibration_texts
+
+    module = as_module(model)
+    names = tuple(default_imatrix_names(roles) if names is None else names)
+    key = (calibration, tuple(p.data_ptr() for p in module.parameters()), names)
+    per_model = _CACHE.setdefault(module, {})
+    if key not in per_model:
+        per_model[key] = compute_imatrix(model, tokenizer, calibration_texts(calibration), roles, names=list(names),
+                                         source=f"calibration set {calibration!r}")
+    return per_model[key]
