@@ -774,17 +774,14 @@ def config_difference(
     reason) for non-finite scores or, unless ``allow_collapsed``, a collapsed model
     (:mod:`qhelpers.stats.scores` collapse rule).
     """
-    _stats.check_metric(metric)
     if str(config_a) == str(config_b):
         raise ConfigError(f"config_a and config_b are the same config {config_a!r}")
-    configs = [str(config_a), str(config_b)]
-    eng = _stats.PairedScores(scores, baseline, configs, langs, n_boot, seed, level, method)
-    n = eng.n_min(eng.langs)
-    why = eng.undefined_reason(configs, eng.langs, allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
-    if why:
-        return _stats.Estimate.undefined(why, n, level)
-    # the interval method of qhelpers.stats (studentized by default), on the paired statistic
-    return eng.estimate(eng.group_stat(configs[0], eng.langs, metric) - eng.group_stat(configs[1], eng.langs, metric), n)
+    df = _stats.validate_scores(scores)
+    chosen = list(dict.fromkeys(df.loc[df["config"] == str(baseline), "lang"])) if langs is None else [str(x) for x in langs]
+    w = 1.0 / len(chosen)
+    terms = {**{(str(config_a), lang): w for lang in chosen}, **{(str(config_b), lang): -w for lang in chosen}}
+    return _stats.config_contrast(df, terms, baseline, metric, n_boot, seed, level, collapse_bpb, vocab_size,
+                                  collapse_ppl, allow_collapsed, method)
 
 
 def mean_change_table(

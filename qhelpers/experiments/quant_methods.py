@@ -11,7 +11,7 @@ Two notebooks use this module:
 ``calibration_language``
     each calibrated method calibrated on English, on each evaluated language and on a mix
     (:mod:`qhelpers.text.calibration`): per language the change in damage between a calibration
-    set and English calibration (:func:`qhelpers.stats.config_difference`).
+    set and English calibration (:func:`qhelpers.stats.language_differences`).
 
 Configuration names are the spec strings, with ``@<calibration>`` appended where a calibration
 set is given (``awq:4@sw``).
@@ -26,7 +26,7 @@ import pandas as pd
 from qhelpers.quant.catalog import CATALOG, method_family, parse_method
 from qhelpers.quant.engine import QuantEngine, Variant
 from qhelpers.report.plots import new_axes
-from qhelpers.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, config_difference
+from qhelpers.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, language_differences
 from qhelpers.util.errors import ConfigError
 
 __all__ = [
@@ -176,7 +176,7 @@ def calibration_effects(
         for cal in calibrations:
             if cal == reference:
                 continue
-            diffs = config_difference(scores, config_name(spec, cal), config_name(spec, reference), langs=langs,
+            diffs = language_differences(scores, config_name(spec, cal), config_name(spec, reference), langs=langs,
                                       metric=metric, n_boot=n_boot, seed=seed)
             for lang, est in diffs.items():
                 estimates[(spec, cal, lang)] = est

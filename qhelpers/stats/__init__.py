@@ -182,7 +182,7 @@ from qhelpers.stats.tables import (  # noqa: F401
     disparity_vs_reference,
     disparity_contrast,
     reduction,
-    config_difference,
+    language_differences,
     config_contrast,
     ranking_concordance,
 )
@@ -262,7 +262,7 @@ __all__ = [
     "disparity_difference",
     "disparity_vs_reference",
     "disparity_contrast",
-    "config_difference",
+    "language_differences",
     "config_contrast",
     "ranking_concordance",
     "kendalls_w",

@@ -477,7 +477,57 @@ def reduction(
     )
 
 
-def config_difference(
+def _chosen_languages(df: pd.DataFrame, baseline: str, langs: Iterable[str] | None) -> list[str]:
+    """``langs`` (default: every language of the baseline), each checked to be in the scores."""
+    present = list(dict.fromkeys(df.loc[df["config"] == str(baseline), "lang"]))
+    chosen = present if langs is None else [str(v) for v in langs]
+    missing = [x for x in chosen if x not in present]
+    if missing:
+        raise ConfigError(f"languages {missing} are not in the scores (languages: {present})")
+    return chosen
+
+
+def config_contrast(
+    scores: pd.DataFrame,
+    terms: Mapping[tuple[str, str], float],
+    baseline: str = "fp",
+    metric: str = "delta_bpb",
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    collapse_bpb: float = 8.0,
+    vocab_size: int | None = None,
+    collapse_ppl: float | None = None,
+    allow_collapsed: bool = False,
+    method: str = DEFAULT_METHOD,
+) -> Estimate:
+    """A weighted sum ``sum w * metric(config, lang)`` over ``terms`` ``{(config, lang): w}``, paired
+    over texts (one resample for every configuration and, on a parallel corpus, every language),
+    e.g. the mean over languages of "calibrated on the language minus calibrated on English".
+    ``n``: the fewest texts of a language involved. Undefined for non-finite scores or, unless
+    ``allow_collapsed``, a collapsed model (the collapse rule of :mod:`qhelpers.stats.scores`)."""
+    check_metric(metric)
+    check_interval_method(method)
+    if not terms:
+        raise ConfigError("a contrast needs at least one (config, lang) term")
+    df = validate_scores(scores)
+    configs = list(dict.fromkeys(str(c) for c, _ in terms))
+    langs = _chosen_languages(df, baseline, dict.fromkeys(str(lang) for _, lang in terms))
+    eng = PairedScores(df, baseline, configs, langs, n_boot, seed, level, method)
+    if metric == "delta_bits_per_paragraph":
+        eng.require_parallel(metric, langs)
+    n = eng.n_min(langs)
+    why = eng.undefined_reason(configs, langs, allow_collapsed, collapse_bpb, vocab_size, collapse_ppl)
+    if why:
+        return Estimate.undefined(why, n, level)
+    total: BootStat | None = None
+    for (c, lang), w in terms.items():
+        term = eng.stat(str(c), str(lang), metric) * float(w)
+        total = term if total is None else total + term
+    return eng.estimate(total, n)
+
+
+def language_differences(
     scores: pd.DataFrame,
     config: str,
     reference: str,
@@ -490,59 +540,13 @@ def config_difference(
     allow_collapsed: bool = False,
     method: str = DEFAULT_METHOD,
 ) -> dict[str, Estimate]:
-    """Per language, ``metric(config) - metric(reference)``: how much more (or less) one
-    configuration changes the model than another on the same texts (paired: one resample of
-    texts for both), e.g. target-language against English calibration."""
-    check_metric(metric)
-    check_interval_method(method)
-    df = validate_scores(scores)
-    present = list(dict.fromkeys(df.loc[df["config"] == str(baseline), "lang"]))
-    chosen = present if langs is None else [str(v) for v in langs]
-    missing = [x for x in chosen if x not in present]
-    if missing:
-        raise ConfigError(f"languages {missing} are not in the scores (languages: {present})")
-    eng = PairedScores(df, baseline, [config, reference], chosen, n_boot, seed, level, method)
-    out: dict[str, Estimate] = {}
-    for lang in chosen:
-        why = eng.undefined_reason([config, reference], [lang], allow_collapsed)
-        n = eng.n_min([lang])
-        out[lang] = (Estimate.undefined(why, n, level) if why else
-                     eng.estimate(eng.stat(config, lang, metric) - eng.stat(reference, lang, metric), n))
-    return out
-
-
-def config_contrast(
-    scores: pd.DataFrame,
-    terms: Mapping[tuple[str, str], float],
-    baseline: str = "fp",
-    metric: str = "delta_bpb",
-    n_boot: int = 2000,
-    seed: int = 0,
-    level: float = 0.95,
-    allow_collapsed: bool = False,
-    method: str = DEFAULT_METHOD,
-) -> Estimate:
-    """A weighted sum ``sum w * metric(config, lang)`` over ``terms`` ``{(config, lang): w}``, paired
-    over texts (one resample for every configuration), e.g. the mean over languages of
-    "calibrated on the language minus calibrated on English". ``n``: the fewest texts of a
-    language involved."""
-    check_metric(metric)
-    check_interval_method(method)
-    if not terms:
-        raise ConfigError("a contrast needs at least one (config, lang) term")
-    df = validate_scores(scores)
-    configs = list(dict.fromkeys(c for c, _ in terms))
-    langs = list(dict.fromkeys(lang for _, lang in terms))
-    eng = PairedScores(df, baseline, configs, langs, n_boot, seed, level, method)
-    n = eng.n_min(langs)
-    why = eng.undefined_reason(configs, langs, allow_collapsed)
-    if why:
-        return Estimate.undefined(why, n, level)
-    total: BootStat | None = None
-    for (c, lang), w in terms.items():
-        term = eng.stat(c, lang, metric) * float(w)
-        total = term if total is None else total + term
-    return eng.estimate(total, n)
+    """Per language, ``metric(config) - metric(reference)`` (:func:`config_contrast` of one
+    language): how much more (or less) one configuration changes the model than another on the
+    same texts, e.g. target-language against English calibration."""
+    chosen = _chosen_languages(validate_scores(scores), baseline, langs)
+    return {lang: config_contrast(scores, {(config, lang): 1.0, (reference, lang): -1.0}, baseline, metric, n_boot,
+                                  seed, level, allow_collapsed=allow_collapsed, method=method)
+            for lang in chosen}
 
 
 def ranking_concordance(
@@ -565,8 +569,7 @@ def ranking_concordance(
     if len(configs) < 2:
         raise ConfigError(f"ranking concordance needs at least 2 configurations, got {configs}")
     df = validate_scores(scores)
-    present = list(dict.fromkeys(df.loc[df["config"] == str(baseline), "lang"]))
-    chosen = present if langs is None else [str(v) for v in langs]
+    chosen = _chosen_languages(df, baseline, langs)
     if len(chosen) < 2:
         raise ConfigError(f"ranking concordance needs at least 2 languages (raters), got {chosen}")
     eng = PairedScores(df, baseline, configs, chosen, n_boot, seed, level, "percentile")
