@@ -83,3 +83,11 @@ def test_config_contrast_is_a_weighted_sum_of_language_deltas():
     # the mean of two languages' differences: the contrast of its four terms
     diffs = stats.language_differences(scores, "q1", "q0", langs=["sw", "he"], n_boot=400)
     assert est.value == pytest.approx((diffs["sw"].value + diffs["he"].value) / 2, rel=1e-12)
+
+
+def test_a_collapsed_configuration_keeps_its_place_in_the_ranking():
+    # q2 pushes sw past 8 bits per byte (the collapse rule of ratios); it is still the worst everywhere
+    scores = planted({"en": [0.1, 0.2, 0.3], "de": [0.1, 0.2, 0.4], "sw": [0.1, 0.3, 7.0]})
+    assert not stats.disparity_difference(scores, "q2", lr_langs=["sw"], hr_langs=["en"], n_boot=50).defined
+    est = stats.ranking_concordance(scores, ["q0", "q1", "q2"], n_boot=200)
+    assert est.defined and est.value == 1.0

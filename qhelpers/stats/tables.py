@@ -563,7 +563,8 @@ def ranking_concordance(
     (:func:`~qhelpers.stats.correlation.kendalls_w`) with the languages as raters, and a
     percentile interval from the paired text resamples (every configuration ranked on the
     same resample of each language's texts; W is a rank statistic, not a smooth function of
-    sums, so no studentized interval). ``n`` is the smallest number of texts of a language."""
+    sums, so no studentized interval). ``n`` is the smallest number of texts of a language. A
+    configuration that collapses a language (bits per byte above 8) is ranked like any other."""
     check_metric(metric)
     configs = [str(c) for c in configs]
     if len(configs) < 2:
@@ -574,7 +575,8 @@ def ranking_concordance(
         raise ConfigError(f"ranking concordance needs at least 2 languages (raters), got {chosen}")
     eng = PairedScores(df, baseline, configs, chosen, n_boot, seed, level, "percentile")
     n = eng.n_min(chosen)
-    why = eng.undefined_reason(configs, chosen)
+    # no collapse rule: a configuration that destroys a language still has its place in the ranking (last)
+    why = eng.nonfinite_reason(configs, chosen)
     if why:
         return Estimate.undefined(why, n, level)
     point = np.empty((len(chosen), len(configs)))
