@@ -123,6 +123,7 @@ from qhelpers.measure.scoring import MeasureConfig
 from qhelpers.measure.weight_stats import layer_table
 from qhelpers.models.loading import load_model
 from qhelpers.report import plots
+from qhelpers.report.damage import damage_card, damage_card_records
 from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
@@ -193,6 +194,17 @@ crit = layer_criticality(loaded, crit_corpus, bits=BITS, lr_langs=LR_LANGS, hr_l
                          measure_config=MeasureConfig(max_length=MAX_LENGTH))
 print(crit.describe())
 print("sweep reused from the on-disk cache:", crit.from_cache)
+
+
+# %% [markdown]
+# ### Damage card of the criticality sweep
+# With every layer quantized: per language the change in bits per byte, the KL from the full model's
+# next-token distribution (bits per byte), the share of unchanged top-1 predictions and the 99th
+# percentile of per-token KL (nats), with paired bootstrap 95 % intervals over texts.
+
+# %%
+crit_card = crit.sweep.language_table(n_boot=N_BOOT, seed=SEED)
+damage_card(crit_card, config="all_quantized")
 
 # %%
 per_layer = (info.table
@@ -277,6 +289,7 @@ figures = [plots.save_figure(fig, OUTPUT_DIR, "t001_information_content")]
 # %%
 # NBVAL_IGNORE_OUTPUT
 metrics = {
+    "damage_card": damage_card_records(crit_card, configs=["all_quantized"]),
     "n_layers": loaded.n_layers,
     "n_token_rows": token_acts.n_rows,
     "n_texts_per_language": {lang: corpus.n_texts(lang) for lang in corpus.langs},

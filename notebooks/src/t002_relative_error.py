@@ -113,6 +113,7 @@ from qhelpers.measure.scoring import MeasureConfig
 from qhelpers.models.loading import load_model
 from qhelpers.quant import strategies
 from qhelpers.report import plots
+from qhelpers.report.damage import damage_card, damage_card_records
 from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
@@ -180,6 +181,17 @@ crit = layer_criticality(loaded, corpus, bits=BITS, protocol=PROTOCOL, lr_langs=
                          n_boot=N_BOOT, seed=SEED, measure_config=MeasureConfig(max_length=MAX_LENGTH))
 print(crit.describe())
 print("sweep reused from the on-disk cache:", crit.from_cache)
+
+
+# %% [markdown]
+# ### Damage card of the criticality sweep
+# With every layer quantized: per language the change in bits per byte, the KL from the full model's
+# next-token distribution (bits per byte), the share of unchanged top-1 predictions and the 99th
+# percentile of per-token KL (nats), with paired bootstrap 95 % intervals over texts.
+
+# %%
+crit_card = crit.sweep.language_table(n_boot=N_BOOT, seed=SEED)
+damage_card(crit_card, config="all_quantized")
 
 # %%
 crit.table[["layer", "criticality", "criticality_ci_low", "criticality_ci_high", "n", "reason"]]
@@ -297,6 +309,7 @@ figures.append(plots.save_figure(fig, OUTPUT_DIR, "t002_error_vs_criticality"))
 # %%
 # NBVAL_IGNORE_OUTPUT
 metrics = {
+    "damage_card": damage_card_records(crit_card, configs=["all_quantized"]),
     "n_layers": loaded.n_layers,
     "n_texts_per_language": {lang: corpus.n_texts(lang) for lang in corpus.langs},
     "quantizers": {name: q.to_dict() for name, q in quantizers.items()},

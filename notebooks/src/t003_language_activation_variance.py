@@ -118,6 +118,7 @@ from qhelpers.measure.criticality import layer_criticality
 from qhelpers.measure.scoring import MeasureConfig
 from qhelpers.models.loading import load_model
 from qhelpers.report import plots
+from qhelpers.report.damage import damage_card, damage_card_records
 from qhelpers.report.record import current_parameters
 from qhelpers.report.results import (
     Hypothesis,
@@ -193,6 +194,17 @@ lv_clean.cross[["layer", "depth", "cross_var", "cross_cv", "cross_cv_ci_low", "c
 # NBVAL_IGNORE_OUTPUT
 crit = layer_criticality(loaded, corpus, bits=BITS, lr_langs=LR_LANGS, hr_langs=HR_LANGS, n_boot=N_BOOT, seed=SEED,
                          measure_config=MeasureConfig(max_length=MAX_LENGTH))
+
+
+# %% [markdown]
+# ### Damage card of the criticality sweep
+# With every layer quantized: per language the change in bits per byte, the KL from the full model's
+# next-token distribution (bits per byte), the share of unchanged top-1 predictions and the 99th
+# percentile of per-token KL (nats), with paired bootstrap 95 % intervals over texts.
+
+# %%
+crit_card = crit.sweep.language_table(n_boot=N_BOOT, seed=SEED)
+damage_card(crit_card, config="all_quantized")
 
 # %%
 print(crit.describe())
@@ -285,6 +297,7 @@ figures = [plots.save_figure(fig, OUTPUT_DIR, "t003_language_variance")]
 # %%
 # NBVAL_IGNORE_OUTPUT
 metrics = {
+    "damage_card": damage_card_records(crit_card, configs=["all_quantized"]),
     "n_layers": loaded.n_layers,
     "hidden": acts.hidden,
     "texts": acts.summary(),
