@@ -196,8 +196,12 @@ def test_calibration_imatrix_is_computed_once_per_model_and_set(monkeypatch):
     from qhelpers.models.loading import load_model
     from qhelpers.quant.methods import tensor_roles
 
+    import qhelpers.text.calibration as cal
+
     loaded = load_model("tiny:llama")
     roles = tensor_roles(loaded.model)
+    full = cal.calibration_texts
+    monkeypatch.setattr(cal, "calibration_texts", lambda name, **kw: full(name)[:3])  # 3 paragraphs: fast
     calls = []
     real = im.compute_imatrix
     monkeypatch.setattr(im, "compute_imatrix", lambda *a, **k: calls.append(1) or real(*a, **k))
