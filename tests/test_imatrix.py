@@ -196,12 +196,10 @@ def test_calibration_imatrix_is_computed_once_per_model_and_set(monkeypatch):
     from qhelpers.models.loading import load_model
     from qhelpers.quant.methods import tensor_roles
 
-    import qhelpers.text.calibration as cal
-
     loaded = load_model("tiny:llama")
     roles = tensor_roles(loaded.model)
-    full = cal.calibration_texts
-    monkeypatch.setattr(cal, "calibration_texts", lambda name, **kw: full(name)[:3])  # 3 paragraphs: fast
+    full = im.calibration_texts
+    monkeypatch.setattr(im, "calibration_texts", lambda name, **kw: full(name)[:3])  # 3 paragraphs: fast
     calls = []
     real = im.compute_imatrix
     monkeypatch.setattr(im, "compute_imatrix", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -211,8 +209,7 @@ def test_calibration_imatrix_is_computed_once_per_model_and_set(monkeypatch):
     c = im.calibration_imatrix(loaded, loaded.tokenizer, "en", roles)
     assert len(calls) == 2 and c != a
     # the same numbers as computing it directly on the same texts
-    from qhelpers.text.calibration import calibration_texts
-    assert real(loaded, loaded.tokenizer, calibration_texts("sw"), roles) == a
+    assert real(loaded, loaded.tokenizer, im.calibration_texts("sw"), roles) == a
     # new storage (e.g. a reloaded or swapped weight) is measured again
     param = next(loaded.model.parameters())
     param.data = param.data.clone()

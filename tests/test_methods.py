@@ -131,3 +131,19 @@ def test_a_calibrated_method_is_not_prepared_while_another_variant_is_applied():
         with pytest.raises(ConfigError, match="restore"):
             engine.bits_per_weight(Variant("halve", _Halve()))
     assert engine.bits_per_weight(Variant("halve", _Halve())) == 16.0
+
+
+def test_sizes_never_cost_a_second_quantization():
+    loaded = load_model("tiny:llama")
+    engine = QuantEngine(loaded, cache_fraction=1e-6)  # every code evicted at once
+    variant = Variant("q", QuantConfig(bits=4))
+    with engine.applied(variant):
+        pass
+    quantized = engine.counters["quantized"]
+    assert engine.counters["evicted"] > 0
+    params = dict(loaded.model.named_parameters())
+    plan = engine.plan(variant)
+    hand = sum(4 * params[n].numel() + 32 * params[n].shape[0] for n in plan.tensors) / sum(
+        params[n].numel() for n in plan.tensors)
+    assert engine.bits_per_weight(variant) == pytest.approx(hand, rel=1e-12)
+    assert engine.counters["quantized"] == quantized  # sizes recorded when the codes were made

@@ -32,7 +32,7 @@ from qhelpers.quant.protection import (
     canonical_parameters,
     resolve_plan,
 )
-from qhelpers.quant.methods import Encoded, TensorRole, WeightMethod, bits_per_weight, tensor_roles
+from qhelpers.quant.methods import Encoded, TensorRole, WeightMethod, tensor_roles
 from qhelpers.quant.quantizers import QuantConfig, quantize
 from qhelpers.util.errors import ConfigError
 
@@ -116,6 +116,9 @@ class QuantEngine:
         self._plans: dict[tuple, QuantPlan] = {}
         self._roles: dict[str, TensorRole] | None = None
         self._prepared: dict[WeightMethod, Any] = {}
+        #: storage bits of every tensor ever encoded (kept after its codes are evicted, so sizes
+        #: never cost a second quantization)
+        self._storage_bits: dict[tuple, int] = {}
         self._handles: list[Any] = []
         self._swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
         self.active: Variant | None = None
@@ -172,8 +175,16 @@ class QuantEngine:
         if variant.is_baseline:
             raise ConfigError("the full-precision baseline has no quantized weights")
         plan = self.plan(variant)
-        encoded = {name: self._entry(variant.quant, tplan).qtensor for name, tplan in plan.tensors.items()}
-        return bits_per_weight(encoded, {name: tplan.numel for name, tplan in plan.tensors.items()})
+        total = sum(tplan.numel for tplan in plan.tensors.values())
+        if total == 0:
+            raise ConfigError(f"variant {variant.name!r} quantizes no tensor: bits per weight is undefined")
+        bits = 0
+        for name, tplan in plan.tensors.items():
+            key = (name, variant.quant, tplan.mask_key)
+            if key not in self._storage_bits:
+                self._entry(variant.quant, tplan)
+            bits += self._storage_bits[key]
+        return bits / total
 
     def _entry(self, quant: QuantConfig | WeightMethod, tplan: TensorPlan) -> _Entry:
         key = (tplan.name, quant, tplan.mask_key)
@@ -185,6 +196,7 @@ class QuantEngine:
         weight = self.params[tplan.name].detach()
         keep = tplan.exclude_mask(weight)
         entry = _Entry(self._encode(quant, weight, tplan, keep), keep)
+        self._storage_bits[key] = int(entry.qtensor.storage_bits)
         self.counters["quantized"] += 1
         self._cache[key] = entry
         self._cache_bytes += entry.nbytes

@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from qhelpers.models.archs import LINEAR_COMPONENTS, get_arch, get_module
+from qhelpers.quant.imatrix import calibration_imatrix
 from qhelpers.quant.methods import DenseEncoded, Encoded, TensorRole, WeightMethod
 from qhelpers.util.errors import ConfigError
 
@@ -439,7 +440,6 @@ class _GGUFMethod(WeightMethod):
         if tokenizer is None:
             raise ConfigError(f"{self.label} computes an importance matrix from calibration text and needs the "
                               "tokenizer: give QuantEngine the LoadedModel, not a bare module")
-        calibration_imatrix = importlib.import_module("qhelpers.quant.imatrix").calibration_imatrix
         # llama-imatrix collects the matrices of the decoder blocks only (not token_embd / output)
         targets = {n: r for n, r in roles.items() if r.component in LINEAR_COMPONENTS}
         matrix = calibration_imatrix(model, tokenizer, self.calibration, roles, names=sorted(targets))

@@ -36,6 +36,7 @@ from torch import nn
 from qhelpers.models.archs import LINEAR_COMPONENTS, get_module
 from qhelpers.models.loaded import LoadedModel, as_module
 from qhelpers.quant.methods import TensorRole
+from qhelpers.text.calibration import calibration_texts
 from qhelpers.text.encoding import bos_id, default_batch_tokens, encode_text, iter_padded_batches
 from qhelpers.util.errors import ConfigError
 
@@ -262,8 +263,6 @@ def calibration_imatrix(model: nn.Module | LoadedModel, tokenizer: Any, calibrat
     (Q4_K_M and Q2_K on Swahili) share it. The cache key includes every parameter's storage address,
     so a model whose weights were swapped or reloaded is measured again (weights edited in place are
     not noticed: call :func:`compute_imatrix` directly after such edits)."""
-    from qhelpers.text.calibration import calibration_texts
-
     module = as_module(model)
     names = tuple(default_imatrix_names(roles) if names is None else names)
     key = (calibration, tuple(p.data_ptr() for p in module.parameters()), names)

@@ -15,7 +15,7 @@ Two kinds of method:
   engine on the whole model (and calibration text) and returns what ``encode`` then looks up.
   ``prepare`` must leave the model's weights as it found them.
 
-Bits per weight (:func:`bits_per_weight`) counts everything the deployable format stores (codes,
+Bits per weight (``QuantEngine.bits_per_weight``) counts everything the deployable format stores (codes,
 scales, minimums, super-block headers), the way llama.cpp reports a GGUF file's size, so methods
 are compared at equal size.
 """
@@ -32,7 +32,7 @@ from qhelpers.models.archs import ArchSpec, LINEAR_COMPONENTS, decoder_layers, g
 from qhelpers.quant.protection import canonical_parameters, owner_out_dim
 from qhelpers.util.errors import ConfigError
 
-__all__ = ["TensorRole", "tensor_roles", "Encoded", "DenseEncoded", "WeightMethod", "bits_per_weight"]
+__all__ = ["TensorRole", "tensor_roles", "Encoded", "DenseEncoded", "WeightMethod"]
 
 
 @dataclass(frozen=True)
@@ -156,10 +156,3 @@ class WeightMethod(abc.ABC):
         out.update({k: v for k, v in asdict(self).items() if not k.startswith("_")})  # type: ignore[call-overload]
         return out
 
-
-def bits_per_weight(encoded: Mapping[str, Encoded], numel: Mapping[str, int]) -> float:
-    """Storage bits per quantized weight over ``encoded`` tensors (``numel``: elements of each)."""
-    total = sum(int(numel[n]) for n in encoded)
-    if total == 0:
-        raise ConfigError("no quantized tensors: bits per weight is undefined")
-    return sum(e.storage_bits for e in encoded.values()) / total
