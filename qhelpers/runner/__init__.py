@@ -29,15 +29,18 @@ Modules, each importing only those above it in this list:
 - ``params``: a notebook's parameters cell (parsed with ``ast``, never run), ``-p`` values
   (YAML, never eval), the parameters hash;
 - ``profiles``: ``notebooks/profiles.yaml`` (``_all`` and per-notebook values);
-- ``plan``: what each notebook gets injected (profile, then ``--model``/``--device``/``-p``);
+- ``plan``: what each notebook gets injected (profile, then ``--model``/``--device``/``-p``), and grids
+  (``--models``, ``--grid``: one job per combination, each in its own folder);
 - ``checks``: the injected values checked before any work (kinds, language groups);
 - ``manifest``: run_config.json, the command it records and how ``--resume`` re-applies it;
 - ``fingerprints``: the qhelpers code hash, version and git commit, a model's files fingerprint;
 - ``environment``: the Jupyter kernel check, GPUs per worker, BLAS threads, the kernel's variables;
 - ``locks``: the run folder's and each notebook's lock;
 - ``processes``: worker sessions, death of the runner, killing a kernel left behind;
-- ``summary``: summary.md and index.html;
+- ``summary``: summary.md and index.html (with the cross-model table of a grid);
 - ``goldens``: ``--write-goldens`` (relative OUTPUT_DIR, copies for nbval);
+- ``backends``: the scheduler interface (a job started, polled, stopped) and the ``local`` backend;
+- ``ray_backend``: ``--backend ray``, each job a Ray task whose files come back as bytes;
 - ``worker``: one notebook executed with papermill (``python -m qhelpers.runner.worker JOB``);
 - ``supervise``: ``Runner``, the workers scheduled, stopped on a signal, resumed;
 - ``cli``: the command line, ``main`` (``python run_all.py --help``).

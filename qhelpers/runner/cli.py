@@ -31,7 +31,8 @@ from qhelpers.runner.notebooks import (
     select_notebooks,
 )
 from qhelpers.runner.params import notebook_parameters, parse_value
-from qhelpers.runner.plan import plan_parameters
+from qhelpers.runner.plan import expand_grid, plan_parameters
+from qhelpers.runner.ray_backend import RAY_REQUIREMENT, RayBackend, import_ray
 from qhelpers.runner.profiles import DEFAULT_PROFILE, load_profiles
 from qhelpers.runner.records import atomic_write_json, utc_now
 from qhelpers.runner.supervise import Runner
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  python run_all.py --resume runs/20250101T120000Z          # same options as that run\n"
             "  python run_all.py --resume runs/20250101T120000Z -p N_BOOT 500   # one option changed\n"
             "  python run_all.py --profile ci --write-goldens tests/goldens\n"
+            "  python run_all.py --models gpt2 facebook/opt-125m --grid BITS '[3, 4]' --only t002_relative_error\n"
+            "  python run_all.py --backend ray --per-gpu 4 --device cuda          # a local Ray instance\n"
+            "  python run_all.py --backend ray --address HEAD_IP:6379 --per-gpu 4 # an existing Ray cluster\n"
             "\n"
             "exit codes: 0 all completed, 1 some notebook failed, 2 usage or configuration error,\n"
             "130 interrupted (SIGINT), 143 terminated (SIGTERM).\n"
@@ -100,6 +104,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of the notebooks (default: the repository's notebooks/)")
     p.add_argument("--profiles", metavar="FILE", default=None,
                    help="profiles file (default: <notebooks-dir>/profiles.yaml)")
+    g = p.add_argument_group("grids: one job per combination, each in its own folder <stem>--<value>...")
+    g.add_argument("--models", nargs="+", metavar="SPEC",
+                   help="run every notebook that defines MODEL once per model (instead of --model); the summary "
+                        "sets each hypothesis side by side across models")
+    g.add_argument("--grid", nargs=2, action="append", default=None, metavar=("NAME", "VALUES"),
+                   help="run once per value of a parameter (repeatable; VALUES a YAML list, e.g. '[2, 3, 4]')")
+    r = p.add_argument_group("where the jobs run")
+    r.add_argument("--backend", choices=("local", "ray"), default=None,
+                   help="local: worker processes on this machine (default); ray: Ray tasks on a local Ray instance "
+                        f"or, with --address, an existing cluster (pip install {RAY_REQUIREMENT})")
+    r.add_argument("--address", metavar="ADDR",
+                   help="with --backend ray: join this cluster (e.g. HEAD_IP:6379 from `ray start --head`)")
+    r.add_argument("--per-gpu", type=int, default=None, metavar="K",
+                   help="with --backend ray: K notebooks share each GPU (num_gpus = 1/K; default 1)")
+    r.add_argument("--cpus-per-job", type=int, default=None, metavar="N",
+                   help="with --backend ray: CPUs (BLAS threads) each job requests (default: the CPUs shared among "
+                        "the jobs the GPUs hold at once, or among the CPU jobs)")
+    r.add_argument("--ray-cpus", type=int, default=None, metavar="N",
+                   help="with --backend ray and no --address: CPUs of the local Ray instance (default: all)")
+    r.add_argument("--ray-gpus", type=int, default=None, metavar="N",
+                   help="with --backend ray and no --address: GPUs the local Ray instance declares (default: those "
+                        "it detects)")
+    r.add_argument("--no-ship-code", dest="ship_code", action="store_false", default=None,
+                   help="with --address: do not send this repository to the cluster (its nodes have the same "
+                        "qhelpers installed; each task checks the code hash)")
     return p
 
 
@@ -134,6 +163,15 @@ def command_from_args(args: argparse.Namespace) -> RunCommand:
         notebooks_dir=absolute(args.notebooks_dir),
         profiles=absolute(args.profiles),
         write_goldens=absolute(args.write_goldens),
+        models=list(args.models) if args.models else None,
+        grid=[[name, values] for name, values in args.grid] if args.grid else None,
+        backend=args.backend,
+        address=args.address,
+        per_gpu=args.per_gpu,
+        cpus_per_job=args.cpus_per_job,
+        ray_cpus=args.ray_cpus,
+        ray_gpus=args.ray_gpus,
+        ship_code=args.ship_code,
     )
 
 
@@ -193,6 +231,45 @@ def _make_run_dir(path: Path | None) -> Path:
     raise RunnerError(f"cannot create a run folder under {base}")
 
 
+def _check_backend_options(resolved: RunCommand) -> None:
+    """Options that only make sense with the Ray backend, or only without --address; Ray importable."""
+    ray_only = {"--address": resolved.address, "--cpus-per-job": resolved.cpus_per_job,
+                "--ray-cpus": resolved.ray_cpus, "--ray-gpus": resolved.ray_gpus,
+                "--per-gpu": resolved.per_gpu if resolved.per_gpu != 1 else None}
+    if resolved.backend != "ray":
+        given = [flag for flag, value in ray_only.items() if value is not None]
+        if given:
+            raise RunnerError(f"{', '.join(given)} apply to --backend ray only (the local backend runs --workers N "
+                              "processes, one GPU each when there are several)")
+        return
+    for flag, value in (("--per-gpu", resolved.per_gpu), ("--cpus-per-job", resolved.cpus_per_job),
+                        ("--ray-cpus", resolved.ray_cpus), ("--ray-gpus", resolved.ray_gpus)):
+        if value is not None and value < (0 if flag == "--ray-gpus" else 1):
+            raise RunnerError(f"{flag} must be at least {0 if flag == '--ray-gpus' else 1}")
+    if resolved.address and (resolved.ray_cpus is not None or resolved.ray_gpus is not None):
+        raise RunnerError("--ray-cpus/--ray-gpus size a local Ray instance; a cluster joined with --address has "
+                          "its own resources (set them with `ray start --num-cpus/--num-gpus`)")
+    import_ray()
+
+
+def _grid_axes(resolved: RunCommand, overridden: set[str]) -> list[tuple[str, list[Any]]]:
+    """The grid axes: MODEL from --models, then each --grid NAME VALUES (a YAML list)."""
+    axes: list[tuple[str, list[Any]]] = []
+    if resolved.models:
+        axes.append(("MODEL", list(resolved.models)))
+    for name, text in resolved.grid or []:
+        if not name.isidentifier():
+            raise RunnerError(f"--grid {name}: a parameter name must be a Python identifier")
+        if name in overridden or (name == "MODEL" and resolved.models):
+            raise RunnerError(f"--grid {name} and -p/--model{'s' if name == 'MODEL' else ''} {name} both set it; "
+                              "give its values once, as the grid")
+        values = parse_value(text)
+        if not isinstance(values, list):
+            raise RunnerError(f"--grid {name} {text}: give a YAML list of values, e.g. '[2, 3, 4]'")
+        axes.append((name, values))
+    return axes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The run_all.py command line; returns the exit code. ``--worker JOB`` as the first
     argument runs one worker (:func:`qhelpers.runner.worker.worker_main`) instead."""
@@ -245,7 +322,9 @@ def _main(argv: list[str]) -> int:
         command = given
     # the manifest records the options given (and the profile); defaults fill the rest
     command.profile = command.profile or DEFAULT_PROFILE
-    resolved = command.with_defaults(kernel=DEFAULT_KERNEL, workers=1, notebooks_dir=str(DEFAULT_NOTEBOOKS_DIR))
+    resolved = command.with_defaults(kernel=DEFAULT_KERNEL, notebooks_dir=str(DEFAULT_NOTEBOOKS_DIR), backend="local",
+                                     per_gpu=1, ship_code=True)
+    _check_backend_options(resolved)
 
     # everything is checked before anything is written
     nb_dir = Path(resolved.notebooks_dir)
@@ -253,7 +332,7 @@ def _main(argv: list[str]) -> int:
     if not notebooks:
         raise RunnerError(f"no notebooks (*.ipynb) in {nb_dir}")
     selected = select_notebooks(notebooks, resolved.only)
-    if resolved.workers < 1:
+    if resolved.workers is not None and resolved.workers < 1:
         raise RunnerError("--workers must be at least 1")
     if resolved.cell_timeout is not None and resolved.cell_timeout <= 0:
         raise RunnerError("--cell-timeout must be positive (seconds)")
@@ -262,6 +341,8 @@ def _main(argv: list[str]) -> int:
         raise RunnerError(f"profiles file {profiles_path} not found")
     profiles = load_profiles(profiles_path)
     overrides: list[tuple[str, Any]] = []
+    if resolved.model is not None and resolved.models:
+        raise RunnerError("--model and --models exclude each other: --models runs each notebook once per model")
     if resolved.model is not None:
         overrides.append(("MODEL", resolved.model))
     if resolved.device is not None:
@@ -274,6 +355,10 @@ def _main(argv: list[str]) -> int:
         overrides.append((name, parse_value(text)))
     defined = {p.stem: notebook_parameters(p) for p in selected}
     plans, notes = plan_parameters(selected, defined, profiles, resolved.profile, overrides, profiles_path)
+    axes = _grid_axes(resolved, {name for name, _ in overrides})
+    if axes:
+        plans, grid_notes = expand_grid(plans, axes)
+        notes += grid_notes
     check_plans(plans)
     check_kernel(resolved.kernel)
 
@@ -291,11 +376,18 @@ def _main(argv: list[str]) -> int:
         code_hash = qhelpers_code_hash()
         qhelpers_info = {"version": qhelpers_version(), **git_state(), "code_sha256": code_hash}
         golden = bool(resolved.write_goldens)
+        backend = None
+        if resolved.backend == "ray":
+            backend = RayBackend(out_dir, code_hash, resolved.address, resolved.per_gpu, resolved.cpus_per_job,
+                                 resolved.ray_cpus, resolved.ray_gpus, bool(resolved.ship_code))
+        # the Ray backend hands every job to Ray at once (Ray queues them by their resources)
+        workers = resolved.workers or (len(plans) if resolved.backend == "ray" else 1)
+        resolved.workers = workers
         run_args = argparse.Namespace(
-            kernel=resolved.kernel, workers=resolved.workers, device=resolved.device,
+            kernel=resolved.kernel, workers=workers, device=resolved.device,
             cell_timeout=resolved.cell_timeout, write_goldens=resolved.write_goldens,
             resume=bool(args.resume), keep_stale=args.keep_stale)
-        runner = Runner(run_args, plans, out_dir, resolved.profile, notes, golden, code_hash)
+        runner = Runner(run_args, plans, out_dir, resolved.profile, notes, golden, code_hash, backend)
         entries = {plan.stem: runner.inputs_entry(plan) for plan in plans}
         document = manifest_document(previous or read_manifest(out_dir), command, resolved, argv, changes,
                                      qhelpers_info, entries, utc_now())

@@ -37,6 +37,15 @@ class RunCommand:
     notebooks_dir: str | None = None
     profiles: str | None = None
     write_goldens: str | None = None
+    models: list[str] | None = None
+    grid: list[list[str]] | None = None  # [NAME, VALUES as typed], in order
+    backend: str | None = None
+    address: str | None = None
+    per_gpu: int | None = None
+    cpus_per_job: int | None = None
+    ray_cpus: int | None = None
+    ray_gpus: int | None = None
+    ship_code: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON for the manifest."""
@@ -48,6 +57,8 @@ class RunCommand:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
         kwargs["params"] = [[str(n), str(v)] for n, v in kwargs.get("params") or []]
+        if kwargs.get("grid") is not None:
+            kwargs["grid"] = [[str(n), str(v)] for n, v in kwargs["grid"]]
         return cls(**kwargs)
 
     def with_defaults(self, **defaults: Any) -> "RunCommand":
@@ -57,14 +68,16 @@ class RunCommand:
 
 _FLAGS = {"profile": "--profile", "only": "--only", "model": "--model", "device": "--device", "kernel": "--kernel",
           "cell_timeout": "--cell-timeout", "workers": "--workers", "notebooks_dir": "--notebooks-dir",
-          "profiles": "--profiles", "write_goldens": "--write-goldens"}
+          "profiles": "--profiles", "write_goldens": "--write-goldens", "models": "--models", "grid": "--grid",
+          "backend": "--backend", "address": "--address", "per_gpu": "--per-gpu", "cpus_per_job": "--cpus-per-job",
+          "ray_cpus": "--ray-cpus", "ray_gpus": "--ray-gpus", "ship_code": "--no-ship-code"}
 
 
 def _shown(value: Any) -> str:
     if value is None:
         return "(not set)"
     if isinstance(value, list):
-        return " ".join(map(str, value))
+        return " ".join(" ".join(map(str, v)) if isinstance(v, list) else str(v) for v in value)
     return str(value)
 
 

@@ -7,10 +7,18 @@
    ``<run>/<stem>``, or with ``--write-goldens`` the relative path ``nbval_out/<stem>``.
 
 A command-line name that no selected notebook defines is an error (exit 2) that lists each
-notebook's parameters; one that only some define is applied only there, and the log says so."""
+notebook's parameters; one that only some define is applied only there, and the log says so.
+
+Grids (:func:`expand_grid`): ``--models A B`` and ``--grid NAME '[v1, v2]'`` turn one notebook into
+one job per combination of the values it defines (a notebook that defines none of the names runs
+once). Each job has its own folder, named ``<stem>--<value>[--NAME-<value>...]``, and records its
+notebook and setting, so the summary can set the same hypothesis side by side across models and
+settings."""
 from __future__ import annotations
 
+import itertools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -29,6 +37,12 @@ class Plan:
     defined: dict[str, Param] | None
     parameters: dict[str, Any]  # injected, without OUTPUT_DIR
     notes: list[str] = field(default_factory=list)
+    setting: dict[str, Any] = field(default_factory=dict)  # the grid values of this job ({} outside a grid)
+
+    @property
+    def notebook(self) -> str:
+        """The notebook's file stem (``stem`` is the job's folder name, which a grid extends)."""
+        return self.path.stem
 
 
 def plan_parameters(
@@ -76,3 +90,69 @@ def plan_parameters(
         plans.append(plan)
     return plans, notes
 
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def _slug(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value) if not isinstance(value, (list, tuple)) else \
+        "-".join(map(str, value))
+    return _UNSAFE.sub("_", str(text)).strip("_") or "none"
+
+
+def job_folder(stem: str, setting: Mapping[str, Any]) -> str:
+    """The folder of one grid job: ``t001--gpt2--BITS-2`` (MODEL's value alone, others as NAME-value)."""
+    parts = [stem]
+    for name, value in setting.items():
+        parts.append(_slug(value) if name == "MODEL" else f"{name}-{_slug(value)}")
+    return "--".join(parts)
+
+
+def setting_label(setting: Mapping[str, Any]) -> str:
+    """``gpt2, BITS=2``: a job's setting as the summary shows it."""
+    return ", ".join(str(v) if k == "MODEL" else f"{k}={v}" for k, v in setting.items())
+
+
+def expand_grid(plans: Sequence[Plan], axes: Sequence[tuple[str, Sequence[Any]]]) -> tuple[list[Plan], list[str]]:
+    """One plan per combination of the ``axes`` (``[(NAME, values), ...]``, e.g. MODEL from
+    ``--models``) a notebook defines; the grid's values win over the profile and ``-p``. Returns
+    the jobs and notes (a name only some notebooks define). A name no selected notebook defines,
+    an empty or repeated list, or two jobs falling into one folder raise RunnerError."""
+    notes: list[str] = []
+    seen_names: set[str] = set()
+    for name, values in axes:
+        if name in RUNNER_PARAMS:
+            raise RunnerError(f"--grid {name}: set by the runner; it cannot be a grid axis")
+        if name in seen_names:
+            raise RunnerError(f"grid axis {name} given twice; give its values in one list")
+        seen_names.add(name)
+        if not isinstance(values, (list, tuple)) or not values:
+            raise RunnerError(f"grid axis {name}: give a non-empty list of values, e.g. --grid {name} '[2, 3, 4]'")
+        if len({repr(v) for v in values}) != len(values):
+            raise RunnerError(f"grid axis {name}: a value is repeated in {list(values)}")
+        having = [p.notebook for p in plans if name in (p.defined or {})]
+        if not having:
+            raise RunnerError(f"grid axis {name}: no selected notebook defines it (its parameters cell has no {name})")
+        lacking = [p.notebook for p in plans if p.notebook not in having]
+        if lacking:
+            notes.append(f"note: grid axis {name} applies only to {', '.join(having)}; "
+                         f"{', '.join(lacking)} run once")
+    jobs: list[Plan] = []
+    for plan in plans:
+        mine = [(n, list(v)) for n, v in axes if n in (plan.defined or {})]
+        if not mine:
+            jobs.append(plan)
+            continue
+        for combo in itertools.product(*(values for _, values in mine)):
+            setting = {name: value for (name, _), value in zip(mine, combo)}
+            jobs.append(Plan(job_folder(plan.stem, setting), plan.path, plan.defined,
+                             {**plan.parameters, **setting}, list(plan.notes), setting))
+    folders: dict[str, Plan] = {}
+    for job in jobs:
+        other = folders.setdefault(job.stem, job)
+        if other is not job:
+            raise RunnerError(f"grid values {setting_label(other.setting)!r} and {setting_label(job.setting)!r} "
+                              f"of {job.notebook} both make the folder {job.stem}; use values that differ in "
+                              "letters or digits")
+    return jobs, notes

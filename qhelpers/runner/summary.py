@@ -34,6 +34,7 @@ from qhelpers.runner.records import (
     moved_aside_folders,
     utc_now,
 )
+from qhelpers.runner.plan import setting_label
 from qhelpers.util.atomic import atomic_write_text
 
 VERDICTS = ("SUPPORTED", "NOT_SUPPORTED", "INCONCLUSIVE")
@@ -132,6 +133,101 @@ _GROUPS = (
     ("families", "Families (Holm-adjusted within each family of a notebook)", "(no other hypotheses)"),
     ("sanity", "Sanity checks (true by construction or nearly so; not counted as findings)", ""),
 )
+
+
+def grid_tables(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The cross-model (and cross-setting) tables of a grid run: per notebook run under several
+    settings, one row per hypothesis (findings, not sanity checks) and one column per setting, each
+    cell the hypothesis of that job (None where the job has no such hypothesis yet), plus how many
+    settings support it. Notebooks run once (no ``job`` entry in run.json) are left out."""
+    by_notebook: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        job = r["record"].get("job")
+        if isinstance(job, Mapping) and job.get("setting"):
+            by_notebook.setdefault(str(job.get("notebook")), []).append(r)
+    tables = []
+    for notebook, jobs in sorted(by_notebook.items()):
+        settings = [setting_label(r["record"]["job"]["setting"]) for r in jobs]
+        ids: list[str] = []
+        cells: dict[tuple[str, int], dict[str, Any]] = {}
+        statements: dict[str, str] = {}
+        for k, r in enumerate(jobs):
+            for h in r["hypotheses"]:
+                if h.get("kind") == "sanity check":
+                    continue
+                hid = str(h.get("id"))
+                if hid not in statements:
+                    ids.append(hid)
+                    statements[hid] = str(h.get("statement", ""))
+                cells[(hid, k)] = h
+        table_rows = []
+        for hid in ids:
+            row_cells = [cells.get((hid, k)) for k in range(len(jobs))]
+            verdicts = [str(c.get("verdict")) for c in row_cells if c is not None]
+            supported = sum(v == "SUPPORTED" for v in verdicts)
+            table_rows.append({"id": hid, "statement": statements[hid], "cells": row_cells,
+                               "agreement": f"SUPPORTED in {supported} of {len(jobs)}"})
+        tables.append({"notebook": notebook, "settings": settings,
+                       "statuses": [str(r["record"].get("status", "pending")) for r in jobs],
+                       "stems": [r["stem"] for r in jobs], "rows": table_rows})
+    return tables
+
+
+def _grid_cell(h: Mapping[str, Any] | None) -> str:
+    return "" if h is None else f"{fmt_value_ci(h)} {h.get('verdict', '')}"
+
+
+def grid_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The markdown section of :func:`grid_tables` (no lines outside a grid run)."""
+    tables = grid_tables(rows)
+    if not tables:
+        return []
+    lines = ["## Across models and settings", "",
+             "Each hypothesis of a notebook run under several settings, side by side (value [95 % CI] and "
+             "adjusted verdict per setting).", ""]
+    for t in tables:
+        heads = [s if st == "completed" else f"{s} ({st})" for s, st in zip(t["settings"], t["statuses"])]
+        lines += [f"### {markdown_cell(t['notebook'])}", "",
+                  "| id | statement | " + " | ".join(markdown_cell(h) for h in heads) + " | holds |",
+                  "|---|---|" + "---|" * len(heads) + "---|"]
+        for row in t["rows"]:
+            lines.append(f"| {markdown_cell(row['id'])} | {markdown_cell(row['statement'])} | "
+                         + " | ".join(markdown_cell(_grid_cell(c)) for c in row["cells"])
+                         + f" | {markdown_cell(row['agreement'])} |")
+        if not t["rows"]:
+            lines.append("| (no hypotheses recorded yet) | |" + " |" * len(heads) + " |")
+        lines.append("")
+    return lines
+
+
+def grid_html(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The HTML section of :func:`grid_tables` ('' outside a grid run)."""
+    tables = grid_tables(rows)
+    if not tables:
+        return ""
+
+    def e(s: Any) -> str:
+        return html.escape(str(s if s is not None else ""), quote=True)
+
+    out = ['<h2 id="grid">Across models and settings</h2>',
+           "<p>Each hypothesis of a notebook run under several settings, side by side (value [95 % CI] and "
+           "adjusted verdict per setting).</p>"]
+    for t in tables:
+        heads = "".join(f'<th><a href="#nb-{e(stem)}">{e(s)}</a>' + ("" if st == "completed" else
+                        f' <span class="s-{e(st)}">({e(st)})</span>') + "</th>"
+                        for s, st, stem in zip(t["settings"], t["statuses"], t["stems"]))
+        out.append(f"<h3>{e(t['notebook'])}</h3><table><thead><tr><th>id</th><th>statement</th>{heads}"
+                   "<th>holds</th></tr></thead><tbody>")
+        for row in t["rows"]:
+            tds = []
+            for c in row["cells"]:
+                verdict = str((c or {}).get("verdict", ""))
+                cls = f' class="num v-{verdict}"' if verdict in VERDICTS else ' class="num"'
+                tds.append(f"<td{cls}>{e(_grid_cell(c))}</td>")
+            out.append(f"<tr><td>{e(row['id'])}</td><td>{e(row['statement'])}</td>{''.join(tds)}"
+                       f"<td>{e(row['agreement'])}</td></tr>")
+        out.append("</tbody></table>")
+    return "\n".join(out)
 
 
 def _model_name(results: Mapping[str, Any] | None, rec: Mapping[str, Any]) -> str:
@@ -294,6 +390,7 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) 
         "",
     ]
     lines += headline_markdown(rows)
+    lines += grid_markdown(rows)
     lines += ["## Hypotheses", ""]
     tables = hypothesis_tables(rows)
     if not any(tables.values()):
@@ -384,6 +481,7 @@ def render_html(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> s
         f"{len(rows)} notebooks ({e(_status_counts(rows))})",
         "</p>",
         headline_html(rows),
+        grid_html(rows),
         "<h2>Hypotheses</h2>",
     ]
     tables = hypothesis_tables(rows)

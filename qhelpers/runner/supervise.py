@@ -25,20 +25,21 @@ import argparse
 import hashlib
 import os
 import signal
-import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from qhelpers.runner.backends import Execution, JobLaunch, LocalBackend, is_gpu_job
 from qhelpers.runner.environment import cpu_threads_per_worker, kernel_env, visible_gpus
 from qhelpers.runner.errors import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_SIGINT,
     EXIT_SIGTERM,
+    EXIT_USAGE,
     RunnerError,
 )
 from qhelpers.runner.fingerprints import model_fingerprint
@@ -47,12 +48,6 @@ from qhelpers.runner.locks import FileLock
 from qhelpers.runner.notebooks import notebook_code_hash, notebook_has_language
 from qhelpers.runner.params import Param, parameters_hash
 from qhelpers.runner.plan import Plan
-from qhelpers.runner.processes import (
-    descendant_identities,
-    kill_descendants,
-    kill_identified,
-    preexec_worker,
-)
 from qhelpers.runner.records import (
     atomic_write_json,
     completion_problem,
@@ -74,7 +69,6 @@ from qhelpers.runner.summary import (
 
 INTERRUPT_GRACE_S = 30.0
 LOCK_WAIT_S = 120.0
-KERNEL_POLL_S = 1.0
 
 
 def _hashable_parameters(params: Mapping[str, Any], golden: bool) -> dict[str, Any]:
@@ -93,26 +87,23 @@ def model_spec(plan: Plan) -> Any:
 
 @dataclass
 class RunningNotebook:
-    """A notebook whose worker the supervisor has started."""
+    """A notebook whose job the supervisor has handed to its backend."""
 
     plan: Plan
     index: int
-    proc: subprocess.Popen
+    execution: Execution
     slot: int
     gpu: str | None
     started: float
-    log_fh: Any
     result_path: Path
     stop_sent: float | None = None
-    kernels: set[tuple[int, float]] = field(default_factory=set)
-    polled: float = 0.0
 
 
 class Runner:
     """One invocation: plans, schedules workers, writes run.json / summaries."""
 
     def __init__(self, args: argparse.Namespace, plans: list[Plan], out_dir: Path, profile: str,
-                 notes: list[str], golden: bool, code_hash: str = ""):
+                 notes: list[str], golden: bool, code_hash: str = "", backend: Any = None):
         self.args = args
         self.plans = plans
         self.out_dir = out_dir
@@ -120,6 +111,7 @@ class Runner:
         self.notes = notes
         self.golden = golden
         self.code_hash = code_hash
+        self.backend = backend if backend is not None else LocalBackend()
         self.total = len(plans)
         self.workers = max(1, getattr(args, "workers", 1) or 1)
         self.stop_signal: int | None = None
@@ -261,7 +253,9 @@ class Runner:
                 "output_notebook": f"{stem}.ipynb",
                 "output_dir": str(d),
                 "log": "log.txt",
-                "cuda_visible_devices": gpu if gpu is not None else os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "cuda_visible_devices": gpu if gpu is not None else (
+                    os.environ.get("CUDA_VISIBLE_DEVICES") if self.backend.name == "local" else None),
+                "backend": self.backend.name,
                 "start": utc_now(),
                 "end": None,
                 "duration_s": None,
@@ -270,6 +264,8 @@ class Runner:
                 "previous": moved,
                 "runner": {"pid": os.getpid(), "argv": sys.argv[1:], "host": os.uname().nodename if hasattr(os, "uname") else ""},
             }
+            if plan.setting:
+                record["job"] = {"notebook": plan.notebook, "setting": plan.setting}
             self.records[stem] = record
             cwd = self.cwd_for(stem)
             jobs = self.out_dir / ".jobs"
@@ -294,34 +290,29 @@ class Runner:
             }
             job_path = jobs / f"{stem}.json"
             atomic_write_json(job_path, job)
-            log_fh = open(d / "log.txt", "ab")
             threads = cpu_threads_per_worker(self.workers) if gpu is None else None
-            env = kernel_env(self.profile, gpu, threads)
-            try:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "qhelpers.runner.worker", str(job_path)],
-                    cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
-                    preexec_fn=preexec_worker if os.name == "posix" else None,
-                )
-            except BaseException:
-                log_fh.close()
-                raise
-            # "running" is written after the worker exists (a runner killed before leaves no
-            # running record) and before it may write (it waits for this lock)
+            device_default = (plan.defined or {}).get("DEVICE")
+            launch = JobLaunch(stem, job, job_path, cwd, d / "log.txt", kernel_env(self.profile, gpu, threads),
+                               self.profile, is_gpu_job(plan.parameters, device_default.default if device_default
+                                                        else None, getattr(self.backend, "cluster_gpus", 0.0)),
+                               threads)
+            execution = self.backend.launch(launch, gpu)
+            # "running" is written after the job exists (a runner killed before leaves no
+            # running record) and before its worker may write (it waits for this lock)
             try:
                 atomic_write_json(d / "run.json", record)
             except BaseException:
-                proc.kill()
-                proc.wait()
-                log_fh.close()
+                execution.kill()
                 raise
         finally:
             lock.release()  # the worker takes it (and holds it until it has written run.json)
-        gpu_note = f" on GPU {gpu}" if gpu is not None else ""
+        where = f" {execution.placement}" if execution.placement else ""
         model = params.get("MODEL") or (plan.defined or {}).get("MODEL", Param("", "", "", False)).default
         model_note = f", model {model}" if model else ""
-        self.say(f"[{index}/{self.total}] {stem} ... started (profile {self.profile}{model_note}{gpu_note})")
-        return RunningNotebook(plan, index, proc, slot, gpu, time.time(), log_fh, result_path)
+        verb = "queued" if where.startswith(" queued") else "started"
+        where = "" if verb == "queued" else where
+        self.say(f"[{index}/{self.total}] {stem} ... {verb} (profile {self.profile}{model_note}{where})")
+        return RunningNotebook(plan, index, execution, slot, gpu, time.time(), result_path)
 
     def start_failed(self, plan: Plan, index: int, exc: BaseException) -> None:
         """Record a notebook that could not be started (its folder unwritable, its lock held...)."""
@@ -341,13 +332,6 @@ class Runner:
         note = f" (run.json not written: {unwritten})" if unwritten else ""
         self.say(f"[{index}/{self.total}] {stem} ... FAILED to start: {what}{note}", err=True)
 
-    def poll_kernels(self, run: RunningNotebook) -> None:
-        """Remember the worker's descendants (its kernel), to kill them if the worker dies."""
-        now = time.monotonic()
-        if now - run.polled >= KERNEL_POLL_S:
-            run.polled = now
-            run.kernels |= descendant_identities(run.proc.pid)
-
     def final_record(self, run: RunningNotebook) -> dict[str, Any] | None:
         """The worker's final record: its report in .jobs/ (written even when run.json cannot be),
         else run.json when it no longer says running; None when the worker recorded no end."""
@@ -365,19 +349,14 @@ class Runner:
     def finish(self, run: RunningNotebook, forced_status: str | None = None) -> str:
         """Record a worker's end: its own final record, or (when it died without one) ``forced_status``,
         else interrupted during a stop and failed otherwise. Returns the notebook's status."""
-        try:
-            run.log_fh.close()
-        except OSError:
-            pass
         stem = run.plan.stem
         d = self.nb_dir(stem)
-        rc = run.proc.returncode
-        killed = kill_identified(run.kernels) if rc not in (0, 1, EXIT_SIGINT) else []
+        killed = run.execution.cleanup()
         rec = self.final_record(run)
         if rec is None:
             rec = dict(self.records.get(stem) or {"notebook": stem})
             status = forced_status or ("interrupted" if self.stop_signal else "failed")
-            died = f"worker exited with code {rc} before finishing (see log.txt)"
+            died = run.execution.death()
             if killed:
                 died += f"; its kernel (pid {', '.join(map(str, killed))}) was killed"
             error = error_record("Interrupted" if status == "interrupted" else "WorkerDied", died)
@@ -420,6 +399,11 @@ class Runner:
         old_term = signal.signal(signal.SIGTERM, self._on_signal)
         try:
             return self._run()
+        except RunnerError as exc:  # e.g. the Ray cluster cannot be reached: nothing was started
+            self.say(f"run_all.py: error: {exc}", err=True)
+            self.stop_all(signal.SIGTERM, forced="failed")
+            self.summary(f"stopped: {exc}")
+            return EXIT_USAGE
         except Exception as exc:
             self.say(f"run_all.py: internal error: {type(exc).__name__}: {exc} (traceback in runner.log); "
                      "stopping the running notebooks", err=True)
@@ -428,6 +412,7 @@ class Runner:
             self.summary(f"stopped by an internal error: {type(exc).__name__}: {exc}")
             return EXIT_FAILED
         finally:
+            self.backend.close()
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
 
@@ -435,21 +420,24 @@ class Runner:
         """Stop every running worker (``signum``, then SIGKILL after the grace time) and record
         each; a worker that recorded no end of its own is recorded ``forced``."""
         for r in self.running:
-            try:  # the worker turns it into KeyboardInterrupt, records "interrupted", stops its kernel
-                os.kill(r.proc.pid, signum)
-            except OSError:
-                pass
+            r.execution.stop(signum)
             r.stop_sent = time.time()
         while self.running:
             for r in list(self.running):
-                if r.proc.poll() is None and (self._hurry or time.time() - (r.stop_sent or 0) > INTERRUPT_GRACE_S):
-                    kill_descendants(r.proc.pid)
-                    r.proc.kill()
-                    r.proc.wait()
-                if r.proc.poll() is not None:
+                if r.execution.poll() is None and (self._hurry or time.time() - (r.stop_sent or 0) > INTERRUPT_GRACE_S):
+                    r.execution.kill()
+                if r.execution.poll() is not None:
                     self.running.remove(r)
                     self.finish(r, forced_status=forced)
             time.sleep(0.1)
+
+    def progress(self, queue: list[Any]) -> None:
+        """``progress: 3 done, 2 running, 4 queued`` (on the Ray backend, where jobs wait in Ray's queue)."""
+        if self.backend.name == "local":
+            return
+        started = sum(1 for r in self.running if "queued" not in r.execution.placement)
+        queued = len(queue) + len(self.running) - started
+        self.say(f"progress: {len(self.outcomes)} done, {started} running, {queued} queued")
 
     def _run(self) -> int:
         args = self.args
@@ -472,10 +460,12 @@ class Runner:
                 why = "run again with --out"
             queue.append((i, plan, why))
         self.summary(f"running (run_all.py pid {os.getpid()})")
+        if queue:
+            self.backend.open(self.say, len(queue))
 
         workers = self.workers
         gpus: list[str] = []
-        if workers > 1 and min(workers, len(queue)) > 1 and args.device != "cpu":
+        if self.backend.name == "local" and workers > 1 and min(workers, len(queue)) > 1 and args.device != "cpu":
             gpus = visible_gpus()
             if len(gpus) > 1:
                 self.say(f"{len(gpus)} GPUs visible ({','.join(gpus)}): each worker gets one through CUDA_VISIBLE_DEVICES")
@@ -495,13 +485,17 @@ class Runner:
                     busy.discard(slot)
                     self.start_failed(plan, i, exc)
                 self.summary(f"running (run_all.py pid {os.getpid()})")
+            self.backend.tick()
             for r in list(running):
-                if r.proc.poll() is not None:
+                rc = r.execution.poll()
+                for line in r.execution.events():
+                    self.say(f"  {r.plan.stem}: {line}")
+                    self.progress(queue)
+                if rc is not None:
                     running.remove(r)
                     self.finish(r)
+                    self.progress(queue)
                     self.summary(f"running (run_all.py pid {os.getpid()})" if (queue or running) else "finished")
-                else:
-                    self.poll_kernels(r)
             time.sleep(0.1)
 
         if self.stop_signal is not None:

@@ -63,6 +63,8 @@ def worker_main(job_path: str) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # a parent may hand down a mask that blocks them (a Ray worker does): the stop would never arrive
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     signal_on_parent_death(signal.SIGTERM)
     parent = job.get("parent_pid")
     if parent and os.getppid() != parent:
