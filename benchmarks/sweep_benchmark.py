@@ -18,6 +18,10 @@ Ways (see benchmarks/README.md):
 * ``engine``: :func:`qhelpers.measure.sweep.run_sweep` with its default, fresh
   :class:`~qhelpers.quant.engine.QuantEngine` (streaming on CPU, resident on CUDA), prefix caching off.
 * ``engine+prefix``: the same with prefix caching on.
+* ``engine+compile``: ``engine`` on a Scorer with ``MeasureConfig(compile=True)`` (the decoder stack
+  under ``torch.compile``, batches padded to bucketed shapes; compiled by a warm-up pass before it is
+  timed, compile time reported apart as ``compile_s``). Default on CUDA only (compiling on a
+  2-core CPU takes minutes); on CPU the streaming engine's hooks make it run eagerly.
 * ``engine+damage``, ``engine+prefix+damage``: the same two, also measuring the damage card
   (per-token KL to the full model over the full vocabulary, top-1 agreement, KL histogram;
   :meth:`qhelpers.measure.scoring.Scorer.score` with ``damage=``). ``damage/plain`` in the
@@ -30,6 +34,14 @@ Reference lines:
   of configurations: the median of timed passes taken before, between and after the ways
   (``--floor-repeats``), so that it sees the machine's load as the ways did.
 * ``floor-b1``: the same for the seeds' batch-1 forward passes (one timed pass).
+* ``floor-compile``: the forward-pass floor of ``engine+compile``: compiled full-precision passes in
+  its bucketed batches (median of ``--floor-repeats``), times the configurations.
+* ``hf-floor``: a plain Hugging Face forward, ``model(input_ids, attention_mask).logits`` (full
+  logits, the model's own attention implementation, SDPA in transformers 5) over the engine's
+  padded batches, times the configurations: what the card does at the same batch shapes without
+  any qhelpers code. ``hf-floor-compile``: the same under ``torch.compile`` over the bucketed
+  batches of ``engine+compile`` (with it only). Their ``mfu_with_head_pct`` is reported at the top
+  level as ``floor_mfu_with_head_pct`` / ``floor_compiled_mfu_with_head_pct``.
 
 Printed per way: wall and CPU seconds, overhead above the floor, peak memory, the speed ratio
 seed / way, and the largest absolute difference of the per-(configuration, language) mean NLL
@@ -44,6 +56,8 @@ it. On CUDA also model FLOP utilisation (MFU):
 the LM head are excluded, as in Kaplan et al. 2020), ``T`` = tokens fed (padding excluded),
 ``L`` = decoder layers, ``S`` = a sequence's length, ``d_attn`` = heads x head dim; the second
 term is causal attention (QK^T and AV over the S(S+1)/2 unmasked pairs, 2 FLOPs per MAC).
+``mfu_with_head_pct`` adds the LM head, ``2 * d * V * T`` (``d`` hidden size, ``V`` vocabulary; all
+fed tokens, as a plain forward computes them; ~21 % of SmolLM2's forward FLOPs).
 MFU = configurations x useful FLOPs / wall time / peak, with the peak from ``--peak-tflops``
 (defaults: dense fp16/bf16 989 TFLOP/s for H100 SXM and H200, 756 for H100 PCIe). With prefix
 caching the same useful FLOPs are counted (work skipped by reuse still counts as done).
@@ -57,10 +71,12 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
@@ -83,6 +99,7 @@ from qhelpers.quant.engine import Variant  # noqa: E402
 from qhelpers.quant.protection import ProtectionSpec, resolve_plan  # noqa: E402
 from qhelpers.quant.quantizers import QuantConfig, fake_quantize  # noqa: E402
 from qhelpers.text.corpora import SEED_LANGS, load_corpus  # noqa: E402
+from qhelpers.text.encoding import pad_batch  # noqa: E402
 
 #: Randomly initialised models of real architectures and sizes (no download: configs only,
 #: with the packaged GPT-2 tokenizer). Config values are those of the hub checkpoints.
@@ -110,7 +127,9 @@ PEAK_TFLOPS: list[tuple[tuple[str, ...], float]] = [
     (("A100",), 312.0),
 ]
 
-WAYS = ("seed", "engine", "engine+prefix", "engine+damage", "engine+prefix+damage")
+WAYS = ("seed", "engine", "engine+prefix", "engine+compile", "engine+damage", "engine+prefix+damage")
+#: Ways run by default on CPU (compiling costs minutes on 2 cores).
+CPU_DEFAULT_WAYS = tuple(w for w in WAYS if w != "engine+compile")
 #: Ways that also measure the damage card (KL to the full model, top-1 agreement, KL histogram).
 DAMAGE_WAYS = ("engine+damage", "engine+prefix+damage")
 
@@ -279,6 +298,29 @@ def engine_way(loaded: LoadedModel, scorer: Scorer, variants: dict[str, Variant]
                      progress=False, prefix_cache=prefix)
 
 
+def hf_batches(scorer: Scorer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The scorer's batches as padded (input_ids, attention_mask) on its device; bucketed shapes
+    for a compiling scorer (as its own forward pads them)."""
+    from qhelpers.measure.compiled import pad_to_shape, padded_shape
+
+    out = []
+    for batch in scorer.batches:
+        ids, mask = pad_batch([w.ids for w in batch], scorer.pad_id)
+        if scorer.compiled is not None:
+            shape = padded_shape([len(w.ids) for w in batch], scorer.config.batch_tokens, scorer.config.max_batch,
+                                 scorer.config.max_length)
+            ids, mask = pad_to_shape(ids, mask, shape, scorer.pad_id)
+        out.append((ids.to(scorer.device), mask.to(scorer.device)))
+    return out
+
+
+def hf_floor_pass(forward: Callable[..., Any], batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """A plain HF forward (full logits) of every batch."""
+    with torch.no_grad():
+        for ids, mask in batches:
+            _ = forward(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
 def floor_pass(scorer: Scorer) -> None:
     scorer.score_nll()
 
@@ -301,6 +343,15 @@ def per_language_nll(scores: pd.DataFrame) -> pd.Series:
 # ----------------------------------------------------------------------------- FLOPs
 
 
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def useful_flops(loaded: LoadedModel, scorer: Scorer) -> dict[str, float]:
     model, arch = loaded.model, loaded.arch
     layers = decoder_layers(model, arch)
@@ -314,12 +365,16 @@ def useful_flops(loaded: LoadedModel, scorer: Scorer) -> dict[str, float]:
     lengths = [len(w.ids) for batch in scorer.batches for w in batch]
     tokens = sum(lengths)
     attention = sum(2 * len(layers) * s * (s + 1) * d_attn for s in lengths)
+    head = model.get_output_embeddings().weight
+    head_flops = 2.0 * head.shape[0] * head.shape[1] * tokens
     return {
         "non_embedding_params": non_embedding,
         "tokens": tokens,
         "dense_flops": 2.0 * non_embedding * tokens,
         "attention_flops": float(attention),
+        "head_flops": head_flops,
         "flops_per_config": 2.0 * non_embedding * tokens + attention,
+        "flops_per_config_with_head": 2.0 * non_embedding * tokens + attention + head_flops,
     }
 
 
@@ -342,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a load_model spec (embedded:smollm2-135m, tiny:gpt2 ...) or one of: " + ", ".join(RANDOM_MODELS))
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fp32 on CPU, bf16 on CUDA)")
-    parser.add_argument("--n-texts", type=int, default=3, help="UDHR paragraphs per language (7 languages)")
+    parser.add_argument("--n-texts", type=int, default=3, help="UDHR paragraphs per language (at most 50)")
+    parser.add_argument("--langs", default="seed",
+                        help="UDHR languages: seed (the seeds' 7, default), all (61), or a comma-separated list")
     parser.add_argument("--layers", default=None,
                         help="protected-layer variants: all (default), '0,5,9', 'every:3' or 'n:12' (12 spread evenly)")
     parser.add_argument("--bits", type=int, default=4)
@@ -351,7 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-tokens", type=int, default=None, help="Scorer token budget (default: 2048 on CPU, from free memory on CUDA)")
     parser.add_argument("--floor-repeats", type=int, default=4,
                         help="timed full-precision passes for the floor, spread before, between and after the ways (median)")
-    parser.add_argument("--ways", default=",".join(WAYS), help="comma-separated subset of: " + ", ".join(WAYS))
+    parser.add_argument("--ways", default=None,
+                        help="comma-separated subset of: " + ", ".join(WAYS) + " (default: all on CUDA, all but "
+                        "engine+compile on CPU)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="Scorer texts per batch (default: MeasureConfig's, 64 on CPU, no cap on CUDA)")
+    parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD, if any)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU dense fp16/bf16 peak for MFU (default from the device name)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=None, help="write the table and details as JSON here")
@@ -360,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    if args.ways is None:
+        cuda = resolve_device(args.device).type == "cuda"
+        args.ways = ",".join(WAYS if cuda else CPU_DEFAULT_WAYS)
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
     unknown = set(ways) - set(WAYS)
     if unknown:
@@ -370,9 +435,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     loaded = load(args.model, args.device, args.dtype)
     device = loaded.device
-    corpus = load_corpus("udhr", langs=SEED_LANGS, n_texts=args.n_texts)  # the seeds' 7 of the 61 languages
-    measure = MeasureConfig(max_length=args.max_length, truncate=args.truncate, batch_tokens=args.batch_tokens)
+    langs = {"seed": SEED_LANGS, "all": None}.get(args.langs, [x.strip() for x in args.langs.split(",") if x.strip()])
+    corpus = load_corpus("udhr", langs=langs, n_texts=args.n_texts)
+    measure = MeasureConfig(max_length=args.max_length, truncate=args.truncate, batch_tokens=args.batch_tokens,
+                            max_batch=args.max_batch)
     scorer = corpus_scorer(loaded, corpus, measure)
+    compiled_scorer = None
+    if "engine+compile" in ways:
+        compiled_scorer = corpus_scorer(loaded, corpus, replace(measure, compile=True))
     n_layers = loaded.n_layers
     layers = pick_layers(args.layers, n_layers)
     quant = QuantConfig(method="int", bits=args.bits, symmetric=True, granularity="channel", clipping="absmax")
@@ -387,6 +457,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     header = {
         "model": args.model,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_commit": args.commit or git_commit(),
+        "attn_implementation": getattr(loaded.model.config, "_attn_implementation", None),
+        "langs": len(corpus.langs) if hasattr(corpus, "langs") else None,
         "description": loaded.describe(),
         "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
         "dtype": str(loaded.dtype).removeprefix("torch."),
@@ -397,6 +472,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tokens_per_config": scorer.total_tokens,
         "batches": [len(b) for b in scorer.batches],
         "batch_tokens": scorer.config.batch_tokens,
+        "max_batch": scorer.config.max_batch,
+        "padded_tokens_per_config": sum(max(len(w.ids) for w in b) * len(b) for b in scorer.batches),
         "max_length": scorer.config.max_length,
         "configs": n_configs,
         "protected_layers": layers,
@@ -456,12 +533,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if device.type == "cuda":
             floor_b1_pass(loaded, scorer)  # warm-up: kernels for every sequence length
         record("floor-b1", lambda: floor_b1_pass(loaded, scorer), repeats=1, scale=n_configs)
+    # plain HF forwards at the engine's batch shapes: what the card does without qhelpers code
+    batches = hf_batches(scorer)
+    hf_floor_pass(loaded.model, batches)  # warm-up
+    record("hf-floor", lambda: hf_floor_pass(loaded.model, batches), repeats=max(1, args.floor_repeats // 2),
+           scale=n_configs)
+    del batches
+    compile_s: dict[str, float] = {}
+    if compiled_scorer is not None:
+        # compile every bucketed shape once (timed apart), then the compiled floor
+        floor_pass(compiled_scorer)
+        compile_s["floor-compile"] = compiled_scorer.compile_seconds
+        record("floor-compile", lambda: floor_pass(compiled_scorer), repeats=max(1, args.floor_repeats // 2),
+               scale=n_configs)
+        batches = hf_batches(compiled_scorer)
+        hf_compiled = torch.compile(loaded.model, dynamic=False)
+        with torch._dynamo.config.patch(recompile_limit=64):
+            _, compile_s["hf-floor-compile"], _ = timed(device, lambda: hf_floor_pass(hf_compiled, batches))
+            record("hf-floor-compile", lambda: hf_floor_pass(hf_compiled, batches),
+                   repeats=max(1, args.floor_repeats // 2), scale=n_configs)
+        del batches, hf_compiled
 
     per_lang: dict[str, pd.Series] = {}
     prefix_stats: dict[str, Any] = {}
     for way in ways:
         if way == "seed":
             scores = record(way, lambda: seed_way(loaded, scorer, variants))
+        elif way == "engine+compile":
+            before = dict(compiled_scorer.compiled.calls)
+            result = record(way, lambda: engine_way(loaded, compiled_scorer, variants, prefix=False, damage=False))
+            scores = result.scores
+            rows[way]["compiled_calls"] = {k: v - before[k] for k, v in compiled_scorer.compiled.calls.items()}
+            # shapes first seen here (none expected: the floor compiled them) count as compile time too
+            compile_s[way] = compiled_scorer.compile_seconds - compile_s.get("floor-compile", 0.0)
         else:
             result = record(way, lambda: engine_way(loaded, scorer, variants, prefix="prefix" in way,
                                                     damage=way in DAMAGE_WAYS))
@@ -495,8 +599,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name in per_lang and reference is not None:
             diff = (per_lang[name] - per_lang[reference]).abs().max()
             row["max_abs_diff_lang_nll_vs_" + reference] = float(diff)
-        if device.type == "cuda" and peak_tflops:
+        row["tokens_per_s"] = n_configs * flops["tokens"] / row["wall_s"]
+        if name in compile_s:
+            row["compile_s"] = compile_s[name]
+        if peak_tflops:
             row["mfu_pct"] = 100.0 * n_configs * flops["flops_per_config"] / row["wall_s"] / (peak_tflops * 1e12)
+            row["mfu_with_head_pct"] = (
+                100.0 * n_configs * flops["flops_per_config_with_head"] / row["wall_s"] / (peak_tflops * 1e12)
+            )
     for plain, damage in (("engine", "engine+damage"), ("engine+prefix", "engine+prefix+damage")):
         if plain in rows and damage in rows:
             rows[damage]["damage_over_plain"] = rows[damage]["wall_s"] / rows[plain]["wall_s"]
@@ -508,9 +618,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ------------------------------------------------------------------ print
     print()
     mem_label = "peak_alloc_MB" if device.type == "cuda" else "peak_rss+_MB"
-    cols = f"{'way':22s} {'wall_s':>9s} {'cpu_s':>9s} {'floor_s':>9s} {'over_%':>8s} {mem_label:>13s} {'x_fp32':>7s} {'seed/way':>9s} {'max|dNLL|':>10s}"
-    if device.type == "cuda":
-        cols += f" {'MFU_%':>7s}"
+    cols = f"{'way':22s} {'wall_s':>9s} {'cpu_s':>9s} {'floor_s':>9s} {'over_%':>8s} {mem_label:>13s} {'x_fp32':>7s} {'seed/way':>9s} {'max|dNLL|':>10s} {'tok/s':>10s}"
+    if peak_tflops:
+        cols += f" {'MFU_%':>7s} {'MFU+h_%':>7s}"
     print(cols)
     print("-" * len(cols))
     for name, row in rows.items():
@@ -519,10 +629,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{name:22s} {row['wall_s']:9.2f} {row['cpu_s']:9.2f} {floor:9.2f} {row['overhead_vs_floor_pct']:8.1f} "
             f"{row['peak_mem_mb']:13.1f} {row['peak_mem_x_fp32']:7.3f} "
             f"{row.get('speedup_seed_over_way', float('nan')):9.2f} "
-            f"{diff if diff is not None else float('nan'):10.2e}"
+            f"{diff if diff is not None else float('nan'):10.2e} {row['tokens_per_s']:10.0f}"
         )
-        if device.type == "cuda":
-            line += f" {row.get('mfu_pct', float('nan')):7.2f}"
+        if peak_tflops:
+            line += f" {row.get('mfu_pct', float('nan')):7.2f} {row.get('mfu_with_head_pct', float('nan')):7.2f}"
         print(line)
     print()
     print(f"  floor      = median of {len(rows['floor']['measured_wall_s'])} plain fp passes in the engine's batches "
@@ -541,10 +651,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"({100 * skipped / max(1, run + skipped):.1f} %), peak {prefix_stats.get('peak_bytes', 0) / 2**20:.1f} MB "
             f"of a {prefix_stats.get('budget_bytes', 0) / 2**20:.1f} MB budget"
         )
-    if device.type == "cuda":
+    if compile_s:
+        print("  compile s (first call of each shape): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in compile_s.items()))
+    if peak_tflops:
         print(
             f"  useful FLOPs per config = 2*N*T + attention = 2*{flops['non_embedding_params']}*{flops['tokens']} "
-            f"+ {flops['attention_flops']:.3e} = {flops['flops_per_config']:.3e}; peak {peak_tflops} TFLOP/s"
+            f"+ {flops['attention_flops']:.3e} = {flops['flops_per_config']:.3e}; with the LM head "
+            f"{flops['flops_per_config_with_head']:.3e}; peak {peak_tflops} TFLOP/s"
         )
 
     targets = {}
@@ -567,8 +681,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key, ok in targets.items():
         print(f"  [{'PASS' if ok else 'FAIL'}] {key}")
 
+    summary: dict[str, Any] = {}
+    for key, name in (("floor_mfu_with_head_pct", "hf-floor"), ("floor_compiled_mfu_with_head_pct", "hf-floor-compile")):
+        if name in rows and "mfu_with_head_pct" in rows[name]:
+            summary[key] = rows[name]["mfu_with_head_pct"]
+    for name in ("floor", "floor-compile", "engine", "engine+prefix", "engine+compile"):
+        if name in rows and "hf-floor" in rows:
+            summary[f"{name}_over_hf_floor_time"] = rows[name]["wall_s"] / rows["hf-floor"]["wall_s"]
+    if "engine+compile" in rows and "hf-floor-compile" in rows:
+        summary["engine+compile_over_hf_floor_compile_time"] = (
+            rows["engine+compile"]["wall_s"] / rows["hf-floor-compile"]["wall_s"])
+    if "engine+compile" in rows and "floor-compile" in rows:
+        summary["engine+compile_overhead_vs_floor_compile_pct"] = 100.0 * (
+            rows["engine+compile"]["wall_s"] / rows["floor-compile"]["wall_s"] - 1.0)
+    if summary:
+        print()
+        for key, value in summary.items():
+            print(f"  {key:48s} {value:.3f}")
+
     report = {
         "header": header,
+        **summary,
         "rows": rows,
         "flops": flops,
         "peak_tflops": peak_tflops,

@@ -23,10 +23,12 @@ def test_benchmark_smoke_run(bench, tmp_path, capsys):
     report = bench.main([
         "--model", "tiny:gpt2", "--device", "cpu", "--n-texts", "2", "--layers", "0,3",
         "--max-length", "32", "--truncate", "--floor-repeats", "1", "--out", str(out),
+        "--peak-tflops", "0.5",  # no default peak on CPU: MFU columns only with one given
     ])
     printed = capsys.readouterr().out
-    for way in ("floor", "floor-b1", "seed", "engine", "engine+prefix"):
+    for way in ("floor", "floor-b1", "hf-floor", "seed", "engine", "engine+prefix"):
         assert way in report["rows"] and f"\n{way} " in printed
+    assert "engine+compile" not in report["rows"]  # not by default on CPU (compiling takes minutes)
     assert report["header"]["configs"] == 4 and report["header"]["texts"] == 14
     rows = report["rows"]
     # the three ways score the same tokens and agree (fp32: batching rounding only)
@@ -35,6 +37,20 @@ def test_benchmark_smoke_run(bench, tmp_path, capsys):
     assert rows["engine+prefix"]["run_order"][:2] == ["fp", "all_quantized"]
     assert report["prefix_stats"]["layers_skipped"] > 0
     assert set(report["targets"]) >= {"engine >= 2x faster than seed", "engine overhead <= 10 % (prefix off)"}
+    flops = report["flops"]
+    assert flops["flops_per_config_with_head"] == flops["flops_per_config"] + flops["head_flops"]
+    assert flops["head_flops"] == 2.0 * 50257 * 64 * flops["tokens"]  # tiny:gpt2: V x d per token
+    configs = report["header"]["configs"]
+    for row in rows.values():
+        assert row["tokens_per_s"] == pytest.approx(configs * flops["tokens"] / row["wall_s"])
+        assert row["mfu_pct"] == pytest.approx(100 * configs * flops["flops_per_config"] / row["wall_s"] / 0.5e12)
+        assert row["mfu_with_head_pct"] == pytest.approx(
+            100 * configs * flops["flops_per_config_with_head"] / row["wall_s"] / 0.5e12)
+    assert report["floor_mfu_with_head_pct"] == rows["hf-floor"]["mfu_with_head_pct"]
+    assert report["engine_over_hf_floor_time"] == rows["engine"]["wall_s"] / rows["hf-floor"]["wall_s"]
+    header = report["header"]
+    assert header["attn_implementation"] == "sdpa" and header["max_batch"] == 64
+    assert {"device_name", "date", "git_commit"} <= set(header)
     saved = json.loads(out.read_text())
     assert saved["rows"].keys() == rows.keys()
 

@@ -31,6 +31,18 @@ LOGIT_BUDGET = 1 << 25  # logits elements materialised at once (128 MB in fp32)
 #: Share of the free GPU memory (at Scorer creation) that automatic batch sizing may fill with
 #: activations; the prefix cache's default budget takes another quarter (qhelpers.quant.prefix_cache).
 CUDA_ACTIVATION_FRACTION = 0.5
+#: Texts per batch on CPU when ``MeasureConfig.max_batch`` is None (the value every CPU result so far
+#: was computed with: batches, hence fp32 rounding, stay as they were).
+CPU_MAX_BATCH = 64
+#: Upper bound of the automatic CUDA token budget when no ``max_batch`` caps it: 128k tokens a call
+#: keep an H200 busy on 100M-parameter models; larger calls only add padding and memory.
+CUDA_MAX_BATCH_TOKENS = 1 << 17
+#: What one more forward call costs on CUDA, in padded tokens, for the least-padding batching
+#: (launches and Python of a ~30-layer eager forward, ~5 ms, at ~0.7M tokens/s). Pricing a call
+#: like a full budget (what :func:`qhelpers.text.encoding.batch_overhead_tokens` does for the
+#: capture loops) would, with a large budget, put short and long windows in one batch padded to the
+#: longest.
+CUDA_CALL_OVERHEAD_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -48,7 +60,14 @@ class MeasureConfig:
         batch_tokens: token budget of one padded batch (None: 2048 on CPU; on CUDA chosen
             from the free GPU memory, see :func:`auto_batch_tokens`). On CUDA an out-of-memory
             error while scoring halves it and retries (with a warning).
-        max_batch: upper bound on texts per batch.
+        max_batch: upper bound on windows per batch. None: 64 on CPU; on CUDA no bound (the
+            token budget alone fills the card; a count cap left the forward calls of short texts
+            launch-bound).
+        compile: run the decoder stack under ``torch.compile`` with static shapes: batches are
+            padded to a few bucketed shapes (:mod:`qhelpers.measure.compiled`), each compiled
+            once on first use (``Scorer.compile_seconds``). NLL equals the eager path's within
+            floating-point rounding, not bit for bit. Eager while forward hooks are present
+            (streaming engine, prefix caching).
         damage: in a sweep (:func:`qhelpers.measure.sweep.run_sweep`), also measure every
             variant's divergence from the full model per text (the damage card: summed KL,
             top-1 agreement, a histogram of per-token KL); see :meth:`Scorer.score`.
@@ -59,8 +78,9 @@ class MeasureConfig:
     truncate: bool = False
     prepend_bos: bool | None = None
     batch_tokens: int | None = None
-    max_batch: int = 64
+    max_batch: int | None = None
     damage: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.max_length is not None and self.max_length < 2:
@@ -73,8 +93,10 @@ class MeasureConfig:
             )
         if self.batch_tokens is not None and self.batch_tokens < 2:
             raise ConfigError(f"batch_tokens must be >= 2, got {self.batch_tokens}")
-        if self.max_batch < 1:
-            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1 (or None for the device's default), got {self.max_batch}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be True or False, got {self.compile!r}")
 
     @classmethod
     def seed(cls) -> "MeasureConfig":
@@ -160,17 +182,18 @@ def logits_bytes(model: nn.Module) -> int:
 
 
 def auto_batch_tokens(
-    model: nn.Module, max_length: int, max_batch: int, device: torch.device,
+    model: nn.Module, max_length: int, max_batch: int | None, device: torch.device,
     fraction: float = CUDA_ACTIVATION_FRACTION,
 ) -> int:
     """Token budget of a batch on CUDA from ``torch.cuda.mem_get_info``: ``fraction`` of the
     free memory, less the logits chunk (:func:`logits_bytes`), divided by
     :func:`activation_bytes_per_token`; at most ``max_batch * max_length`` (no batch can hold
-    more) and at least one window (``max_length``), in multiples of 64 tokens."""
+    more; :data:`CUDA_MAX_BATCH_TOKENS` when ``max_batch`` is None) and at least one window
+    (``max_length``), in multiples of 64 tokens."""
     free, _ = torch.cuda.mem_get_info(device)
     usable = fraction * free - logits_bytes(model)
     tokens = int(usable // activation_bytes_per_token(model, max_length))
-    tokens = min(tokens, max_batch * max_length)
+    tokens = min(tokens, CUDA_MAX_BATCH_TOKENS if max_batch is None else max_batch * max_length)
     tokens = max(tokens - tokens % 64, max_length, 2)
     return tokens
 
@@ -216,13 +239,23 @@ class Scorer:
         max_length = min(config.max_length or context_length(self.model), context_length(self.model))
         stride = config.stride or max(1, max_length // 2)
         stride = min(stride, max_length - 1)
+        max_batch = config.max_batch
+        if max_batch is None and self.device.type != "cuda":
+            max_batch = CPU_MAX_BATCH
         batch_tokens = config.batch_tokens
         if batch_tokens is None:
             if self.device.type == "cuda":
-                batch_tokens = auto_batch_tokens(self.model, max_length, config.max_batch, self.device)
+                batch_tokens = auto_batch_tokens(self.model, max_length, max_batch, self.device)
             else:
                 batch_tokens = CPU_BATCH_TOKENS
-        self.config = replace(config, max_length=max_length, stride=stride, batch_tokens=batch_tokens)
+        self.config = replace(config, max_length=max_length, stride=stride, batch_tokens=batch_tokens,
+                              max_batch=max_batch)
+        #: The compiled decoder stack (``config.compile``), None otherwise; see :attr:`compile_seconds`.
+        self.compiled = None
+        if config.compile:
+            from qhelpers.measure.compiled import CompiledForward
+
+            self.compiled = CompiledForward(self.model)
         self.n_bytes = np.array([len(t.encode("utf-8")) for t in self.texts], dtype=np.int64)
         windows: list[_Window] = []
         for row, text in enumerate(self.texts):
@@ -245,9 +278,23 @@ class Scorer:
         self._layout = 0  # bumped whenever self.batches changes (prefix cache entries are per batch)
 
     def _batch(self, windows: list[_Window]) -> list[list[_Window]]:
-        groups = length_batches([len(w.ids) for w in windows], self.config.batch_tokens, self.config.max_batch,
-                                batch_overhead_tokens(self.device, self.config.batch_tokens))
+        lengths = [len(w.ids) for w in windows]
+        budget, max_batch = self.config.batch_tokens, self.config.max_batch
+        if self.compiled is not None:
+            from qhelpers.measure.compiled import bucket_batches
+
+            groups = bucket_batches(lengths, budget, max_batch, self.config.max_length)
+        else:
+            overhead = batch_overhead_tokens(self.device, budget)
+            if self.device.type == "cuda":
+                overhead = min(overhead, CUDA_CALL_OVERHEAD_TOKENS)
+            groups = length_batches(lengths, budget, max_batch or max(1, len(windows)), overhead)
         return [[windows[i] for i in group] for group in groups]
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent in the first call of each compiled shape (0 without ``compile``)."""
+        return self.compiled.compile_seconds if self.compiled is not None else 0.0
 
     @property
     def total_tokens(self) -> int:
@@ -389,10 +436,19 @@ class Scorer:
         """Last hidden states of a padded batch, and the (row, position) of each scored token
         with its target id."""
         ids, mask = pad_batch([w.ids for w in batch], self.pad_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        hidden = self.model.base_model(
-            input_ids=ids, attention_mask=mask if len(batch) > 1 else None, use_cache=False
-        )[0]
+        if self.compiled is not None:
+            from qhelpers.measure.compiled import pad_to_shape, padded_shape
+
+            shape = padded_shape([len(w.ids) for w in batch], self.config.batch_tokens, self.config.max_batch,
+                                 self.config.max_length)
+            ids, mask = pad_to_shape(ids, mask, shape, self.pad_id)
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            hidden = self.compiled(ids, mask)
+        else:
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            hidden = self.model.base_model(
+                input_ids=ids, attention_mask=mask if len(batch) > 1 else None, use_cache=False
+            )[0]
         rows = torch.cat([torch.full((len(w.ids) - w.first_target,), i) for i, w in enumerate(batch)]).to(self.device)
         positions = torch.cat([torch.arange(w.first_target - 1, len(w.ids) - 1) for w in batch]).to(self.device)
         return hidden, rows, positions, ids[rows, positions + 1]

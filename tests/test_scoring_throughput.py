@@ -1,0 +1,269 @@
+"""Scoring throughput (issue 15): device-default batch caps, bucketed shapes and the optional
+``torch.compile`` path of the Scorer; the default fp32 CPU path pinned bit for bit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qhelpers.measure import compiled as compiled_mod
+from qhelpers.measure.scoring import (
+    CPU_MAX_BATCH,
+    CUDA_MAX_BATCH_TOKENS,
+    MeasureConfig,
+    Scorer,
+    auto_batch_tokens,
+    corpus_scorer,
+)
+from qhelpers.text.corpora import SEED_LANGS, load_corpus
+from qhelpers.util.errors import ConfigError
+
+# Per-text summed NLL (nats) computed with the code of commit 5b42f37, before MeasureConfig.max_batch
+# became None (= 64 on CPU) and before the compile path existed: fp32 on CPU, default batching.
+# Scenarios (see _pinned_scorers): tiny:llama on 6 UDHR paragraphs x 7 languages (default config,
+# 7 token-budget batches); tiny:gpt2 on 2 x 7 paragraphs in 32-token sliding windows, 256-token
+# budget (90 windows, 12 batches); tiny:llama on 80 paragraphs cut at 24 tokens (the 64-text cap
+# binds: batches of 64 and 16).
+PINNED_LLAMA_UDHR = [float.fromhex(h) for h in (
+    '0x1.654b178000000p+8', '0x1.0f4a81c000000p+9', '0x1.14b1be1800000p+9', '0x1.2ca8f8c000000p+7',
+    '0x1.031ed0d000000p+8', '0x1.8639a8c000000p+7', '0x1.451805b800000p+9', '0x1.1f3c9dac00000p+10',
+    '0x1.3d4cfd0800000p+10', '0x1.dd629a2000000p+7', '0x1.13cf4a8800000p+9', '0x1.d244100000000p+8',
+    '0x1.49252c7000000p+9', '0x1.2d032f7c00000p+10', '0x1.d24f8f3000000p+9', '0x1.458241c000000p+8',
+    '0x1.e5e25b1000000p+8', '0x1.5b20e47000000p+8', '0x1.bd4f6c2800000p+9', '0x1.834ad70800000p+10',
+    '0x1.a04aa66800000p+10', '0x1.50b77ec000000p+8', '0x1.5fd06c0800000p+9', '0x1.3f5dead000000p+9',
+    '0x1.432ae35400000p+10', '0x1.605943f400000p+11', '0x1.3f6768c600000p+11', '0x1.d0f55b0000000p+8',
+    '0x1.ec4e00d000000p+9', '0x1.d7dbb11000000p+9', '0x1.a082a1dc00000p+10', '0x1.1822c4fa00000p+11',
+    '0x1.5640d45800000p+11', '0x1.2a7148b800000p+9', '0x1.993e7ad800000p+9', '0x1.e46f892800000p+9',
+    '0x1.0906f92800000p+9', '0x1.3018284000000p+10', '0x1.2ed7f46000000p+10', '0x1.599d4a0000000p+8',
+    '0x1.93d978c000000p+8', '0x1.90a3938000000p+8',
+)]
+PINNED_GPT2_WINDOWS = [float.fromhex(h) for h in (
+    '0x1.659e9a4000000p+8', '0x1.0e5c110800000p+9', '0x1.44ab5f1800000p+9', '0x1.1e8ecffc00000p+10',
+    '0x1.4abed93800000p+9', '0x1.2c6d64e800000p+10', '0x1.bb6bb70000000p+9', '0x1.8345248000000p+10',
+    '0x1.452c152000000p+10', '0x1.5edffc7400000p+11', '0x1.9ecb3ec800000p+10', '0x1.166f6e9800000p+11',
+    '0x1.09c243f800000p+9', '0x1.2f3971d800000p+10',
+)]
+PINNED_LLAMA_SHORT = [float.fromhex(h) for h in (
+    '0x1.f136d86000000p+7', '0x1.f0d864e000000p+7', '0x1.f32ca6c000000p+7', '0x1.2ca8f8c000000p+7',
+    '0x1.f0fca5e000000p+7', '0x1.8639a8a000000p+7', '0x1.2ed736a000000p+7', '0x1.f167098000000p+7',
+    '0x1.f2537ba000000p+7', '0x1.1929728000000p+7', '0x1.f496870000000p+7', '0x1.f0eb1ac000000p+7',
+    '0x1.f373fca000000p+7', '0x1.f142546000000p+7', '0x1.f328554000000p+7', '0x1.dd629a6000000p+7',
+    '0x1.f0adea6000000p+7', '0x1.f1f0f48000000p+7', '0x1.f259d72000000p+7', '0x1.f2cd9a2000000p+7',
+    '0x1.f205e42000000p+7', '0x1.f2ecdd6000000p+7', '0x1.f3036f4000000p+7', '0x1.f138c58000000p+7',
+    '0x1.ee9580e000000p+7', '0x1.f2eb032000000p+7', '0x1.f469240000000p+7', '0x1.f427c20000000p+7',
+    '0x1.ef30a20000000p+7', '0x1.f254cf0000000p+7', '0x1.f0b0842000000p+7', '0x1.f45d59e000000p+7',
+    '0x1.f3bca68000000p+7', '0x1.f1ebb48000000p+7', '0x1.f28a13c000000p+7', '0x1.f371b80000000p+7',
+    '0x1.f3962c0000000p+7', '0x1.f56bb24000000p+7', '0x1.f0a9860000000p+7', '0x1.f3b65f6000000p+7',
+    '0x1.f1d4b00000000p+7', '0x1.f2802de000000p+7', '0x1.f3a0422000000p+7', '0x1.f1663c0000000p+7',
+    '0x1.f2bc786000000p+7', '0x1.f3dc908000000p+7', '0x1.f25ce62000000p+7', '0x1.f22151a000000p+7',
+    '0x1.f271538000000p+7', '0x1.f264a08000000p+7', '0x1.ede58d8000000p+7', '0x1.f07399e000000p+7',
+    '0x1.ef83748000000p+7', '0x1.f271958000000p+7', '0x1.f2e79f4000000p+7', '0x1.f446534000000p+7',
+    '0x1.f24c970000000p+7', '0x1.ef7fd44000000p+7', '0x1.f303a12000000p+7', '0x1.f36c3ba000000p+7',
+    '0x1.f42e0fc000000p+7', '0x1.f2af790000000p+7', '0x1.f1e3b92000000p+7', '0x1.f22468e000000p+7',
+    '0x1.f6bb580000000p+7', '0x1.f563548000000p+7', '0x1.f27822c000000p+7', '0x1.f33311a000000p+7',
+    '0x1.f1fca20000000p+7', '0x1.f4b56ca000000p+7', '0x1.f2be718000000p+7', '0x1.f39f27a000000p+7',
+    '0x1.f23d39e000000p+7', '0x1.f417a30000000p+7', '0x1.f0c2f92000000p+7', '0x1.f095034000000p+7',
+    '0x1.f4ae01e000000p+7', '0x1.f2b4b58000000p+7', '0x1.f301d9a000000p+7', '0x1.f362644000000p+7',
+)]
+
+
+@pytest.fixture(scope="module")
+def udhr12():
+    return load_corpus("udhr", langs=SEED_LANGS, n_texts=12)
+
+
+def _pinned_scorers(tiny_model, udhr12):
+    llama, gpt2 = tiny_model("llama"), tiny_model("gpt2")
+    udhr6 = udhr12.select(n_texts=6)
+    short = [text for _, _, text in udhr12.items()][:80]
+    return {
+        "llama_udhr": corpus_scorer(llama, udhr6, MeasureConfig()),
+        "gpt2_windows": corpus_scorer(gpt2, udhr12.select(n_texts=2),
+                                      MeasureConfig(max_length=32, stride=16, batch_tokens=256)),
+        "llama_short": Scorer(llama, None, short, MeasureConfig(max_length=24, truncate=True)),
+    }
+
+
+def test_default_fp32_cpu_path_is_bit_for_bit_unchanged(tiny_model, udhr12):
+    scorers = _pinned_scorers(tiny_model, udhr12)
+    assert [len(b) for b in scorers["llama_udhr"].batches] == [4, 4, 6, 6, 5, 9, 9]
+    assert len(scorers["gpt2_windows"].batches) == 12 and len(scorers["gpt2_windows"]._windows) == 90
+    assert [len(b) for b in scorers["llama_short"].batches] == [64, 16]
+    expected = {"llama_udhr": PINNED_LLAMA_UDHR, "gpt2_windows": PINNED_GPT2_WINDOWS, "llama_short": PINNED_LLAMA_SHORT}
+    for name, scorer in scorers.items():
+        assert scorer.config.max_batch == CPU_MAX_BATCH and scorer.compiled is None
+        nll = scorer.score_nll()
+        assert nll.tolist() == expected[name], name  # exact: not one bit may move
+
+
+def test_max_batch_default_and_validation(tiny_model):
+    assert MeasureConfig().max_batch is None and MeasureConfig().compile is False
+    assert MeasureConfig.seed().max_batch == 1
+    scorer = Scorer(tiny_model("gpt2"), texts=["Hello there, world."], config=MeasureConfig(max_batch=3))
+    assert scorer.config.max_batch == 3
+    with pytest.raises(ConfigError, match="max_batch"):
+        MeasureConfig(max_batch=0)
+    with pytest.raises(ConfigError, match="compile"):
+        MeasureConfig(compile="yes")
+
+
+def test_cuda_batches_are_bound_by_the_token_budget_not_a_text_count(tiny_model, udhr12, monkeypatch):
+    # the CUDA batching policy runs on the CPU too: only the device type is read
+    texts = [text for _, _, text in udhr12.items()][:80]
+    scorer = Scorer(tiny_model("llama"), None, texts, MeasureConfig(max_length=24, truncate=True, batch_tokens=4096))
+    monkeypatch.setattr(scorer, "device", torch.device("cuda"))
+    monkeypatch.setattr(scorer, "config", scorer.config.__class__(**{**scorer.config.__dict__, "max_batch": None}))
+    batches = scorer._batch(scorer._windows)
+    assert [len(b) for b in batches] == [80]  # 80 x 24 tokens fit in one call: no 64-text cap
+    assert sorted(w.key for b in batches for w in b) == sorted(w.key for w in scorer._windows)
+
+
+def test_auto_batch_tokens_without_max_batch(tiny_model, monkeypatch):
+    model = tiny_model("llama").model
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 40, 1 << 41))
+    assert auto_batch_tokens(model, 256, None, torch.device("cpu")) == CUDA_MAX_BATCH_TOKENS
+    assert auto_batch_tokens(model, 256, 64, torch.device("cpu")) == 64 * 256
+
+
+# ----------------------------------------------------------------------------- shape buckets
+
+
+def test_seq_buckets_and_padded_shapes():
+    assert compiled_mod.seq_buckets(1024) == [64, 128, 256, 512, 1024]
+    assert compiled_mod.seq_buckets(300) == [64, 128, 256, 300]
+    assert compiled_mod.seq_buckets(32) == [32]
+    assert compiled_mod.seq_bucket(65, 1024) == 128 and compiled_mod.seq_bucket(1, 1024) == 64
+    assert compiled_mod.bucket_rows(128, 1000, None) == 4  # 1000 // 128 = 7 -> power of two 4
+    assert compiled_mod.bucket_rows(128, 100, None) == 1  # at least one row
+    assert compiled_mod.bucket_rows(64, 1 << 20, 64) == 64
+    assert compiled_mod.padded_shape([100, 90, 70], 1000, None, 1024) == (4, 128)
+    assert compiled_mod.padded_shape([30], 1000, None, 1024) == (1, 64)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bucket_batches_cover_every_window_in_few_shapes(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 1025, size=int(rng.integers(1, 400))).tolist()
+    budget = int(rng.choice([2048, 16384, 131072]))
+    max_batch = [None, 64][seed % 2]
+    groups = compiled_mod.bucket_batches(lengths, budget, max_batch, 1024)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    shapes = set()
+    for group in groups:
+        rows, width = compiled_mod.padded_shape([lengths[i] for i in group], budget, max_batch, 1024)
+        assert len(group) <= rows and max(lengths[i] for i in group) <= width
+        assert rows == 1 or rows * width <= budget
+        assert max_batch is None or rows <= max_batch
+        shapes.add((rows, width))
+    assert len(shapes) <= 2 * len(compiled_mod.seq_buckets(1024))  # full batches + one partial per bucket
+
+
+def test_pad_to_shape_keeps_rows_and_gives_dummy_rows_one_key():
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    out_ids, out_mask = compiled_mod.pad_to_shape(ids, mask, (4, 8), pad_id=0)
+    assert out_ids.shape == out_mask.shape == (4, 8)
+    assert torch.equal(out_ids[:2, :3], ids) and torch.equal(out_mask[:2, :3], mask)
+    assert out_mask[:2, 3:].sum() == 0 and out_mask[2:].sum(dim=1).tolist() == [1, 1]
+
+
+# ----------------------------------------------------------------------------- compile path
+
+
+def _per_token(nll: np.ndarray, scorer: Scorer) -> np.ndarray:
+    return nll / scorer.n_tokens
+
+
+def test_compile_flag_with_hooks_runs_bucketed_shapes_eagerly(tiny_model, udhr12):
+    """With a forward hook on the model (as a streaming engine or a prefix-cache session has) the
+    compile config runs its padded bucket shapes eagerly: same NLL as the plain path up to fp32
+    rounding of the wider padding (rtol 1e-6; observed ~1e-9), and nothing is compiled."""
+    loaded = tiny_model("llama")
+    corpus = udhr12.select(n_texts=2)
+    config = MeasureConfig(max_length=128, batch_tokens=1024)
+    plain = corpus_scorer(loaded, corpus, config)
+    bucketed = corpus_scorer(loaded, corpus, MeasureConfig(max_length=128, batch_tokens=1024, compile=True))
+    handle = loaded.model.register_forward_hook(lambda *args: None)
+    try:
+        nll = bucketed.score_nll()
+    finally:
+        handle.remove()
+    assert bucketed.compiled.calls == {"compiled": 0, "eager": len(bucketed.batches)}
+    assert bucketed.compile_seconds == 0.0 and plain.compile_seconds == 0.0
+    np.testing.assert_allclose(nll, plain.score_nll(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+def test_compiled_cpu_fp32_equals_eager_and_sees_engine_weights(tiny_model, udhr12):
+    """torch.compile on CPU (needs a C compiler; 10-90 s of compilation on 2 cores, hence slow):
+    per-text NLL within rtol 1e-6 of eager in fp32 (observed ~1e-8), shapes compiled once, and a
+    resident engine's swapped weights reach the compiled graph (a variant's NLL equals its eager NLL,
+    not the baseline's)."""
+    from qhelpers.quant.engine import QuantEngine, Variant
+    from qhelpers.quant.quantizers import QuantConfig
+
+    loaded = tiny_model("llama", fresh=True)
+    corpus = udhr12.select(n_texts=2)
+    eager = corpus_scorer(loaded, corpus, MeasureConfig(max_length=128, batch_tokens=1024))
+    comp = corpus_scorer(loaded, corpus, MeasureConfig(max_length=128, batch_tokens=1024, compile=True))
+    base_eager, base_comp = eager.score_nll(), comp.score_nll()
+    np.testing.assert_allclose(base_comp, base_eager, rtol=1e-6, atol=0)
+    assert comp.compile_seconds > 0 and comp.compiled.calls["eager"] == 0
+    shapes, seconds = list(comp.compiled.shapes), comp.compile_seconds
+    assert len(shapes) == len({compiled_mod.padded_shape([len(w.ids) for w in b], 1024, None, 128)
+                               for b in comp.batches})
+    engine = QuantEngine(loaded, resident=True)
+    with engine.applied(Variant("int4", QuantConfig(bits=4, granularity="channel"))):
+        q_eager, q_comp = eager.score_nll(), comp.score_nll()
+    assert comp.compiled.shapes == shapes and comp.compile_seconds == seconds  # no recompilation
+    assert np.max(np.abs(_per_token(q_eager - base_eager, eager))) > 1e-3  # the variant matters ...
+    np.testing.assert_allclose(q_comp, q_eager, rtol=1e-6, atol=0)  # ... and the compiled graph sees it
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def _cuda_model(spec: str, dtype: str):
+    from qhelpers.models.loading import load_model
+    from qhelpers.util.errors import ModelLoadError
+
+    try:
+        return load_model(spec, device="cuda", dtype=dtype)
+    except ModelLoadError as err:  # the embedded package may be absent on a GPU machine
+        pytest.skip(f"{spec}: {err}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("spec", ["tiny:llama", "embedded:smollm2-135m"])
+def test_compiled_cuda_half_equals_eager_within_half_precision_noise(spec, dtype, udhr12):
+    """On CUDA in fp16/bf16: the model runs SDPA attention; the default batches are not capped at
+    64 texts; the compiled path's per-text NLL per token is as close to an fp32 eager reference as
+    the eager half-precision path is (max over texts at most 2x eager's deviation + 1e-3 nats), and
+    within 0.05 nats per token of eager (bf16 keeps 8 bits: logits of magnitude ~10 round by ~0.04)."""
+    loaded = _cuda_model(spec, dtype)
+    assert loaded.model.config._attn_implementation == "sdpa"
+    corpus = udhr12.select(n_texts=4)
+    # 64-token windows: one sequence bucket, so one compiled shape per dtype (~30 s each for SmolLM2)
+    eager = corpus_scorer(loaded, corpus, MeasureConfig(max_length=64))
+    assert eager.config.max_batch is None
+    comp = corpus_scorer(loaded, corpus, MeasureConfig(max_length=64, compile=True))
+    n_eager, n_comp = _per_token(eager.score_nll(), eager), _per_token(comp.score_nll(), comp)
+    assert comp.compiled.calls["eager"] == 0 and comp.compile_seconds > 0
+    reference_model = _cuda_model(spec, "fp32")
+    reference = corpus_scorer(reference_model, corpus, MeasureConfig(max_length=64))
+    n_ref = _per_token(reference.score_nll(), reference)
+    eager_dev = np.max(np.abs(n_eager - n_ref))
+    assert np.max(np.abs(n_comp - n_ref)) <= 2 * eager_dev + 1e-3
+    assert np.max(np.abs(n_comp - n_eager)) <= 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_default_batches_exceed_64_short_texts(udhr12):
+    loaded = _cuda_model("tiny:llama", "bf16")
+    texts = [text for _, _, text in udhr12.items()][:80]
+    scorer = Scorer(loaded, None, texts, MeasureConfig(max_length=24, truncate=True))
+    assert scorer.config.batch_tokens >= 80 * 24
+    assert [len(b) for b in scorer.batches] == [80]
