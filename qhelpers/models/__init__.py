@@ -6,5 +6,6 @@
 - ``loaded``: ``LoadedModel``, a model with its tokenizer, architecture entry, device, dtype
   and origin (kept light: no loaders imported);
 - ``loading``: ``load_model`` for hub ids, local folders, embedded GGUF models and tiny
-  random models; device and dtype resolution.
+  random models; device and dtype resolution;
+- ``cache``: the stamp that lets a load skip re-hashing a converted model's unchanged files.
 """
