@@ -235,13 +235,14 @@ def _cuda_model(spec: str, dtype: str):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", ["fp16"])
 @pytest.mark.parametrize("spec", ["tiny:llama", "embedded:smollm2-135m"])
 def test_compiled_cuda_half_equals_eager_within_half_precision_noise(spec, dtype, udhr12):
-    """On CUDA in fp16/bf16: the model runs SDPA attention; the default batches are not capped at
+    """On CUDA in fp16: the model runs SDPA attention; the default batches are not capped at
     64 texts; the compiled path's per-text NLL per token is as close to an fp32 eager reference as
     the eager half-precision path is (max over texts at most 2x eager's deviation + 1e-3 nats), and
-    within 0.05 nats per token of eager (bf16 keeps 8 bits: logits of magnitude ~10 round by ~0.04)."""
+    within 0.05 nats per token of eager. (bf16 failed the first bound on SmolLM2 on an H200, 0.043
+    vs 2 x 0.020 nats: compile is refused in bf16, tested on CPU below.)"""
     loaded = _cuda_model(spec, dtype)
     assert loaded.model.config._attn_implementation == "sdpa"
     corpus = udhr12.select(n_texts=4)
@@ -267,3 +268,11 @@ def test_cuda_default_batches_exceed_64_short_texts(udhr12):
     scorer = Scorer(loaded, None, texts, MeasureConfig(max_length=24, truncate=True))
     assert scorer.config.batch_tokens >= 80 * 24
     assert [len(b) for b in scorer.batches] == [80]
+
+
+def test_compile_is_refused_in_bf16_before_any_work(udhr12):
+    from qhelpers.models.loading import load_model
+
+    loaded = load_model("tiny:llama", dtype="bf16")
+    with pytest.raises(ConfigError, match="refused in bf16.*fp16"):
+        corpus_scorer(loaded, udhr12.select(n_texts=1), MeasureConfig(compile=True))
