@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from model_support import fake_conversion
 from runner_support import run_status, wait_for
 
 from qhelpers.runner.cli import main
@@ -532,14 +533,7 @@ def _fake_conversion(root: Path, tiny_model) -> Path:
     """A converted-model cache folder for embedded:smollm2-135m holding a tiny model."""
     from qhelpers.models import loading
 
-    folder = root / "smollm2-135m"
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    files = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-             for p in folder.iterdir()}
-    meta = {"cache_format": 2, "name": "smollm2-135m", "source": "embedded", "files": files}
-    (folder / "qhelpers_meta.json").write_text(json.dumps(meta))
+    folder, _ = fake_conversion(root, tiny_model)
     assert loading.embedded_cache_dir("smollm2-135m", root) == folder
     return folder
 

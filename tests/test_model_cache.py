@@ -16,21 +16,9 @@ from torch import nn
 
 from qhelpers.models import cache, loading
 from qhelpers.util.errors import ModelLoadError
+from tests.model_support import fake_conversion
 
 TEXT = "The quick brown fox jumps over the lazy dog."
-
-
-def _fake_conversion(root: Path, tiny_model) -> tuple[Path, nn.Module]:
-    """A converted-model folder for embedded:smollm2-135m holding tiny:llama, and that model."""
-    folder = root / "smollm2-135m"
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    files = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-             for p in folder.iterdir()}
-    meta = {"cache_format": 2, "name": "smollm2-135m", "source": "embedded", "files": files}
-    (folder / "qhelpers_meta.json").write_text(json.dumps(meta))
-    return folder, lm.model
 
 
 @pytest.fixture
@@ -69,7 +57,7 @@ def _assert_same_model(loaded, reference: nn.Module) -> None:
 
 
 def test_second_load_skips_hashing_and_gives_the_same_model(tmp_path, tiny_model, hashes, no_racy_window):
-    folder, reference = _fake_conversion(tmp_path, tiny_model)
+    folder, reference = fake_conversion(tmp_path, tiny_model)
     first = _load(tmp_path)
     assert "model.safetensors" in hashes  # the first load checks every file in full
     assert (folder / cache.STAMP_FILE).is_file()
@@ -85,7 +73,7 @@ def test_second_load_skips_hashing_and_gives_the_same_model(tmp_path, tiny_model
 
 
 def test_a_file_changed_after_the_stamp_is_hashed_again(tmp_path, tiny_model, hashes, no_racy_window):
-    folder, reference = _fake_conversion(tmp_path, tiny_model)
+    folder, reference = fake_conversion(tmp_path, tiny_model)
     _load(tmp_path)
     weights = folder / "model.safetensors"
     data = weights.read_bytes()
@@ -111,7 +99,7 @@ def test_a_file_changed_after_the_stamp_is_hashed_again(tmp_path, tiny_model, ha
 
 
 def test_changed_metadata_voids_the_stamp(tmp_path, tiny_model, hashes, no_racy_window):
-    folder, _ = _fake_conversion(tmp_path, tiny_model)
+    folder, _ = fake_conversion(tmp_path, tiny_model)
     _load(tmp_path)
     meta_path = folder / "qhelpers_meta.json"
     meta = json.loads(meta_path.read_text())
@@ -123,7 +111,7 @@ def test_changed_metadata_voids_the_stamp(tmp_path, tiny_model, hashes, no_racy_
 
 
 def test_recently_written_files_are_not_stamped(tmp_path, tiny_model, hashes):
-    folder, _ = _fake_conversion(tmp_path, tiny_model)
+    folder, _ = fake_conversion(tmp_path, tiny_model)
     _load(tmp_path)
     assert not (folder / cache.STAMP_FILE).exists()  # written < 3 s ago: a rewrite could keep its times
     hashes.clear()
@@ -132,7 +120,7 @@ def test_recently_written_files_are_not_stamped(tmp_path, tiny_model, hashes):
 
 
 def test_full_verify_env_hashes_on_every_load(tmp_path, tiny_model, hashes, no_racy_window, monkeypatch):
-    folder, _ = _fake_conversion(tmp_path, tiny_model)
+    folder, _ = fake_conversion(tmp_path, tiny_model)
     _load(tmp_path)
     assert (folder / cache.STAMP_FILE).is_file()
     monkeypatch.setenv(cache.FULL_VERIFY_ENV, "1")
@@ -143,7 +131,7 @@ def test_full_verify_env_hashes_on_every_load(tmp_path, tiny_model, hashes, no_r
 
 
 def test_loading_the_conversion_by_path_uses_the_stamp(tmp_path, tiny_model, hashes, no_racy_window):
-    folder, reference = _fake_conversion(tmp_path, tiny_model)
+    folder, reference = fake_conversion(tmp_path, tiny_model)
     loading.load_model(str(folder), device="cpu")
     hashes.clear()
     local = loading.load_model(str(folder), device="cpu")
@@ -155,7 +143,7 @@ def test_loading_the_conversion_by_path_uses_the_stamp(tmp_path, tiny_model, has
 
 
 def test_corrupt_stamp_means_a_full_check(tmp_path, tiny_model, hashes, no_racy_window):
-    folder, reference = _fake_conversion(tmp_path, tiny_model)
+    folder, reference = fake_conversion(tmp_path, tiny_model)
     _load(tmp_path)
     stamp = folder / cache.STAMP_FILE
     stamp.write_text(stamp.read_text()[:20])  # truncated JSON
@@ -202,7 +190,7 @@ def test_nonfinite_check_matches_the_elementwise_definition(dtype):
 def test_nonfinite_weights_still_fail_the_load(tmp_path, tiny_model, no_racy_window):
     from safetensors.torch import load_file, save_file
 
-    folder, _ = _fake_conversion(tmp_path, tiny_model)
+    folder, _ = fake_conversion(tmp_path, tiny_model)
     weights = folder / "model.safetensors"
     state = load_file(str(weights))
     name = sorted(state)[5]
