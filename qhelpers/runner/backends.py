@@ -16,7 +16,6 @@ disk, and the supervisor records the end exactly as for any other backend.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -60,6 +59,24 @@ class Execution(Protocol):
         """Why the job ended without a record of its own (e.g. its worker died), for run.json."""
 
 
+class Backend(Protocol):
+    """Where the supervisor's jobs run (``local`` or ``ray``)."""
+
+    name: str
+
+    def open(self, say: Any, n_jobs: int) -> None:
+        """Get ready for ``n_jobs`` jobs (e.g. start or join Ray); ``say`` prints a progress line."""
+
+    def close(self) -> None:
+        """Release what :meth:`open` took."""
+
+    def tick(self) -> None:
+        """Periodic bookkeeping of the main loop (e.g. collect the tasks' start reports)."""
+
+    def launch(self, launch: "JobLaunch", gpu: str | None) -> Execution:
+        """Start one prepared job (``gpu``: the local backend's GPU for it, else None)."""
+
+
 @dataclass
 class JobLaunch:
     """What a backend needs to start one prepared job."""
@@ -72,7 +89,7 @@ class JobLaunch:
     env: dict[str, str]  # the kernel environment on the driver (local backend)
     profile: str
     gpu_job: bool
-    threads: int | None
+    threads: int | None  # BLAS threads of a local worker (a Ray job requests its own)
 
 
 class LocalExecution:
@@ -181,11 +198,3 @@ def job_resources(gpu_job: bool, per_gpu: int, cpus_per_job: int | None, cluster
         cpus = min(cpus, node_cpus)
     cpus = max(1.0, cpus)
     return {"num_cpus": cpus, "num_gpus": round(1.0 / per_gpu, 4) if gpu_job else 0.0}
-
-
-def signal_name(signum: int) -> str:
-    """``SIGINT`` for 2 (the number itself when unknown)."""
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return str(signum)

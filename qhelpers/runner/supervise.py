@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from qhelpers.runner.backends import Execution, JobLaunch, LocalBackend, is_gpu_job
+from qhelpers.runner.backends import Backend, Execution, JobLaunch, LocalBackend, is_gpu_job
 from qhelpers.runner.environment import cpu_threads_per_worker, kernel_env, visible_gpus
 from qhelpers.runner.errors import (
     EXIT_FAILED,
@@ -103,7 +103,7 @@ class Runner:
     """One invocation: plans, schedules workers, writes run.json / summaries."""
 
     def __init__(self, args: argparse.Namespace, plans: list[Plan], out_dir: Path, profile: str,
-                 notes: list[str], golden: bool, code_hash: str = "", backend: Any = None):
+                 notes: list[str], golden: bool, code_hash: str = "", backend: Backend | None = None):
         self.args = args
         self.plans = plans
         self.out_dir = out_dir
