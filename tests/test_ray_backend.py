@@ -32,6 +32,7 @@ RUN_ALL = [sys.executable, str(REPO / "run_all.py")]
 ray = pytest.importorskip("ray")
 # the test's own head and drivers share no token file: Ray's token authentication is off for them
 RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this Python, PATH or not
 
 
 def _plan(stem: str, names: dict[str, object]) -> Plan:
@@ -189,14 +190,14 @@ def cluster(tmp_path_factory):
     """A Ray head with 4 CPUs and 2 declared GPUs (none exists: Ray only hands out their ids)."""
     port = _free_port()
     temp = tmp_path_factory.mktemp("ray")
-    start = subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=4", "--num-gpus=2",
+    start = subprocess.run(RAY_CLI + ["start", "--head", f"--port={port}", "--num-cpus=4", "--num-gpus=2",
                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
                            capture_output=True, text=True, timeout=180, env=RAY_ENV)
     assert start.returncode == 0, start.stdout + start.stderr
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120, env=RAY_ENV)
+        subprocess.run(RAY_CLI + ["stop", "--force"], capture_output=True, timeout=120, env=RAY_ENV)
 
 
 def _ray_run(cluster: str, out: Path, *args: str) -> list[str]:
