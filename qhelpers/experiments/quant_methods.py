@@ -25,7 +25,6 @@ import pandas as pd
 
 from qhelpers.quant.catalog import CATALOG, method_family, parse_method
 from qhelpers.quant.engine import QuantEngine, Variant
-from qhelpers.report.plots import new_axes
 from qhelpers.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, language_differences
 from qhelpers.util.errors import ConfigError
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qhelpers.measure.compiled import CompiledForward, bucket_batches, pad_to_shape, padded_shape
 from qhelpers.measure.divergence import token_kl
 from qhelpers.models.loaded import as_module
 from qhelpers.stats.quantities import KL_HIST_EDGES
@@ -254,8 +255,6 @@ class Scorer:
         #: The compiled decoder stack (``config.compile``), None otherwise; see :attr:`compile_seconds`.
         self.compiled = None
         if config.compile:
-            from qhelpers.measure.compiled import CompiledForward
-
             if next(self.model.parameters()).dtype == torch.bfloat16:
                 # measured on an H200 (SmolLM2, 2026-12-04): the compiled bf16 forward strayed from fp32
                 # 0.043 nats per token on a text, 2.2x what eager bf16 strays (0.020); fp16 stayed in bounds
@@ -289,8 +288,6 @@ class Scorer:
         lengths = [len(w.ids) for w in windows]
         budget, max_batch = self.config.batch_tokens, self.config.max_batch
         if self.compiled is not None:
-            from qhelpers.measure.compiled import bucket_batches
-
             groups = bucket_batches(lengths, budget, max_batch, self.config.max_length)
         else:
             overhead = batch_overhead_tokens(self.device, budget)
@@ -445,8 +442,6 @@ class Scorer:
         with its target id."""
         ids, mask = pad_batch([w.ids for w in batch], self.pad_id)
         if self.compiled is not None:
-            from qhelpers.measure.compiled import pad_to_shape, padded_shape
-
             shape = padded_shape([len(w.ids) for w in batch], self.config.batch_tokens, self.config.max_batch,
                                  self.config.max_length)
             ids, mask = pad_to_shape(ids, mask, shape, self.pad_id)

@@ -19,7 +19,6 @@ Standard library only.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qhelpers.util.atomic import atomic_write_text
+from qhelpers.util.cache import file_sha256
 
 #: Environment variable: "1" makes every load hash every file of a converted model.
 FULL_VERIFY_ENV = "QHELPERS_FULL_VERIFY"
@@ -52,7 +52,7 @@ def _identity(path: Path) -> list[int]:
 
 
 def _meta_digest(folder: Path, meta_file: str) -> str:
-    return hashlib.sha256((folder / meta_file).read_bytes()).hexdigest()
+    return file_sha256(folder / meta_file)
 
 
 def stamp_is_valid(folder: str | os.PathLike, files: list[str], meta_file: str) -> bool:

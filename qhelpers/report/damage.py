@@ -9,7 +9,7 @@ mixed text; here they are per language, with intervals).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 

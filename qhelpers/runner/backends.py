@@ -38,7 +38,8 @@ RECORDED_EXITS = (0, 1, 130)
 class Execution(Protocol):
     """A started notebook job, as the supervisor sees it."""
 
-    placement: str  # where it runs, for the progress line ("on GPU 1", "queued on Ray")
+    placement: str  # where it runs, for the progress line ("on GPU 1", "on 10.0.0.2, GPU 0")
+    started: bool  # running rather than waiting in a queue (the Ray backend's)
 
     def poll(self) -> int | None:
         """The job's exit code once it has ended (its files are then on the driver's disk), else None."""
@@ -89,7 +90,6 @@ class JobLaunch:
     env: dict[str, str]  # the kernel environment on the driver (local backend)
     profile: str
     gpu_job: bool
-    threads: int | None  # BLAS threads of a local worker (a Ray job requests its own)
 
 
 class LocalExecution:
@@ -97,6 +97,7 @@ class LocalExecution:
 
     def __init__(self, launch: JobLaunch, gpu: str | None):
         self.placement = f"on GPU {gpu}" if gpu is not None else ""
+        self.started = True
         self.log_fh = open(launch.log_path, "ab")
         try:
             self.proc = subprocess.Popen(

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from qhelpers.runner.backends import JobLaunch
+from qhelpers.runner.backends import JobLaunch, job_resources
 from qhelpers.runner.environment import REPO_ROOT, kernel_env
 from qhelpers.runner.errors import RunnerError
 from qhelpers.runner.goldens import golden_cwd
@@ -203,7 +203,7 @@ class RayExecution:
         self.killed = False
         self.returncode: int | None = None
         self.why: str | None = None
-        self.placement = "queued on Ray"
+        self.placement = ""
         self._events: list[str] = []
 
     def on_started(self, info: dict[str, Any]) -> None:
@@ -233,7 +233,7 @@ class RayExecution:
                 self.attempt += 1
                 self._events.append(f"its Ray worker died ({what}); submitted once more (attempt {self.attempt})")
                 self.started = False
-                self.placement = "queued on Ray"
+                self.placement = ""
                 self.ref = self.submit(self.attempt)
                 return None
             self.returncode = -9
@@ -297,6 +297,7 @@ class RayBackend:
         self.cluster_gpus = 0.0
         self.node_cpus = 0.0
         self.executions: dict[str, RayExecution] = {}
+        self.notebooks: dict[str, Any] = {}  # notebook path -> ObjectRef of its bytes
         self._stop_sent = False
         self._reports: Any = None
         self._seen: set[str] = set()
@@ -367,13 +368,16 @@ class RayBackend:
                 run.on_started(info)
 
     def resources(self, launch: JobLaunch, n_jobs: int) -> dict[str, float]:
-        from qhelpers.runner.backends import job_resources
-
         return job_resources(launch.gpu_job, self.per_gpu, self.cpus_per_job, self.cluster_cpus, self.cluster_gpus,
                              n_jobs, self.node_cpus)
 
     def launch(self, launch: JobLaunch, gpu: str | None) -> RayExecution:
-        notebook = Path(launch.job["input"]).read_bytes()
+        import ray
+
+        path = launch.job["input"]
+        if path not in self.notebooks:  # one copy in Ray's object store per notebook, whatever the grid
+            self.notebooks[path] = ray.put(Path(path).read_bytes())
+        notebook = self.notebooks[path]
         out_dir = str(self.out_dir)
 
         request = self.resources(launch, self.n_jobs)

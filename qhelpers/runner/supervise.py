@@ -294,8 +294,7 @@ class Runner:
             device_default = (plan.defined or {}).get("DEVICE")
             launch = JobLaunch(stem, job, job_path, cwd, d / "log.txt", kernel_env(self.profile, gpu, threads),
                                self.profile, is_gpu_job(plan.parameters, device_default.default if device_default
-                                                        else None, getattr(self.backend, "cluster_gpus", 0.0)),
-                               threads)
+                                                        else None, getattr(self.backend, "cluster_gpus", 0.0)))
             execution = self.backend.launch(launch, gpu)
             # "running" is written after the job exists (a runner killed before leaves no
             # running record) and before its worker may write (it waits for this lock)
@@ -306,11 +305,10 @@ class Runner:
                 raise
         finally:
             lock.release()  # the worker takes it (and holds it until it has written run.json)
-        where = f" {execution.placement}" if execution.placement else ""
+        where = f" {execution.placement}" if execution.started and execution.placement else ""
         model = params.get("MODEL") or (plan.defined or {}).get("MODEL", Param("", "", "", False)).default
         model_note = f", model {model}" if model else ""
-        verb = "queued" if where.startswith(" queued") else "started"
-        where = "" if verb == "queued" else where
+        verb = "started" if execution.started else "queued"
         self.say(f"[{index}/{self.total}] {stem} ... {verb} (profile {self.profile}{model_note}{where})")
         return RunningNotebook(plan, index, execution, slot, gpu, time.time(), result_path)
 
@@ -435,7 +433,7 @@ class Runner:
         """``progress: 3 done, 2 running, 4 queued`` (on the Ray backend, where jobs wait in Ray's queue)."""
         if self.backend.name == "local":
             return
-        started = sum(1 for r in self.running if "queued" not in r.execution.placement)
+        started = sum(1 for r in self.running if r.execution.started)
         queued = len(queue) + len(self.running) - started
         self.say(f"progress: {len(self.outcomes)} done, {started} running, {queued} queued")
 
