@@ -14,8 +14,12 @@ from pathlib import Path
 
 import pytest
 
-# nbval's kernels inherit this: figures render inline exactly as in the goldens (run_all.py does the same)
+from qhelpers.runner.environment import pinned_numerics_env
+
+# nbval's kernels inherit these: figures render inline exactly as in the goldens, and the kernels run
+# the instruction sets the goldens were written with (run_all.py --write-goldens does the same)
 os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+os.environ.update(pinned_numerics_env())
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -227,6 +227,28 @@ def test_only_last_layer_quantized_leaves_earlier_layers_bit_identical(gpt2, cor
     inter = P.error_interaction(gpt2, corpus, layers=[0, last], max_length=12)
     assert inter.before_last["layer"].tolist() == list(range(last))
     assert (inter.before_last["max_abs_diff"] == 0.0).all()
+    assert (inter.before_last["rel_diff"] == 0.0).all() and inter.before_last_matches()
+    assert inter.parameters["dtype"] == "float32"
+
+
+def test_rounding_tolerance_per_dtype():
+    assert P.rounding_tolerance("float32") == pytest.approx(1000 * 2.0**-23)
+    assert P.rounding_tolerance(torch.float64) == pytest.approx(1000 * 2.0**-52)
+    assert P.rounding_tolerance("bfloat16") == P.rounding_tolerance("float16") == 1e-3
+    with pytest.raises(ConfigError, match="not a floating-point torch dtype name: 'int8'"):
+        P.rounding_tolerance("int8")
+
+
+def test_before_last_check_tells_rounding_from_a_leak(gpt2, corpus):
+    """A planted difference: rounding-sized passes, quantization-sized fails."""
+    last = gpt2.n_layers - 1
+    inter = P.error_interaction(gpt2, corpus, layers=[0, last], max_length=12)
+    assert inter.before_last_matches()
+    inter.before_last["rel_diff"] = 3e-7  # what one CI machine's float32 kernels left
+    assert inter.before_last_matches()
+    inter.before_last.loc[0, "rel_diff"] = 1e-2  # a 4-bit error reaching layer 0
+    assert not inter.before_last_matches()
+    assert inter.before_last_matches(tolerance=0.1)
 
 
 def test_values_match_an_independent_capture(gpt2, corpus):

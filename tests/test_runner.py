@@ -22,7 +22,9 @@ from qhelpers.runner.cli import main
 from qhelpers.runner.environment import (
     check_kernel,
     cpu_threads_per_worker,
+    PINNED_NUMERICS,
     kernel_env,
+    pinned_numerics_env,
     visible_gpus,
 )
 from qhelpers.runner.errors import RunnerError
@@ -418,6 +420,9 @@ def test_goldens_use_relative_output_dir_and_rerun_under_nbval(suite):
     nb = json.loads((g / "a_ok.ipynb").read_text())
     injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
     assert injected and 'OUTPUT_DIR = "nbval_out/a_ok"' in "".join(injected[0]["source"])
+    # goldens are computed with pinned instruction sets; a plain run is not
+    assert json.loads((suite["A"] / ".jobs" / "a_ok.json").read_text())["pin_numerics"] is True
+    assert json.loads((suite["B"] / ".jobs" / "a_ok.json").read_text())["pin_numerics"] is False
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider", "--rootdir", str(g),
          str(g / "a_ok.ipynb")],
@@ -519,6 +524,40 @@ def test_cpu_workers_share_the_cores_and_the_users_setting_wins(monkeypatch):
     assert env["OMP_NUM_THREADS"] == "1" and env["OPENBLAS_NUM_THREADS"] == "1"
     assert env["MKL_NUM_THREADS"] == "7"
     assert "OMP_NUM_THREADS" not in kernel_env("quick", None, threads=None)
+
+
+AVX2_CPU = "processor\t: 0\nflags\t\t: fpu sse2 avx fma avx2 avx512f\n"
+ARM_CPU = "processor\t: 0\nFeatures\t: fp asimd evtstrm\n"
+
+
+def test_pinned_numerics_only_where_the_cpu_has_avx2():
+    assert pinned_numerics_env(AVX2_CPU) == PINNED_NUMERICS
+    assert pinned_numerics_env(ARM_CPU) == {}
+    assert pinned_numerics_env("flags\t: sse2 avx\n") == {}  # no AVX2: ATen would refuse the pin
+
+
+@pytest.mark.skipif(not pinned_numerics_env(), reason="this CPU has no AVX2")
+def test_pinned_numerics_reach_torch_in_the_kernel(monkeypatch):
+    """The variables kernel_env pins are the ones torch and MKL read: ATen reports AVX2 kernels,
+    and a float32 GEMM gives the bits of MKL's AVX2 code path (what MKL_ENABLE_INSTRUCTIONS=AVX2,
+    an independent switch, also gives)."""
+    for name in PINNED_NUMERICS:
+        monkeypatch.delenv(name, raising=False)
+    pinned = kernel_env("ci", None, pin_numerics=True)
+    assert all(pinned[k] == v for k, v in PINNED_NUMERICS.items())
+    assert not set(PINNED_NUMERICS) & set(kernel_env("ci", None))
+    probe = ("import hashlib, torch; from qhelpers.report.results import environment_info; "
+             "torch.manual_seed(0); c = torch.randn(300, 777) @ torch.randn(777, 513); "
+             "print(environment_info()['device']['cpu_capability'], hashlib.sha1(c.numpy().tobytes()).hexdigest())")
+    plain = {k: v for k, v in os.environ.items() if k not in PINNED_NUMERICS}
+
+    def run(env):
+        return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    cap, gemm = run(pinned)
+    assert cap == "AVX2"
+    assert gemm == run({**plain, "MKL_ENABLE_INSTRUCTIONS": "AVX2"})[1]
 
 
 # --------------------------------------------------------------------------- the run manifest

@@ -525,6 +525,11 @@ def _device_info() -> dict[str, Any]:
         return info
     try:
         info["torch_threads"] = torch.get_num_threads()
+        # the kernels' instruction set (ATen's, and MKL's reproducibility branch when pinned): CPUs of
+        # another set round float sums differently (qhelpers.runner.environment.PINNED_NUMERICS)
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        if os.environ.get("MKL_CBWR"):
+            info["mkl_cbwr"] = os.environ["MKL_CBWR"]
         if torch.cuda.is_available():
             info["cuda"] = True
             info["cuda_version"] = torch.version.cuda

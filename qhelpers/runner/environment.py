@@ -4,7 +4,8 @@ BLAS threads per worker and the kernel's environment variables.
 Kernel environment: ``MPLBACKEND`` = the inline backend, ``PYTHONHASHSEED=0``, ``QHELPERS_PROFILE=<profile>``,
 the repository root prepended to ``PYTHONPATH`` (so ``import qhelpers`` is this checkout), and
 with ``--workers N`` on a machine with several GPUs, one GPU per worker slot through
-``CUDA_VISIBLE_DEVICES``; several workers on the CPU share the cores (``OMP_NUM_THREADS`` and co.)."""
+``CUDA_VISIBLE_DEVICES``; several workers on the CPU share the cores (``OMP_NUM_THREADS`` and co.).
+Kernels that write goldens run pinned instruction sets (:data:`PINNED_NUMERICS`)."""
 from __future__ import annotations
 
 import os
@@ -76,10 +77,38 @@ def cpu_threads_per_worker(workers: int, cpu_count: int | None = None) -> int | 
     return max(1, (cpu_count or os.cpu_count() or 1) // workers)
 
 
-def kernel_env(profile: str, gpu: str | None, threads: int | None = None) -> dict[str, str]:
+#: The instruction sets the regression goldens are computed with, on any x86-64 CPU with AVX2:
+#: ATen's vectorized kernels (softmax, layer norm, exp, ...), MKL's GEMM through its conditional
+#: numerical reproducibility branch (STRICT: also independent of the buffers' alignment), and
+#: oneDNN. Each CPU otherwise runs its widest kernels, whose float sums round differently: with
+#: AVX2 kernels instead of AVX-512 ones, 37 cells of 8 goldens differed in the 3rd or 4th digit
+#: (differences of near-equal losses; checked here with these variables, 2026-12-04).
+PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def pinned_numerics_env(cpuinfo: str | None = None) -> dict[str, str]:
+    """:data:`PINNED_NUMERICS` where this CPU can run them (x86-64 with AVX2 and FMA), else ``{}``
+    (e.g. ARM: its goldens then hold only on the same kind of CPU). ``cpuinfo``: the text of
+    /proc/cpuinfo (read when None)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return {}
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                  if line.startswith("flags")), [])
+    return dict(PINNED_NUMERICS) if {"avx2", "fma"} <= set(flags) else {}
+
+
+def kernel_env(profile: str, gpu: str | None, threads: int | None = None,
+               pin_numerics: bool = False) -> dict[str, str]:
     """The environment of a notebook's worker and kernel: this process's, plus the settings above
-    (``gpu``: the one CUDA device it sees; ``threads``: BLAS threads, unless the user set them)."""
+    (``gpu``: the one CUDA device it sees; ``threads``: BLAS threads, unless the user set them;
+    ``pin_numerics``: :func:`pinned_numerics_env`, as the goldens are written and checked with)."""
     env = dict(os.environ)
+    if pin_numerics:
+        env.update(pinned_numerics_env())
     if threads is not None:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env.setdefault(var, str(threads))  # the user's own setting wins

@@ -152,7 +152,7 @@ def execute_job(job: dict[str, Any], notebook: bytes, out_dir: str, attempt: int
         job_path = root / ".jobs" / f"{stem}.json"
         atomic_write_json(job_path, rjob)
         control.report.remote(_key(stem, attempt), {"node": node, "cuda_visible_devices": gpus, "threads": threads})
-        env = kernel_env(profile, None, threads)
+        env = kernel_env(profile, None, threads, bool(job.get("pin_numerics")))
         with open(Path(rjob["output_dir"]) / "log.txt", "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "qhelpers.runner.worker", str(job_path)],
                                     cwd=rjob["cwd"], env=env, stdin=subprocess.DEVNULL, stdout=log,

@@ -286,13 +286,14 @@ class Runner:
                 "record": record,
                 "model": model_spec(plan),
                 "parent_pid": os.getpid(),
+                "pin_numerics": bool(self.args.write_goldens),
                 "summary": {"out_dir": str(self.out_dir), "meta": self.meta, "stems": [p.stem for p in self.plans]},
             }
             job_path = jobs / f"{stem}.json"
             atomic_write_json(job_path, job)
             threads = cpu_threads_per_worker(self.workers) if gpu is None else None
             device_default = (plan.defined or {}).get("DEVICE")
-            launch = JobLaunch(stem, job, job_path, cwd, d / "log.txt", kernel_env(self.profile, gpu, threads),
+            launch = JobLaunch(stem, job, job_path, cwd, d / "log.txt", kernel_env(self.profile, gpu, threads, job["pin_numerics"]),
                                self.profile, is_gpu_job(plan.parameters, device_default.default if device_default
                                                         else None, getattr(self.backend, "cluster_gpus", 0.0)))
             execution = self.backend.launch(launch, gpu)
