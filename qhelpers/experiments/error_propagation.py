@@ -40,8 +40,8 @@ T-006, error cancellation (:func:`error_interaction`)
     with it is defined only at or after L_last: that is why both sites are at the output.
     ``before_last`` records the largest difference per layer, absolute and relative to the FP
     activations' largest magnitude. It is exactly 0 where the CPU's kernels are deterministic
-    (every machine here); one CI machine gave 2.75e-07 in float32 on the T-006 notebook (a
-    kernel summing in a different order on a second call of the same shapes), so the check
+    (every machine here); one CI machine gave 2.75e-07 in float32 on the T-006 notebook (two
+    forwards of the same batch differed in the last bits there; cause not traced), so the check
     (:meth:`ErrorInteraction.before_last_matches`) allows float rounding, far below what a
     quantization error leaking into an earlier layer would leave (~1e-2 at 4 bits).
 
