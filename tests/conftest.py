@@ -17,7 +17,9 @@ import pytest
 from qhelpers.runner.environment import pinned_numerics_env
 
 # nbval's kernels inherit these: figures render inline exactly as in the goldens, and the kernels run
-# the instruction sets the goldens were written with (run_all.py --write-goldens does the same)
+# the instruction sets the goldens were written with (run_all.py --write-goldens does the same). Set
+# before any test imports torch, the pin holds for this process too, so tests that pin exact float bits
+# hold on any x86-64 CPU with AVX2.
 os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
 os.environ.update(pinned_numerics_env())
 

@@ -676,8 +676,8 @@ class ErrorInteraction:
     do not dominate (``r`` is seed 004's statistic on the raw errors). ``before_last``: per
     layer below the last, the largest absolute difference from FP when only the last layer is
     quantized (``max_abs_diff``; ``rel_diff``: divided by that layer's largest FP magnitude), 0
-    by construction, measured (see :meth:`before_last_matches`). ``rel_error``: per (lang, text_id, site, config)
-    the mean over tokens (positions) of ``||e_t|| / ||out_fp_t||``.
+    by construction, measured (see :meth:`before_last_matches`). ``rel_error``: per (lang,
+    text_id, site, config) the mean over tokens (positions) of ``||e_t|| / ||out_fp_t||``.
     """
 
     pairs: pd.DataFrame
@@ -849,8 +849,9 @@ def error_interaction(
     rel = tidy(rel_rows, [])
     before_df = pd.DataFrame({"layer": list(before), "max_abs_diff": list(before.values()),
                               "rel_diff": [d / scale[i] if scale[i] > 0 else d for i, d in before.items()]})
-    params = {"dtype": str(next(as_module(loaded).parameters()).dtype).removeprefix("torch."), "protocol": protocol, "bits": bits, "max_length": runner.max_length, "layers": chosen, "pair": [a, b],
-              "run_order": order, "layers_run": runner.layers_run}
+    dtype = str(next(as_module(loaded).parameters()).dtype).removeprefix("torch.")
+    params = {"dtype": dtype, "protocol": protocol, "bits": bits, "max_length": runner.max_length, "layers": chosen,
+              "pair": [a, b], "run_order": order, "layers_run": runner.layers_run}
     return ErrorInteraction(pairs, additivity, before_df, rel, variants, chosen, (a, b), n,
                             time.perf_counter() - start, params)
 

@@ -293,9 +293,10 @@ class Runner:
             atomic_write_json(job_path, job)
             threads = cpu_threads_per_worker(self.workers) if gpu is None else None
             device_default = (plan.defined or {}).get("DEVICE")
-            launch = JobLaunch(stem, job, job_path, cwd, d / "log.txt", kernel_env(self.profile, gpu, threads, job["pin_numerics"]),
-                               self.profile, is_gpu_job(plan.parameters, device_default.default if device_default
-                                                        else None, getattr(self.backend, "cluster_gpus", 0.0)))
+            env = kernel_env(self.profile, gpu, threads, job["pin_numerics"])
+            gpu_job = is_gpu_job(plan.parameters, device_default.default if device_default else None,
+                                 getattr(self.backend, "cluster_gpus", 0.0))
+            launch = JobLaunch(stem, job, job_path, cwd, d / "log.txt", env, self.profile, gpu_job)
             execution = self.backend.launch(launch, gpu)
             # "running" is written after the job exists (a runner killed before leaves no
             # running record) and before its worker may write (it waits for this lock)
