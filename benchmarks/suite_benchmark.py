@@ -8,7 +8,9 @@ Everything after ``--`` goes to run_all.py (``--out`` is set here: a fresh folde
 The JSON records the device name, date, commit, the command, ``wall_s``, ``completed``/``failed``, the
 notebooks' durations (``notebook_s``), their sum (the serial time the run overlapped) and
 ``gpu_util_mean_pct``/``gpu_util_busy_pct`` (mean utilisation, share of samples above 0) and
-``gpu_mem_max_mib`` per GPU. Speed targets are read from these files, never asserted in tests."""
+``gpu_mem_max_mib`` per GPU, and each notebook's fixed cost (``fixed_s``, :func:`fixed_cost`): the work
+every notebook does before its experiment starts. Speed targets are read from these files, never asserted
+in tests."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +76,25 @@ class GpuSampler:
         return {"gpus": per_gpu, "samples": len(self.samples)}
 
 
+def fixed_cost(notebook: Path, duration_s: float) -> dict:
+    """What one executed notebook spent before its experiment, from papermill's per-cell durations:
+    ``outside_cells_s`` (the run's duration less every cell's: kernel start, papermill, writing the
+    notebook) and ``setup_cells_s`` (the cells up to and including the first that calls
+    ``load_model(``: imports, parameters, loading the model and texts; without such a cell, up to the
+    first that imports qhelpers). ``fixed_s`` is their sum, ``work_s`` the rest of the duration."""
+    cells = [c for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"]
+    durations = [float((c.get("metadata", {}).get("papermill", {}) or {}).get("duration") or 0.0) for c in cells]
+    sources = ["".join(c["source"]) for c in cells]
+    end = next((i for i, src in enumerate(sources) if "load_model(" in src), None)
+    if end is None:
+        end = next((i for i, src in enumerate(sources) if "from qhelpers" in src or "import qhelpers" in src), -1)
+    outside = duration_s - sum(durations)
+    setup = sum(durations[: end + 1])
+    return {"outside_cells_s": round(outside, 2), "setup_cells_s": round(setup, 2),
+            "fixed_s": round(outside + setup, 2), "work_s": round(duration_s - outside - setup, 2),
+            "setup_until": sources[end].strip().splitlines()[-1][:80] if end >= 0 else None}
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
@@ -104,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         rec = json.loads(rj.read_text())
         notebooks[rj.parent.name] = {"status": rec.get("status"), "duration_s": rec.get("duration_s"),
                                      "cuda_visible_devices": rec.get("cuda_visible_devices")}
+        executed = rj.parent / f"{rj.parent.name}.ipynb"
+        if rec.get("status") == "completed" and executed.is_file():
+            notebooks[rj.parent.name]["fixed"] = fixed_cost(executed, float(rec["duration_s"]))
     durations = [n["duration_s"] for n in notebooks.values() if n["duration_s"] is not None]
+    fixed = {k: n["fixed"] for k, n in notebooks.items() if "fixed" in n}
     doc = {
         "benchmark": "suite",
         "label": args.label,
@@ -118,11 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         "notebook_s_sum": round(sum(durations), 1),
         "notebook_s": {k: n["duration_s"] for k, n in notebooks.items()},
         "cuda_visible_devices": {k: n["cuda_visible_devices"] for k, n in notebooks.items()},
+        "fixed_s": {k: f["fixed_s"] for k, f in fixed.items()},
+        "fixed_s_mean": round(sum(f["fixed_s"] for f in fixed.values()) / len(fixed), 2) if fixed else None,
+        "fixed_s_max": max((f["fixed_s"] for f in fixed.values()), default=None),
+        "fixed_parts": fixed,
         **gpus,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(json.dumps({k: doc[k] for k in ("label", "wall_s", "completed", "failed", "notebook_s_sum")}
+    print(json.dumps({k: doc[k] for k in ("label", "wall_s", "completed", "failed", "notebook_s_sum", "fixed_s_mean")}
                      | {"gpus": gpus["gpus"]}))
     return proc.returncode
 
