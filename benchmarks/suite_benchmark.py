@@ -81,7 +81,8 @@ def fixed_cost(notebook: Path, duration_s: float) -> dict:
     ``outside_cells_s`` (the run's duration less every cell's: kernel start, papermill, writing the
     notebook) and ``setup_cells_s`` (the cells up to and including the first that calls
     ``load_model(``: imports, parameters, loading the model and texts; without such a cell, up to the
-    first that imports qhelpers). ``fixed_s`` is their sum, ``work_s`` the rest of the duration."""
+    first that imports qhelpers). ``fixed_s`` is their sum, ``work_s`` the rest of the duration;
+    ``slowest_cells``: the three longest cells (index among the code cells, seconds, last line)."""
     cells = [c for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"]
     durations = [float((c.get("metadata", {}).get("papermill", {}) or {}).get("duration") or 0.0) for c in cells]
     sources = ["".join(c["source"]) for c in cells]
@@ -90,9 +91,15 @@ def fixed_cost(notebook: Path, duration_s: float) -> dict:
         end = next((i for i, src in enumerate(sources) if "from qhelpers" in src or "import qhelpers" in src), -1)
     outside = duration_s - sum(durations)
     setup = sum(durations[: end + 1])
+    def last_line(i: int) -> str:
+        lines = sources[i].strip().splitlines()
+        return lines[-1][:80] if lines else ""
+
+    slowest = sorted(range(len(cells)), key=lambda i: -durations[i])[:3]
     return {"outside_cells_s": round(outside, 2), "setup_cells_s": round(setup, 2),
             "fixed_s": round(outside + setup, 2), "work_s": round(duration_s - outside - setup, 2),
-            "setup_until": sources[end].strip().splitlines()[-1][:80] if end >= 0 else None}
+            "setup_until": last_line(end) if end >= 0 else None,
+            "slowest_cells": [[i, round(durations[i], 2), last_line(i)] for i in slowest]}
 
 
 def git_commit() -> str | None:

@@ -42,6 +42,9 @@ def test_fixed_cost_counts_cells_up_to_the_model_load(suite_bench, tmp_path):
     assert parts["setup_cells_s"] == round(6.012, 2)
     assert parts["fixed_s"] == 15.0 and parts["work_s"] == 25.0
     assert parts["setup_until"] == "corpus = load_corpus('udhr')"
+    assert parts["slowest_cells"] == [[5, 20.0, "sweep = run_sweep(loaded, corpus)"],
+                                      [7, 4.0, "loaded2 = load_model(OTHER)"],
+                                      [4, 3.5, "corpus = load_corpus('udhr')"]]
 
 
 def test_fixed_cost_without_a_model_load_stops_at_the_qhelpers_import(suite_bench, tmp_path):
