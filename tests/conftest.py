@@ -9,8 +9,10 @@ Markers: ``slow`` (tests that take minutes, e.g. the Gemma-3 conversion); desele
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -78,3 +80,18 @@ def embedded_smollm(qhelpers_cache_dir: Path):
     ) is None:
         pytest.skip(f"{info['distribution']} is not installed and no converted cache exists: {info['pip_install']}")
     return models.load_model("embedded:smollm2-135m", device="cpu", dtype="fp32", cache_dir=qhelpers_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """Factory: ``load_benchmark("sweep_benchmark")`` -> ``benchmarks/<name>.py`` loaded as a module
+    (benchmarks/ holds scripts, not a package)."""
+
+    def load(name: str) -> ModuleType:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,21 +1,14 @@
 """Smoke run of benchmarks/sweep_benchmark.py on a tiny model (2 texts per language)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("sweep_benchmark", ROOT / "benchmarks" / "sweep_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("sweep_benchmark")
 
 
 def test_benchmark_smoke_run(bench, tmp_path, capsys):

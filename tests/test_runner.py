@@ -557,7 +557,8 @@ def test_pinned_numerics_reach_torch_in_the_kernel(monkeypatch):
 
     cap, gemm = run(pinned)
     assert cap == "AVX2"
-    assert gemm == run({**plain, "MKL_ENABLE_INSTRUCTIONS": "AVX2"})[1]
+    if "GenuineIntel" in Path("/proc/cpuinfo").read_text():  # MKL's dispatch elsewhere is not its Intel one
+        assert gemm == run({**plain, "MKL_ENABLE_INSTRUCTIONS": "AVX2"})[1]
 
 
 # --------------------------------------------------------------------------- the run manifest

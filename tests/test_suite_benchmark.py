@@ -2,7 +2,6 @@
 notebook), and one real run of a fixture notebook through it."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,11 +12,8 @@ FIX = ROOT / "tests" / "fixtures" / "notebooks"
 
 
 @pytest.fixture(scope="module")
-def suite_bench():
-    spec = importlib.util.spec_from_file_location("suite_benchmark", ROOT / "benchmarks" / "suite_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def suite_bench(load_benchmark):
+    return load_benchmark("suite_benchmark")
 
 
 def _executed(path: Path, cells: list[tuple[str, float | None]]) -> Path:
