@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from qhelpers.runner import ray_backend
 from qhelpers.runner.backends import is_gpu_job, job_resources
 from qhelpers.runner.errors import RunnerError
 from qhelpers.runner.params import Param
 from qhelpers.runner.plan import Plan, expand_grid, job_folder
+from qhelpers.runner.processes import process_identity
 from qhelpers.runner.ray_backend import collect_files, remote_job
 from qhelpers.runner.summary import grid_markdown, grid_tables
 from tests.runner_support import wait_for
@@ -248,6 +250,9 @@ def test_a_killed_ray_worker_is_retried_once_and_a_grid_over_two_models_is_table
                  180, "the first attempt of d_killme and a_ok's completion")
         done = {f: (out / f / "results.json").read_bytes() for f in done_folders}
         kernel = psutil.Process(int((markers / "attempt-1").read_text()))
+        killed_root = next((p for p in (Path(kernel.cwd()), *Path(kernel.cwd()).parents)
+                            if p.name.startswith("qhelpers-d_killme-")), None)
+        assert killed_root is not None and (killed_root / ray_backend.TASK_OWNERS_FILE).is_file(), kernel.cwd()
         workers = [p for p in kernel.parents() if "execute_job" in " ".join(p.cmdline())]
         assert workers, [p.cmdline() for p in kernel.parents()]
         workers[0].kill()  # the Ray worker process running the job's task
@@ -272,6 +277,36 @@ def test_a_killed_ray_worker_is_retried_once_and_a_grid_over_two_models_is_table
     summary = (out / "summary.md").read_text()
     assert "### a_ok" in summary and "| id | statement | tiny:gpt2 | tiny:llama | holds |" in summary
     assert "SUPPORTED in 2 of 2" in summary and "### d_killme" not in summary
+    # the killed task's temporary folder on the node: removed by the next task that starts or ends
+    # there once the killed attempt's processes have gone (attempt 2's end may already have done it;
+    # else the test sweeps, as the next task would)
+    def swept() -> bool:
+        ray_backend.sweep_dead_task_folders(killed_root.parent)
+        return not killed_root.exists()
+
+    wait_for(swept, 60, f"the killed attempt's temporary folder {killed_root} to be swept")
+
+
+def test_sweep_removes_only_folders_whose_processes_all_ended(tmp_path):
+    """Planted folders: a finished process's, a running one's, one finished and one running, one
+    without the owners file, one with a broken file, and a folder that is not a task's."""
+    pytest.importorskip("psutil")
+    ended = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    ended_identity = list(process_identity(ended.pid))
+    ended.wait()
+    me = list(process_identity(os.getpid()))
+    folders = {"qhelpers-a-dead": [ended_identity], "qhelpers-b-live": [me], "qhelpers-c-mixed": [ended_identity, me],
+               "qhelpers-d-bare": None, "qhelpers-e-broken": "not json", "other-f-dead": [ended_identity]}
+    for name, owners in folders.items():
+        (tmp_path / name / "x").mkdir(parents=True)
+        if owners is not None:
+            text = owners if isinstance(owners, str) else json.dumps(owners)
+            (tmp_path / name / ray_backend.TASK_OWNERS_FILE).write_text(text)
+    assert ray_backend.sweep_dead_task_folders(tmp_path) == [tmp_path / "qhelpers-a-dead"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(folders) - {"qhelpers-a-dead"})
+    reused = [os.getpid(), me[1] - 100.0]  # this pid, but another process's start time: a reused pid
+    (tmp_path / "qhelpers-b-live" / ray_backend.TASK_OWNERS_FILE).write_text(json.dumps([reused]))
+    assert ray_backend.sweep_dead_task_folders(tmp_path) == [tmp_path / "qhelpers-b-live"]
 
 
 def test_ctrl_c_stops_the_ray_tasks_and_keeps_what_they_wrote(cluster, tmp_path):

@@ -66,6 +66,29 @@ def kill_identified(processes: set[tuple[int, float]]) -> list[int]:
     return killed
 
 
+def process_identity(pid: int) -> tuple[int, float] | None:
+    """``(pid, start time)`` of a running process (psutil), or None when it is gone: with
+    :func:`is_running`, tells the process from a later one that reuses its pid."""
+    try:
+        import psutil
+
+        return (pid, psutil.Process(pid).create_time())
+    except Exception:
+        return None
+
+
+def is_running(identity: tuple[int, float]) -> bool:
+    """Whether the process of :func:`process_identity` is still that same, not yet reaped or
+    zombie, process."""
+    try:
+        import psutil
+
+        proc = psutil.Process(identity[0])
+        return abs(proc.create_time() - identity[1]) < 1e-3 and proc.status() != psutil.STATUS_ZOMBIE
+    except Exception:
+        return False
+
+
 def watch_parent(parent_pid: int) -> None:
     """Portable backstop for PR_SET_PDEATHSIG (Linux only): a daemon thread that sends this
     worker SIGTERM once its runner has gone (the worker is then re-parented)."""

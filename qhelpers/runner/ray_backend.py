@@ -24,6 +24,7 @@ resources, worker-death detection), so this module only maps a job onto it.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -38,7 +39,12 @@ from qhelpers.runner.backends import JobLaunch, job_resources
 from qhelpers.runner.environment import REPO_ROOT, kernel_env
 from qhelpers.runner.errors import RunnerError
 from qhelpers.runner.goldens import golden_cwd
-from qhelpers.runner.processes import kill_descendants, preexec_worker
+from qhelpers.runner.processes import (
+    is_running,
+    kill_descendants,
+    preexec_worker,
+    process_identity,
+)
 from qhelpers.runner.records import atomic_write_json, error_record, mark_finished
 from qhelpers.util.atomic import atomic_write
 
@@ -48,6 +54,9 @@ STOP_POLL_S = 1.0
 REMOTE_GRACE_S = 20.0  # the task's wait for its worker after a stop (the driver waits 30 s)
 #: What the package's copy on a cluster leaves out (gitignore syntax).
 SHIP_EXCLUDES = ["**/__pycache__/", "*.pyc"]
+#: In each task's temporary folder: ``[pid, start time]`` of the task and of its worker, so that a later
+#: task on the node removes the folder of one whose Ray worker was killed (its ``finally`` never ran).
+TASK_OWNERS_FILE = ".qhelpers_owners.json"
 
 
 class RunControl:
@@ -121,6 +130,29 @@ def collect_files(root: Path, stem: str) -> dict[str, bytes]:
     return files
 
 
+def sweep_dead_task_folders(tmp: Path | None = None) -> list[Path]:
+    """Remove this node's temporary job folders (``qhelpers-*`` holding :data:`TASK_OWNERS_FILE`)
+    whose task and worker have all ended; returns them. A folder without the file, or with one of
+    its processes still running, is left alone. What such a folder holds was never sent to the
+    driver: its job was submitted again, and that attempt's files are the ones kept."""
+    removed = []
+    for folder in sorted(Path(tmp or tempfile.gettempdir()).glob("qhelpers-*")):
+        try:
+            owners = json.loads((folder / TASK_OWNERS_FILE).read_text())
+            identities = [(int(pid), float(started)) for pid, started in owners]
+        except (OSError, ValueError, TypeError):
+            continue
+        if identities and not any(is_running(i) for i in identities):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _write_owners(root: Path, pids: list[int]) -> None:
+    identities = [i for i in (process_identity(pid) for pid in pids) if i is not None]
+    atomic_write_json(root / TASK_OWNERS_FILE, [list(i) for i in identities])
+
+
 def execute_job(job: dict[str, Any], notebook: bytes, out_dir: str, attempt: int, code_hash: str, profile: str,
                 threads: int | None, control: Any) -> dict[str, Any]:
     """The Ray task of one notebook job: run the worker in a temporary folder of this node, then
@@ -131,8 +163,10 @@ def execute_job(job: dict[str, Any], notebook: bytes, out_dir: str, attempt: int
 
     stem = Path(job["output"]).stem
     node = ray.util.get_node_ip_address()
+    sweep_dead_task_folders()
     root = Path(tempfile.mkdtemp(prefix=f"qhelpers-{stem}-"))
     try:
+        _write_owners(root, [os.getpid()])
         rjob = remote_job(job, out_dir, root, notebook)
         record = rjob["record"] = dict(job["record"])
         gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -157,10 +191,12 @@ def execute_job(job: dict[str, Any], notebook: bytes, out_dir: str, attempt: int
             proc = subprocess.Popen([sys.executable, "-m", "qhelpers.runner.worker", str(job_path)],
                                     cwd=rjob["cwd"], env=env, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, preexec_fn=preexec_worker)
+            _write_owners(root, [os.getpid(), proc.pid])
             _supervise(proc, control)
         return {"returncode": proc.returncode, "files": collect_files(root, stem), "node": node}
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        sweep_dead_task_folders()
 
 
 def _supervise(proc: subprocess.Popen, control: Any) -> None:
