@@ -56,11 +56,11 @@ def kill_identified(processes: set[tuple[int, float]]) -> list[int]:
     except ImportError:  # pragma: no cover
         return killed
     for pid, started in processes:
+        if not is_running((pid, started)):
+            continue
         try:
-            proc = psutil.Process(pid)
-            if abs(proc.create_time() - started) < 1e-3:
-                proc.kill()
-                killed.append(pid)
+            psutil.Process(pid).kill()
+            killed.append(pid)
         except Exception:
             continue
     return killed
