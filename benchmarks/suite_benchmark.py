@@ -76,13 +76,16 @@ class GpuSampler:
         return {"gpus": per_gpu, "samples": len(self.samples)}
 
 
-def fixed_cost(notebook: Path, duration_s: float) -> dict:
+def fixed_cost(notebook: Path, duration_s: float, warm_kernel: dict | None = None) -> dict:
     """What one executed notebook spent before its experiment, from papermill's per-cell durations:
     ``outside_cells_s`` (the run's duration less every cell's: kernel start, papermill, writing the
     notebook) and ``setup_cells_s`` (the cells up to and including the first that calls
     ``load_model(``: imports, parameters, loading the model and texts; without such a cell, up to the
-    first that imports qhelpers). ``fixed_s`` is their sum, ``work_s`` the rest of the duration;
-    ``slowest_cells``: the three longest cells (index among the code cells, seconds, last line)."""
+    first that imports qhelpers). With a warm kernel (run.json's ``warm_kernel``), ``exposed_warm_s``
+    is the part of its start and warm-up the notebook waited for (none when its worker was started
+    ahead and was ready in time) and ``hidden_warm_s`` the rest. ``fixed_s`` = outside + setup +
+    exposed warm-up, ``work_s`` the rest of the duration; ``slowest_cells``: the three longest cells
+    (index among the code cells, seconds, last line)."""
     cells = [c for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"]
     durations = [float((c.get("metadata", {}).get("papermill", {}) or {}).get("duration") or 0.0) for c in cells]
     sources = ["".join(c["source"]) for c in cells]
@@ -96,8 +99,12 @@ def fixed_cost(notebook: Path, duration_s: float) -> dict:
         return lines[-1][:80] if lines else ""
 
     slowest = sorted(range(len(cells)), key=lambda i: -durations[i])[:3]
+    warm = warm_kernel or {}
+    exposed = float(warm.get("exposed_s") or 0.0)
+    hidden = max(0.0, float(warm.get("kernel_s") or 0.0) + float(warm.get("warm_s") or 0.0) - exposed)
     return {"outside_cells_s": round(outside, 2), "setup_cells_s": round(setup, 2),
-            "fixed_s": round(outside + setup, 2), "work_s": round(duration_s - outside - setup, 2),
+            "exposed_warm_s": round(exposed, 2), "hidden_warm_s": round(hidden, 2),
+            "fixed_s": round(outside + setup + exposed, 2), "work_s": round(duration_s - outside - setup, 2),
             "setup_until": last_line(end) if end >= 0 else None,
             "slowest_cells": [[i, round(durations[i], 2), last_line(i)] for i in slowest]}
 
@@ -134,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "cuda_visible_devices": rec.get("cuda_visible_devices")}
         executed = rj.parent / f"{rj.parent.name}.ipynb"
         if rec.get("status") == "completed" and executed.is_file():
-            notebooks[rj.parent.name]["fixed"] = fixed_cost(executed, float(rec["duration_s"]))
+            notebooks[rj.parent.name]["fixed"] = fixed_cost(executed, float(rec["duration_s"]),
+                                                            rec.get("warm_kernel"))
     durations = [n["duration_s"] for n in notebooks.values() if n["duration_s"] is not None]
     fixed = {k: n["fixed"] for k, n in notebooks.items() if "fixed" in n}
     doc = {

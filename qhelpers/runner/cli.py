@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(marked stale in the summary) instead of running them again")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="notebooks run in parallel (default 1); with several GPUs each worker gets one")
+    p.add_argument("--start-ahead", type=int, default=None, metavar="N",
+                   help="local backend, one GPU or none: start the workers of the next N queued notebooks while "
+                        "the running ones work, so their kernels are warm when a slot frees (default 1; 0: off)")
+    p.add_argument("--cold-kernels", dest="warm", action="store_false", default=None,
+                   help="let papermill start each kernel, with no warm-up (the notebook's imports, a throw-away "
+                        "load of its model and the CUDA context are then paid inside the notebook)")
     p.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
                    help="fail a notebook whose cell runs longer than this (default: no limit)")
     p.add_argument("--write-goldens", metavar="DIR",
@@ -172,6 +178,8 @@ def command_from_args(args: argparse.Namespace) -> RunCommand:
         ray_cpus=args.ray_cpus,
         ray_gpus=args.ray_gpus,
         ship_code=args.ship_code,
+        start_ahead=args.start_ahead,
+        warm=args.warm,
     )
 
 
@@ -323,7 +331,7 @@ def _main(argv: list[str]) -> int:
     # the manifest records the options given (and the profile); defaults fill the rest
     command.profile = command.profile or DEFAULT_PROFILE
     resolved = command.with_defaults(kernel=DEFAULT_KERNEL, notebooks_dir=str(DEFAULT_NOTEBOOKS_DIR), backend="local",
-                                     per_gpu=1, ship_code=True)
+                                     per_gpu=1, ship_code=True, start_ahead=1, warm=True)
     _check_backend_options(resolved)
 
     # everything is checked before anything is written
@@ -334,6 +342,8 @@ def _main(argv: list[str]) -> int:
     selected = select_notebooks(notebooks, resolved.only)
     if resolved.workers is not None and resolved.workers < 1:
         raise RunnerError("--workers must be at least 1")
+    if resolved.start_ahead < 0:
+        raise RunnerError("--start-ahead must be 0 (off) or more")
     if resolved.cell_timeout is not None and resolved.cell_timeout <= 0:
         raise RunnerError("--cell-timeout must be positive (seconds)")
     profiles_path = Path(resolved.profiles) if resolved.profiles else nb_dir / "profiles.yaml"
@@ -386,7 +396,8 @@ def _main(argv: list[str]) -> int:
         run_args = argparse.Namespace(
             kernel=resolved.kernel, workers=workers, device=resolved.device,
             cell_timeout=resolved.cell_timeout, write_goldens=resolved.write_goldens,
-            resume=bool(args.resume), keep_stale=args.keep_stale)
+            resume=bool(args.resume), keep_stale=args.keep_stale, start_ahead=resolved.start_ahead,
+            warm=bool(resolved.warm))
         runner = Runner(run_args, plans, out_dir, resolved.profile, notes, golden, code_hash, backend)
         entries = {plan.stem: runner.inputs_entry(plan) for plan in plans}
         document = manifest_document(previous or read_manifest(out_dir), command, resolved, argv, changes,

@@ -8,6 +8,8 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 #: A worker's exit code when it could not write its notebook's run.json (its record is in .jobs/).
 EXIT_RECORD_FAILED = 3
+#: A worker started ahead (``--start-ahead``) that was stopped before its notebook started: no record.
+EXIT_NOT_STARTED = 4
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 

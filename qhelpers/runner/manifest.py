@@ -46,6 +46,8 @@ class RunCommand:
     ray_cpus: int | None = None
     ray_gpus: int | None = None
     ship_code: bool | None = None
+    start_ahead: int | None = None
+    warm: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON for the manifest."""
@@ -70,7 +72,8 @@ _FLAGS = {"profile": "--profile", "only": "--only", "model": "--model", "device"
           "cell_timeout": "--cell-timeout", "workers": "--workers", "notebooks_dir": "--notebooks-dir",
           "profiles": "--profiles", "write_goldens": "--write-goldens", "models": "--models", "grid": "--grid",
           "backend": "--backend", "address": "--address", "per_gpu": "--per-gpu", "cpus_per_job": "--cpus-per-job",
-          "ray_cpus": "--ray-cpus", "ray_gpus": "--ray-gpus", "ship_code": "--no-ship-code"}
+          "ray_cpus": "--ray-cpus", "ray_gpus": "--ray-gpus", "ship_code": "--no-ship-code",
+          "start_ahead": "--start-ahead", "warm": "--cold-kernels"}
 
 
 def _shown(value: Any) -> str:

@@ -60,6 +60,7 @@ from qhelpers.runner.records import (
     read_json,
     utc_now,
 )
+from qhelpers.runner.warm import notebook_imports
 from qhelpers.runner.summary import (
     error_text,
     fmt_duration,
@@ -99,6 +100,20 @@ class RunningNotebook:
     stop_sent: float | None = None
 
 
+@dataclass
+class AheadStart:
+    """A queued notebook whose worker was started ahead (``--start-ahead``): its kernel warms up
+    while the worker waits for the notebook's lock, which the supervisor holds until a slot frees."""
+
+    plan: Plan
+    index: int
+    execution: Execution
+    lock: FileLock
+    job: dict[str, Any]
+    job_path: Path
+    result_path: Path
+
+
 class Runner:
     """One invocation: plans, schedules workers, writes run.json / summaries."""
 
@@ -120,6 +135,9 @@ class Runner:
         self.marks: dict[str, str] = {}  # stem -> "stale: ..." for results kept with --keep-stale
         self.prepared: set[str] = set()  # notebook folders this invocation emptied (moved aside) for a run
         self.running: list[RunningNotebook] = []
+        self.ahead: list[AheadStart] = []
+        self.start_ahead = max(0, int(getattr(args, "start_ahead", 0) or 0))
+        self._hurry = False
         self.log_path = out_dir / "runner.log"
         self.meta = {"profile": profile, "kernel": args.kernel}
         self._summary_warned = False
@@ -219,7 +237,29 @@ class Runner:
         d.mkdir(parents=True, exist_ok=True)
         return moved
 
-    def start(self, plan: Plan, index: int, slot: int, gpu: str | None, why: str | None = None) -> RunningNotebook:
+    def warm_spec(self, plan: Plan, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """What the worker warms its kernel up with (:mod:`qhelpers.runner.warm`): the notebook's
+        imports, its model, device and dtype; None with ``--cold-kernels``."""
+        if not getattr(self.args, "warm", False):
+            return None
+        try:
+            imports = notebook_imports(plan.path)
+        except Exception:  # an unreadable notebook fails in papermill, with its own message
+            imports = []
+
+        def value(name: str) -> Any:
+            if name in params:
+                return params[name]
+            prm = (plan.defined or {}).get(name)
+            return prm.default if prm is not None and prm.literal else None
+
+        return {"imports": imports, "model": model_spec(plan), "device": value("DEVICE"), "dtype": value("DTYPE")}
+
+    def start(self, plan: Plan, index: int, slot: int, gpu: str | None, why: str | None = None,
+              ahead: bool = False) -> RunningNotebook | "AheadStart":
+        """Prepare a notebook's folder and job and hand it to the backend. With ``ahead`` the worker
+        starts (and warms its kernel) but the notebook is not yet running: the lock stays held and
+        no running record is written until :meth:`promote`."""
         stem = plan.stem
         lock = FileLock(self.out_dir / ".locks" / f"{stem}.lock")
         if not lock.acquire(blocking=True, timeout=LOCK_WAIT_S,
@@ -228,6 +268,7 @@ class Runner:
             if self.stop_signal is not None:
                 raise RunnerError(f"{stem}: not started ({signal.Signals(self.stop_signal).name} received)")
             raise RunnerError(f"{stem}: its lock is still held after {LOCK_WAIT_S:.0f} s by another process")
+        release = True
         try:
             moved = self.prepare_dir(stem)
             self.prepared.add(stem)
@@ -266,7 +307,6 @@ class Runner:
             }
             if plan.setting:
                 record["job"] = {"notebook": plan.notebook, "setting": plan.setting}
-            self.records[stem] = record
             cwd = self.cwd_for(stem)
             jobs = self.out_dir / ".jobs"
             result_path = jobs / f"{stem}.result.json"
@@ -287,6 +327,8 @@ class Runner:
                 "model": model_spec(plan),
                 "parent_pid": os.getpid(),
                 "pin_numerics": bool(self.args.write_goldens),
+                "warm": self.warm_spec(plan, params),
+                "ahead": ahead,
                 "summary": {"out_dir": str(self.out_dir), "meta": self.meta, "stems": [p.stem for p in self.plans]},
             }
             job_path = jobs / f"{stem}.json"
@@ -298,21 +340,66 @@ class Runner:
                                  getattr(self.backend, "cluster_gpus", 0.0))
             launch = JobLaunch(stem, job, job_path, cwd, d / "log.txt", env, self.profile, gpu_job)
             execution = self.backend.launch(launch, gpu)
-            # "running" is written after the job exists (a runner killed before leaves no
-            # running record) and before its worker may write (it waits for this lock)
-            try:
-                atomic_write_json(d / "run.json", record)
-            except BaseException:
-                execution.kill()
-                raise
+            if ahead:
+                release = False  # held until promote(): the worker waits for it with its kernel warm
+                self.log(f"[{index}/{self.total}] {stem}: worker started ahead (pid {getattr(execution, 'proc', None) and execution.proc.pid})")
+                return AheadStart(plan, index, execution, lock, job, job_path, result_path)
+            self._mark_running(stem, record, execution)
         finally:
-            lock.release()  # the worker takes it (and holds it until it has written run.json)
+            if release:
+                lock.release()  # the worker takes it (and holds it until it has written run.json)
+        return self._started(plan, index, execution, slot, gpu, params, result_path)
+
+    def promote(self, pending: "AheadStart", slot: int) -> RunningNotebook:
+        """Start a notebook whose worker was started ahead: its record's start time is now, the
+        job is rewritten with it (the worker reads it again), run.json says running, and the lock
+        is released so that the worker runs the notebook in its warm kernel."""
+        record = pending.job["record"]
+        record["start"] = utc_now()
+        pending.job["promoted_at"] = time.time()
+        try:
+            atomic_write_json(pending.job_path, pending.job)
+            self._mark_running(pending.plan.stem, record, pending.execution)
+        finally:
+            pending.lock.release()
+        return self._started(pending.plan, pending.index, pending.execution, slot, None,
+                             pending.job["parameters"], pending.result_path)
+
+    def _mark_running(self, stem: str, record: dict[str, Any], execution: Execution) -> None:
+        # "running" is written after the job exists (a runner killed before leaves no running
+        # record) and before its worker may write (it waits for the notebook's lock)
+        self.records[stem] = record
+        try:
+            atomic_write_json(self.nb_dir(stem) / "run.json", record)
+        except BaseException:
+            execution.kill()
+            raise
+
+    def _started(self, plan: Plan, index: int, execution: Execution, slot: int, gpu: str | None,
+                 params: Mapping[str, Any], result_path: Path) -> RunningNotebook:
         where = f" {execution.placement}" if execution.started and execution.placement else ""
         model = params.get("MODEL") or (plan.defined or {}).get("MODEL", Param("", "", "", False)).default
         model_note = f", model {model}" if model else ""
         verb = "started" if execution.started else "queued"
-        self.say(f"[{index}/{self.total}] {stem} ... {verb} (profile {self.profile}{model_note}{where})")
+        self.say(f"[{index}/{self.total}] {plan.stem} ... {verb} (profile {self.profile}{model_note}{where})")
         return RunningNotebook(plan, index, execution, slot, gpu, time.time(), result_path)
+
+    def drop_ahead(self, signum: int) -> None:
+        """Stop the workers started ahead (their notebooks never started: nothing is recorded, the
+        job files are removed and the locks released)."""
+        for pending in self.ahead:
+            pending.execution.stop(signum)
+        deadline = time.time() + INTERRUPT_GRACE_S
+        for pending in self.ahead:
+            while pending.execution.poll() is None and time.time() < deadline and not self._hurry:
+                time.sleep(0.1)
+            if pending.execution.poll() is None:
+                pending.execution.kill()
+            pending.execution.cleanup()
+            pending.lock.release()
+            pending.job_path.unlink(missing_ok=True)
+            self.say(f"[{pending.index}/{self.total}] {pending.plan.stem} ... not started")
+        self.ahead.clear()
 
     def start_failed(self, plan: Plan, index: int, exc: BaseException) -> None:
         """Record a notebook that could not be started (its folder unwritable, its lock held...)."""
@@ -419,6 +506,8 @@ class Runner:
     def stop_all(self, signum: int, forced: str = "interrupted") -> None:
         """Stop every running worker (``signum``, then SIGKILL after the grace time) and record
         each; a worker that recorded no end of its own is recorded ``forced``."""
+        for pending in self.ahead:
+            pending.execution.stop(signum)
         for r in self.running:
             r.execution.stop(signum)
             r.stop_sent = time.time()
@@ -430,6 +519,7 @@ class Runner:
                     self.running.remove(r)
                     self.finish(r, forced_status=forced)
             time.sleep(0.1)
+        self.drop_ahead(signum)
 
     def progress(self, queue: list[Any]) -> None:
         """``progress: 3 done, 2 running, 4 queued`` (on the Ray backend, where jobs wait in Ray's queue)."""
@@ -472,20 +562,37 @@ class Runner:
             else:
                 gpus = []
         running = self.running
-        while (queue or running) and self.stop_signal is None:
+        # a worker started ahead needs its environment now: not with one GPU per worker (its GPU is
+        # the slot's that frees first), nor on the Ray backend (Ray queues the jobs itself)
+        can_ahead = self.start_ahead > 0 and self.backend.name == "local" and not gpus
+        while (queue or running or self.ahead) and self.stop_signal is None:
             busy = {r.slot for r in running}
-            while queue and len(running) < workers and self.stop_signal is None:
+            while (self.ahead or queue) and len(running) < workers and self.stop_signal is None:
                 slot = min(s for s in range(workers) if s not in busy)
                 busy.add(slot)
-                i, plan, why = queue.pop(0)
+                if self.ahead:
+                    pending = self.ahead.pop(0)
+                    i, plan = pending.index, pending.plan
+                else:
+                    pending = None
+                    i, plan, why = queue.pop(0)
                 gpu = gpus[slot % len(gpus)] if gpus else None
                 try:
-                    running.append(self.start(plan, i, slot, gpu, why))
+                    running.append(self.promote(pending, slot) if pending else self.start(plan, i, slot, gpu, why))
                 except (RunnerError, OSError) as exc:
                     busy.discard(slot)
                     self.start_failed(plan, i, exc)
                 self.summary(f"running (run_all.py pid {os.getpid()})")
+            while (can_ahead and queue and len(running) >= workers and len(self.ahead) < self.start_ahead
+                   and self.stop_signal is None):
+                i, plan, why = queue.pop(0)
+                try:
+                    self.ahead.append(self.start(plan, i, -1, None, why, ahead=True))
+                except (RunnerError, OSError) as exc:
+                    self.start_failed(plan, i, exc)
             self.backend.tick()
+            for pending in self.ahead:
+                pending.execution.poll()  # notes its kernel, to be killed should the worker die
             for r in list(running):
                 rc = r.execution.poll()
                 for line in r.execution.events():
@@ -495,7 +602,8 @@ class Runner:
                     running.remove(r)
                     self.finish(r)
                     self.progress(queue)
-                    self.summary(f"running (run_all.py pid {os.getpid()})" if (queue or running) else "finished")
+                    self.summary(f"running (run_all.py pid {os.getpid()})" if (queue or running or self.ahead)
+                                 else "finished")
             time.sleep(0.1)
 
         if self.stop_signal is not None:

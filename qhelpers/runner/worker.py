@@ -17,10 +17,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from qhelpers.runner.errors import EXIT_RECORD_FAILED, EXIT_SIGINT, RunnerError
+from qhelpers.runner.errors import EXIT_NOT_STARTED, EXIT_RECORD_FAILED, EXIT_SIGINT, RunnerError
 from qhelpers.runner.fingerprints import model_fingerprint
 from qhelpers.runner.locks import FileLock
 from qhelpers.runner.processes import kill_descendants, signal_on_parent_death, watch_parent
+from qhelpers.runner.warm import shutdown_kernel, start_warm_kernel, warm_up_code
 from qhelpers.runner.records import (
     atomic_write_json,
     clean_json,
@@ -52,6 +53,7 @@ def _error_dict(exc: BaseException) -> dict[str, Any]:
 def worker_main(job_path: str) -> int:
     """Execute one notebook as described by the job file; write its final run.json.
     Exit 0 completed, 1 failed, 130 interrupted (SIGINT/SIGTERM, or the runner died)."""
+    began = time.time()
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     interrupted: dict[str, Any] = {"signal": None, "armed": False}
 
@@ -72,19 +74,35 @@ def worker_main(job_path: str) -> int:
     elif parent:
         watch_parent(parent)
 
-    record = dict(job["record"])
     status, error = "completed", None
     lock = FileLock(Path(job["lock"])) if job.get("lock") else None
+    ahead = bool(job.get("ahead"))
+    km, warm = None, None
+    held = False
     t0 = time.time()
     try:
         interrupted["armed"] = True
-        # the supervisor holds the lock until it has recorded this notebook as running
-        if lock is not None and not lock.acquire(blocking=True, timeout=30):
+        if job.get("warm") and interrupted["signal"] is None:
+            km, warm = _warm_kernel(job)
+        waited = time.time()
+        # the supervisor holds the lock until it has recorded this notebook as running; a job
+        # started ahead waits until a running notebook ends
+        if lock is not None and not lock.acquire(blocking=True, timeout=None if ahead else 30):
             raise RunnerError(f"notebook lock {job['lock']} is held by another process")
+        held = True
+        t0 = time.time()
         if parent and os.getppid() != parent:
             interrupted["signal"] = signal.SIGTERM  # the runner died while this worker waited
         if interrupted["signal"] is not None:
             raise KeyboardInterrupt("runner exited")
+        if ahead:  # the supervisor rewrote the job when it started it (its record's start time)
+            job = json.loads(Path(job_path).read_text(encoding="utf-8"))
+        if warm is not None:
+            if ahead:
+                warm["waited_s"] = round(t0 - waited, 3)
+            # the part of the warm-up the notebook waited for: from its start (its worker's, or
+            # the supervisor starting a worker that was started ahead) until the kernel was ready
+            warm["exposed_s"] = round(max(0.0, t0 - float(job.get("promoted_at") or began)), 3)
         import logging
 
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
@@ -93,6 +111,8 @@ def worker_main(job_path: str) -> int:
         print(f"[runner] kernel {job['kernel']}; cwd {job['cwd']}; CUDA_VISIBLE_DEVICES="
               f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}", file=sys.stderr, flush=True)
         import papermill as pm
+
+        extra = {"km": km} if km is not None else {}
 
         pm.execute_notebook(
             job["input"],
@@ -107,6 +127,7 @@ def worker_main(job_path: str) -> int:
             # nbclient's timeout trait is an int
             execution_timeout=None if job.get("cell_timeout") is None else max(1, math.ceil(job["cell_timeout"])),
             start_timeout=job.get("start_timeout", 120),
+            **extra,
         )
         interrupted["armed"] = False
     except KeyboardInterrupt:
@@ -125,7 +146,15 @@ def worker_main(job_path: str) -> int:
             status, error = "failed", _error_dict(exc)
     finally:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        if km is not None:  # papermill does not shut down a kernel it was handed
+            shutdown_kernel(km)
         kill_descendants(os.getpid())  # a kernel left behind (normally nbclient has shut it down)
+    if ahead and not held:  # stopped before the supervisor started it: nothing to record
+        print("[runner] stopped before it started; nothing recorded", file=sys.stderr, flush=True)
+        return EXIT_NOT_STARTED
+    record = dict(job["record"])
+    if warm is not None:
+        record["warm_kernel"] = warm
     end = time.time()
     mark_finished(record, status, end - t0, error, Path(job["output_dir"]))
     if record["status"] == "completed":
@@ -146,6 +175,24 @@ def worker_main(job_path: str) -> int:
     if lock is not None:
         lock.release()
     return code
+
+
+def _warm_kernel(job: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
+    """Start the job's kernel and warm it up (:mod:`qhelpers.runner.warm`); ``(None, why)`` when the
+    kernel could not be started that way (papermill then starts one as usual)."""
+    spec = job["warm"]
+    code = warm_up_code(spec.get("imports") or [], spec.get("model"), spec.get("device"), spec.get("dtype"))
+    try:
+        km, info = start_warm_kernel(job["kernel"], job["cwd"], code, float(job.get("start_timeout", 120)))
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a cold start still works
+        print(f"[runner] warm kernel not started ({type(exc).__name__}: {exc}); papermill starts one",
+              file=sys.stderr, flush=True)
+        return None, {"error": f"{type(exc).__name__}: {exc}"}
+    print(f"[runner] kernel warm: started in {info.get('kernel_s')} s, warm-up {info.get('warm_s')} s"
+          + (f" (warm-up error: {info['error']})" if info.get("error") else ""), file=sys.stderr, flush=True)
+    return km, info
 
 
 def _record_end(job: dict[str, Any], record: dict[str, Any], code: int) -> int:

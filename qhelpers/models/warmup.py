@@ -1,0 +1,112 @@
+"""The warm-up of a notebook's kernel, run inside the kernel before the notebook (see
+:mod:`qhelpers.runner.warm`, which starts the kernel and executes :func:`warm_kernel` in it).
+
+It leaves nothing a notebook could see: it binds no name in the kernel's namespace, restores the
+random number generators (Python's, NumPy's, torch's CPU and CUDA ones), and empties the "warn once"
+registries of :mod:`warnings` and of transformers' ``warning_once``/``info_once``, so that a warning
+the notebook would have printed is still printed. A step that fails is skipped (the notebook meets
+the same error itself, in its own cell)."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import random
+import sys
+import time
+import warnings
+from typing import Any
+
+#: Modules worth importing ahead whatever a notebook says (transformers' lazy imports of a first load).
+ALWAYS_IMPORTED = ("torch", "transformers", "transformers.modeling_utils", "transformers.cache_utils")
+
+
+def warm_kernel(imports: list[list[Any]], model: str | None = None, device: str | None = None,
+                dtype: str | None = None) -> dict[str, Any]:
+    """Inside a kernel, before its notebook: import ``imports`` (and :data:`ALWAYS_IMPORTED`), load
+    ``model`` once on ``device`` and throw it away, create the CUDA context when the device is a GPU;
+    then restore the random generators and empty the warn-once registries. Returns the seconds of
+    each step and the errors of the steps that failed."""
+    times: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    t0 = time.perf_counter()
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    py_state = random.getstate()
+    np_state = _numpy_state()
+    cuda = (torch is not None and (device is None or str(device).startswith(("cuda", "auto")))
+            and torch.cuda.is_available())
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    with (torch.random.fork_rng(devices=devices) if torch is not None else contextlib.nullcontext()):
+        for module, names in [[m, []] for m in ALWAYS_IMPORTED] + list(imports):
+            try:
+                _import(module, names)
+            except BaseException as exc:  # noqa: BLE001 - the notebook meets the same error in its own cell
+                errors[f"import {module}"] = f"{type(exc).__name__}: {exc}"
+        times["imports_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if model and torch is not None:
+            try:
+                _load_and_drop(model, device, dtype)
+            except BaseException as exc:  # noqa: BLE001
+                errors["model"] = f"{type(exc).__name__}: {exc}"
+        if cuda:
+            try:
+                a = torch.ones(64, 64, device="cuda")
+                (a @ a).sum().item()  # the CUDA context and a cuBLAS handle
+                del a
+            except BaseException as exc:  # noqa: BLE001
+                errors["cuda"] = f"{type(exc).__name__}: {exc}"
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        times["model_s"] = time.perf_counter() - t1
+    random.setstate(py_state)
+    if np_state is not None:
+        sys.modules["numpy"].random.set_state(np_state)
+    reset_warn_once()
+    times["total_s"] = time.perf_counter() - t0
+    return {"times": times, "errors": errors}
+
+
+def reset_warn_once() -> None:
+    """Forget which warnings were already shown: every module's ``__warningregistry__``, the
+    ``"once"`` registry of :mod:`warnings`, and transformers' ``warning_once``/``info_once`` caches."""
+    for module in list(sys.modules.values()):
+        registry = getattr(module, "__warningregistry__", None)
+        if isinstance(registry, dict):
+            registry.clear()
+    warnings.onceregistry.clear()
+    tf_logging = sys.modules.get("transformers.utils.logging")
+    for name in ("warning_once", "info_once"):
+        clear = getattr(getattr(tf_logging, name, None), "cache_clear", None)
+        if clear is not None:
+            clear()
+
+
+def _import(module: str, names: list[str]) -> None:
+    import importlib
+
+    mod = importlib.import_module(module)
+    for name in names:
+        if not hasattr(mod, name):  # a submodule that ``from module import name`` would import
+            try:
+                importlib.import_module(f"{module}.{name}")
+            except ImportError:
+                pass
+
+
+def _numpy_state() -> Any:
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy.random.get_state()
+
+
+def _load_and_drop(model: str, device: str | None, dtype: str | None) -> None:
+    from qhelpers.models.loading import load_model
+
+    loaded = load_model(model, device=None if device in (None, "auto") else device, dtype=dtype)
+    del loaded
