@@ -109,6 +109,13 @@ def fixed_cost(notebook: Path, duration_s: float, warm_kernel: dict | None = Non
             "slowest_cells": [[i, round(durations[i], 2), last_line(i)] for i in slowest]}
 
 
+def _is_quick_suite(run_all_args: list[str]) -> bool:
+    """Whether run_all.py ran every notebook under the quick profile (its default)."""
+    args = list(run_all_args)
+    profile = args[args.index("--profile") + 1] if "--profile" in args[:-1] else "quick"
+    return profile == "quick" and "--only" not in args
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
@@ -153,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         "run_all_args": run_all_args,
         "exit_code": proc.returncode,
         "wall_s": round(wall, 1),
+        # issue 15's name for the wall time of the whole quick suite (every notebook, quick profile)
+        **({"quick_suite_s": round(wall, 1)} if _is_quick_suite(run_all_args) else {}),
         "completed": sum(n["status"] == "completed" for n in notebooks.values()),
         "failed": sorted(k for k, n in notebooks.items() if n["status"] != "completed"),
         "notebook_s_sum": round(sum(durations), 1),

@@ -652,8 +652,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"of a {prefix_stats.get('budget_bytes', 0) / 2**20:.1f} MB budget"
         )
     if compile_s:
-        print("  compile s (first call of each shape): "
+        print("  compile s (calls that compiled: a new shape, or a recompilation): "
               + ", ".join(f"{k} {v:.1f}" for k, v in compile_s.items()))
+    recompiled = rows.get("engine+compile", {}).get("compiled_calls", {}).get("recompiled", 0)
+    if recompiled:
+        print(f"  WARNING engine+compile recompiled known shapes {recompiled} times ({compile_s.get('engine+compile', 0):.1f} s "
+              "of its wall time): a guard failed when the engine swapped weights (TORCH_LOGS=recompiles says which)")
     if peak_tflops:
         print(
             f"  useful FLOPs per config = 2*N*T + attention = 2*{flops['non_embedding_params']}*{flops['tokens']} "

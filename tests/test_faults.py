@@ -26,11 +26,9 @@ from pathlib import Path
 
 import pytest
 from model_support import fake_conversion
-from runner_support import run_status, wait_for
+from runner_support import needs_kernel, run_status, wait_for
 
 from qhelpers.runner.cli import main
-from qhelpers.runner.environment import check_kernel
-from qhelpers.runner.errors import RunnerError
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "tests" / "fixtures" / "notebooks"
@@ -39,15 +37,6 @@ RUN_ALL = REPO / "run_all.py"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def _kernel_available() -> bool:
-    try:
-        check_kernel("python3")
-        return True
-    except RunnerError:
-        return False
-
-
-needs_kernel = pytest.mark.skipif(not _kernel_available(), reason="no 'python3' Jupyter kernel")
 
 
 # --------------------------------------------------------------------------- helpers

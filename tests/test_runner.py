@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from runner_support import run_status, wait_for
+from runner_support import needs_kernel, run_status, wait_for
 
 from qhelpers.runner.cli import main
 from qhelpers.runner.environment import (
-    check_kernel,
     cpu_threads_per_worker,
     PINNED_NUMERICS,
     kernel_env,
@@ -50,18 +49,6 @@ HTML_STATEMENT = "<script>alert('x')</script> & a|b"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def _kernel_available() -> bool:
-    try:
-        check_kernel("python3")
-        return True
-    except RunnerError:
-        return False
-
-
-needs_kernel = pytest.mark.skipif(
-    not _kernel_available(),
-    reason="no 'python3' Jupyter kernel: python -m ipykernel install --user --name python3",
-)
 
 
 def _cmd(*args: str) -> list[str]:

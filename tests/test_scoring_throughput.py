@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from qhelpers.measure import compiled as compiled_mod
 from qhelpers.measure.scoring import (
@@ -190,7 +191,7 @@ def test_compile_flag_with_hooks_runs_bucketed_shapes_eagerly(tiny_model, udhr12
         nll = bucketed.score_nll()
     finally:
         handle.remove()
-    assert bucketed.compiled.calls == {"compiled": 0, "eager": len(bucketed.batches)}
+    assert bucketed.compiled.calls == {"compiled": 0, "eager": len(bucketed.batches), "recompiled": 0}
     assert bucketed.compile_seconds == 0.0 and plain.compile_seconds == 0.0
     np.testing.assert_allclose(nll, plain.score_nll(), rtol=1e-6, atol=0)
 
@@ -218,8 +219,45 @@ def test_compiled_cpu_fp32_equals_eager_and_sees_engine_weights(tiny_model, udhr
     with engine.applied(Variant("int4", QuantConfig(bits=4, granularity="channel"))):
         q_eager, q_comp = eager.score_nll(), comp.score_nll()
     assert comp.compiled.shapes == shapes and comp.compile_seconds == seconds  # no recompilation
+    assert comp.compiled.calls["recompiled"] == 0
     assert np.max(np.abs(_per_token(q_eager - base_eager, eager))) > 1e-3  # the variant matters ...
     np.testing.assert_allclose(q_comp, q_eager, rtol=1e-6, atol=0)  # ... and the compiled graph sees it
+
+
+class _Base(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, input_ids, attention_mask, use_cache=False):
+        return (self.lin(self.emb(input_ids)) * attention_mask[..., None],)
+
+
+class _TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.base_model = _Base()
+
+
+def test_compiled_forward_counts_a_recompilation_and_its_seconds():
+    """A known shape whose guard fails (a weight swapped for a tensor of another stride, as an engine
+    that swapped in a transposed copy would) recompiles: counted in calls["recompiled"] and in
+    compile_seconds; a repeated call of a compiled shape is not."""
+    torch.manual_seed(0)
+    model = _TinyLM()
+    fwd = compiled_mod.CompiledForward(model)
+    ids, mask = torch.randint(0, 10, (2, 4)), torch.ones(2, 4, dtype=torch.long)
+    eager = model.base_model(ids, mask)[0]
+    torch.testing.assert_close(fwd(ids, mask), eager)
+    first = fwd.compile_seconds
+    assert fwd.shapes == [(2, 4)] and first > 0 and fwd.calls == {"compiled": 1, "eager": 0, "recompiled": 0}
+    fwd(ids, mask)
+    assert fwd.compile_seconds == first and fwd.calls["recompiled"] == 0
+    model.base_model.lin.weight.data = model.base_model.lin.weight.data.t().contiguous().t()
+    torch.testing.assert_close(fwd(ids, mask), eager)
+    assert fwd.calls == {"compiled": 3, "eager": 0, "recompiled": 1} and fwd.compile_seconds > first
+    assert fwd.shapes == [(2, 4)]
 
 
 # ----------------------------------------------------------------------------- GPU

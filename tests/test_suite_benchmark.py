@@ -74,3 +74,6 @@ def test_suite_benchmark_times_a_real_run(suite_bench, tmp_path, capsys):
                                                                abs=0.02)
     assert doc["fixed_s"] == {"a_ok": parts["fixed_s"]} and doc["fixed_s_mean"] == doc["fixed_s_max"] == parts["fixed_s"]
     assert '"fixed_s_mean"' in capsys.readouterr().out
+    assert "quick_suite_s" not in doc  # --only: not the whole quick suite
+    assert suite_bench._is_quick_suite(["--device", "cuda", "--workers", "8"])
+    assert not suite_bench._is_quick_suite(["--profile", "full"])

@@ -15,30 +15,18 @@ from pathlib import Path
 
 import nbformat
 import numpy as np
-import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-from runner_support import run_status, wait_for
+from runner_support import needs_kernel, run_status, wait_for
 
 from qhelpers.models import warmup
 from qhelpers.runner import warm
-from qhelpers.runner.environment import check_kernel
-from qhelpers.runner.errors import RunnerError
 
 REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "tests" / "fixtures" / "notebooks"
 RUN_ALL = REPO / "run_all.py"
 
 
-def _kernel_available() -> bool:
-    try:
-        check_kernel("python3")
-        return True
-    except RunnerError:
-        return False
-
-
-needs_kernel = pytest.mark.skipif(not _kernel_available(), reason="no 'python3' Jupyter kernel")
 
 
 def _write_notebook(path: Path, *sources: str) -> Path:
@@ -161,6 +149,7 @@ def test_a_warm_kernel_runs_the_notebook_as_a_cold_one_would(tmp_path):
     km, info = warm.start_warm_kernel("python3", str(tmp_path), code, 60)
     try:
         assert "error" not in info and info["warm_s"] > 0
+        assert info["steps"]["imports_s"] > 0 and "step_errors" not in info  # read back from the kernel
         pm.execute_notebook(str(nb), str(tmp_path / "warm.ipynb"), kernel_name="python3", progress_bar=False,
                             cwd=str(tmp_path), km=km)
         assert km.has_kernel  # papermill leaves a kernel it was handed to its owner
@@ -203,6 +192,8 @@ def test_workers_start_ahead_in_order_and_are_recorded_once_started(tmp_path):
     for stem, rec in recs.items():
         kernel = rec["warm_kernel"]
         assert kernel["kernel_s"] > 0 and kernel["warm_s"] > 0 and "error" not in kernel, (stem, kernel)
+        assert kernel["steps"]["total_s"] <= kernel["warm_s"], (stem, kernel)
+        assert (kernel["steps"]["model_s"] > 0.01) == (stem != "c_sleep"), (stem, kernel)  # c_sleep has no MODEL
         assert ("waited_s" in kernel) == (stem != "a_ok")
     # a notebook's record starts when it started, not when its worker was started ahead
     assert recs["a_ok"]["end"] <= recs["b_fail"]["start"] and recs["b_fail"]["end"] <= recs["c_sleep"]["start"]

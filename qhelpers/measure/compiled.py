@@ -109,17 +109,20 @@ def has_hooks(model: nn.Module) -> bool:
 
 class CompiledForward:
     """``model.base_model`` under ``torch.compile`` (static shapes), compiled lazily; eager while
-    hooks are present. Counts compiled and eager calls and the seconds spent in the first call of
-    each new shape (compilation, plus one forward pass that is negligible next to it)."""
+    hooks are present. Counts compiled and eager calls and the seconds spent in calls that compiled
+    (a new shape's first call, or a recompilation of a known shape because a guard failed, e.g. a
+    parameter swapped for a tensor of another dtype or stride; a forward pass in such a call is
+    negligible next to the compilation). ``calls["recompiled"]`` counts the latter: each one
+    means compiled graphs are not being reused, and ``compile_seconds`` says what it cost."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._compiled: Any = None
-        #: Wall seconds of the first call of each shape (dominated by compilation).
+        #: Wall seconds of the calls that compiled a graph.
         self.compile_seconds = 0.0
         #: Shapes compiled so far, in order.
         self.shapes: list[tuple[int, ...]] = []
-        self.calls = {"compiled": 0, "eager": 0}
+        self.calls = {"compiled": 0, "eager": 0, "recompiled": 0}
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         base = self.model.base_model
@@ -133,16 +136,27 @@ class CompiledForward:
         new = shape not in self.shapes
         if new:
             _synchronize(input_ids.device)
-            start = time.perf_counter()
+        graphs = _graphs_compiled()
+        start = time.perf_counter()
         # torch._dynamo's default recompile limit (8) would silently fall back to eager past it
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             hidden = self._compiled(**kwargs)[0]
-        if new:
+        if new or _graphs_compiled() > graphs:
             _synchronize(input_ids.device)
             self.compile_seconds += time.perf_counter() - start
-            self.shapes.append(shape)
+            if new:
+                self.shapes.append(shape)
+            else:
+                self.calls["recompiled"] += 1
         self.calls["compiled"] += 1
         return hidden
+
+
+def _graphs_compiled() -> int:
+    """Graphs torch._dynamo has compiled in this process (it counts every compilation, first or not)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _synchronize(device: torch.device) -> None:

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import random
 import sys
 import time
 import warnings
 from typing import Any
+
+#: What the last :func:`warm_kernel` of this process returned, as JSON (the worker reads it back
+#: through the execute request's ``user_expressions``, which binds no name either).
+LAST = "{}"
 
 #: Modules worth importing ahead whatever a notebook says (transformers' lazy imports of a first load).
 ALWAYS_IMPORTED = ("torch", "transformers", "transformers.modeling_utils", "transformers.cache_utils")
@@ -51,23 +56,28 @@ def warm_kernel(imports: list[list[Any]], model: str | None = None, device: str 
                 _load_and_drop(model, device, dtype)
             except BaseException as exc:  # noqa: BLE001
                 errors["model"] = f"{type(exc).__name__}: {exc}"
+        times["model_s"] = time.perf_counter() - t1
         if cuda:
+            t2 = time.perf_counter()
             try:
                 a = torch.ones(64, 64, device="cuda")
                 (a @ a).sum().item()  # the CUDA context and a cuBLAS handle
                 del a
             except BaseException as exc:  # noqa: BLE001
                 errors["cuda"] = f"{type(exc).__name__}: {exc}"
+            times["cuda_s"] = time.perf_counter() - t2
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-        times["model_s"] = time.perf_counter() - t1
     random.setstate(py_state)
     if np_state is not None:
         sys.modules["numpy"].random.set_state(np_state)
     reset_warn_once()
     times["total_s"] = time.perf_counter() - t0
-    return {"times": times, "errors": errors}
+    global LAST
+    result = {"times": {k: round(v, 3) for k, v in times.items()}, "errors": errors}
+    LAST = json.dumps(result)
+    return result
 
 
 def reset_warn_once() -> None:

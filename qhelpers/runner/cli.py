@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="notebooks run in parallel (default 1); with several GPUs each worker gets one")
     p.add_argument("--start-ahead", type=int, default=None, metavar="N",
                    help="local backend, one GPU or none: start the workers of the next N queued notebooks while "
-                        "the running ones work, so their kernels are warm when a slot frees (default 1; 0: off)")
+                        "the running ones work, so their kernels are warm when a slot frees (default: --workers, one waiting "
+                        "per slot; 0: off)")
     p.add_argument("--cold-kernels", dest="warm", action="store_false", default=None,
                    help="let papermill start each kernel, with no warm-up (the notebook's imports, a throw-away "
                         "load of its model and the CUDA context are then paid inside the notebook)")
@@ -331,7 +332,7 @@ def _main(argv: list[str]) -> int:
     # the manifest records the options given (and the profile); defaults fill the rest
     command.profile = command.profile or DEFAULT_PROFILE
     resolved = command.with_defaults(kernel=DEFAULT_KERNEL, notebooks_dir=str(DEFAULT_NOTEBOOKS_DIR), backend="local",
-                                     per_gpu=1, ship_code=True, start_ahead=1, warm=True)
+                                     per_gpu=1, ship_code=True, warm=True)
     _check_backend_options(resolved)
 
     # everything is checked before anything is written
@@ -342,7 +343,7 @@ def _main(argv: list[str]) -> int:
     selected = select_notebooks(notebooks, resolved.only)
     if resolved.workers is not None and resolved.workers < 1:
         raise RunnerError("--workers must be at least 1")
-    if resolved.start_ahead < 0:
+    if resolved.start_ahead is not None and resolved.start_ahead < 0:
         raise RunnerError("--start-ahead must be 0 (off) or more")
     if resolved.cell_timeout is not None and resolved.cell_timeout <= 0:
         raise RunnerError("--cell-timeout must be positive (seconds)")
@@ -393,6 +394,8 @@ def _main(argv: list[str]) -> int:
         # the Ray backend hands every job to Ray at once (Ray queues them by their resources)
         workers = resolved.workers or (len(plans) if resolved.backend == "ray" else 1)
         resolved.workers = workers
+        if resolved.start_ahead is None:  # one warm kernel waiting per slot
+            resolved.start_ahead = workers if resolved.backend == "local" else 0
         run_args = argparse.Namespace(
             kernel=resolved.kernel, workers=workers, device=resolved.device,
             cell_timeout=resolved.cell_timeout, write_goldens=resolved.write_goldens,

@@ -79,7 +79,8 @@ def start_warm_kernel(kernel_name: str, cwd: str, code: str, timeout: float) -> 
             kc.wait_for_ready(timeout=timeout)
             info["kernel_s"] = round(time.perf_counter() - t0, 3)
             t1 = time.perf_counter()
-            msg_id = kc.execute(code, silent=True, store_history=False, allow_stdin=False)
+            msg_id = kc.execute(code, silent=True, store_history=False, allow_stdin=False,
+                                user_expressions={"warm": LAST_RESULT})
             while True:
                 reply = kc.get_shell_msg(timeout=None)
                 if reply.get("parent_header", {}).get("msg_id") == msg_id:
@@ -88,12 +89,32 @@ def start_warm_kernel(kernel_name: str, cwd: str, code: str, timeout: float) -> 
             content = reply.get("content", {})
             if content.get("status") != "ok":
                 info["error"] = f"{content.get('ename')}: {content.get('evalue')}"
+            else:
+                info.update(_steps(content.get("user_expressions", {}).get("warm", {})))
         finally:
             kc.stop_channels()
     except BaseException:
         shutdown_kernel(km)
         raise
     return km, info
+
+
+#: The expression that reads :data:`qhelpers.models.warmup.LAST` back (a JSON string).
+LAST_RESULT = "__import__('qhelpers.models.warmup', fromlist=['LAST']).LAST"
+
+
+def _steps(expression: dict[str, Any]) -> dict[str, Any]:
+    """``{"steps": {...seconds}, "step_errors": {...}}`` from the user expression's reply (empty
+    when it could not be read)."""
+    try:
+        text = expression["data"]["text/plain"]
+        result = json.loads(ast.literal_eval(text))
+    except (KeyError, TypeError, ValueError, SyntaxError):
+        return {}
+    out: dict[str, Any] = {"steps": result.get("times", {})}
+    if result.get("errors"):
+        out["step_errors"] = result["errors"]
+    return out
 
 
 def shutdown_kernel(km: Any) -> None:

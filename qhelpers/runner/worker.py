@@ -190,8 +190,11 @@ def _warm_kernel(job: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
         print(f"[runner] warm kernel not started ({type(exc).__name__}: {exc}); papermill starts one",
               file=sys.stderr, flush=True)
         return None, {"error": f"{type(exc).__name__}: {exc}"}
+    steps = ", ".join(f"{k.removesuffix('_s')} {v} s" for k, v in (info.get("steps") or {}).items() if k != "total_s")
     print(f"[runner] kernel warm: started in {info.get('kernel_s')} s, warm-up {info.get('warm_s')} s"
-          + (f" (warm-up error: {info['error']})" if info.get("error") else ""), file=sys.stderr, flush=True)
+          + (f" ({steps})" if steps else "")
+          + (f" (warm-up error: {info['error']})" if info.get("error") else "")
+          + (f" (skipped: {info['step_errors']})" if info.get("step_errors") else ""), file=sys.stderr, flush=True)
     return km, info
 
 
