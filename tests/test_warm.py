@@ -259,3 +259,53 @@ def test_a_stop_drops_the_worker_started_ahead_without_a_record(tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert run_status(out, "b_ok") == "completed" and run_status(out, "a_sleep") == "completed"
+
+
+@needs_kernel
+def test_a_warm_up_that_raises_falls_back_to_a_fresh_kernel(tmp_path):
+    """A warm-up that raises outside its guarded steps (here: imports that are not a list) leaves the
+    kernel in an unknown state: the worker shuts it down and papermill starts a fresh one."""
+    import psutil
+
+    from qhelpers.runner import worker
+
+    job = {"kernel": "python3", "cwd": str(tmp_path), "start_timeout": 60,
+           "warm": {"imports": 5, "model": None, "device": "cpu", "dtype": None}}
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    km, info = worker._warm_kernel(job)
+    assert km is None and "TypeError" in info["error"]
+    time.sleep(0.5)
+    assert not [p for p in psutil.Process().children(recursive=True)
+                if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@needs_kernel
+def test_a_warm_kernel_that_died_while_waiting_is_replaced(tmp_path):
+    """b_ok's worker waits ahead with a warm kernel; its kernel is killed; when a_sleep ends, b_ok
+    runs in a fresh kernel and completes, and run.json says what happened."""
+    import psutil
+
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    (nb_dir / "profiles.yaml").write_bytes((FIX / "profiles.yaml").read_bytes())
+    (nb_dir / "a_sleep.ipynb").write_bytes((FIX / "c_sleep.ipynb").read_bytes())
+    (nb_dir / "b_ok.ipynb").write_bytes((FIX / "a_ok.ipynb").read_bytes())
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(RUN_ALL), "--notebooks-dir", str(nb_dir), "-p", "SLEEP", "25",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log = out / "b_ok" / "log.txt"
+        wait_for(lambda: log.is_file() and "kernel warm" in log.read_text(), 90, "b_ok's kernel to be warm")
+        worker_proc = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                           if "b_ok.json" in " ".join(p.cmdline()))
+        kernel = next(p for p in worker_proc.children(recursive=True) if "ipykernel" in " ".join(p.cmdline()))
+        assert run_status(out, "a_sleep") == "running"
+        kernel.kill()
+        text, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, text
+    rec = json.loads((out / "b_ok" / "run.json").read_text())
+    assert rec["status"] == "completed"
+    assert rec["warm_kernel"]["error"] == "the warm kernel died before its notebook started"

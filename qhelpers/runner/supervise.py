@@ -342,7 +342,8 @@ class Runner:
             execution = self.backend.launch(launch, gpu)
             if ahead:
                 release = False  # held until promote(): the worker waits for it with its kernel warm
-                self.log(f"[{index}/{self.total}] {stem}: worker started ahead (pid {getattr(execution, 'proc', None) and execution.proc.pid})")
+                pid = getattr(getattr(execution, "proc", None), "pid", None)
+                self.log(f"[{index}/{self.total}] {stem}: worker started ahead (pid {pid})")
                 return AheadStart(plan, index, execution, lock, job, job_path, result_path)
             self._mark_running(stem, record, execution)
         finally:

@@ -97,6 +97,10 @@ def worker_main(job_path: str) -> int:
             raise KeyboardInterrupt("runner exited")
         if ahead:  # the supervisor rewrote the job when it started it (its record's start time)
             job = json.loads(Path(job_path).read_text(encoding="utf-8"))
+        if km is not None and not _alive(km):  # it died while waiting: papermill starts a fresh one
+            shutdown_kernel(km)
+            km = None
+            warm["error"] = "the warm kernel died before its notebook started"
         if warm is not None:
             if ahead:
                 warm["waited_s"] = round(t0 - waited, 3)
@@ -190,12 +194,25 @@ def _warm_kernel(job: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
         print(f"[runner] warm kernel not started ({type(exc).__name__}: {exc}); papermill starts one",
               file=sys.stderr, flush=True)
         return None, {"error": f"{type(exc).__name__}: {exc}"}
+    if info.get("error"):  # the warm-up itself raised: its state is unknown, so papermill starts a fresh kernel
+        shutdown_kernel(km)
+        print(f"[runner] warm-up failed ({info['error']}); papermill starts a fresh kernel", file=sys.stderr, flush=True)
+        return None, info
     steps = ", ".join(f"{k.removesuffix('_s')} {v} s" for k, v in (info.get("steps") or {}).items() if k != "total_s")
     print(f"[runner] kernel warm: started in {info.get('kernel_s')} s, warm-up {info.get('warm_s')} s"
           + (f" ({steps})" if steps else "")
           + (f" (warm-up error: {info['error']})" if info.get("error") else "")
           + (f" (skipped: {info['step_errors']})" if info.get("step_errors") else ""), file=sys.stderr, flush=True)
     return km, info
+
+
+def _alive(km: Any) -> bool:
+    from jupyter_core.utils import run_sync
+
+    try:
+        return bool(run_sync(km.is_alive)())
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _record_end(job: dict[str, Any], record: dict[str, Any], code: int) -> int:
