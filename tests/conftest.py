@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -24,6 +25,9 @@ from qhelpers.runner.environment import pinned_numerics_env
 # hold on any x86-64 CPU with AVX2.
 os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
 os.environ.update(pinned_numerics_env())
+# a fresh sweep cache for this test run (its nbval kernels inherit it): the goldens' shared sweeps are
+# computed here, never read from one that an earlier run, code or numeric environment left in ~/.cache
+os.environ["QHELPERS_SWEEP_CACHE"] = tempfile.mkdtemp(prefix="qhelpers-test-sweeps-")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -410,6 +410,9 @@ def test_goldens_use_relative_output_dir_and_rerun_under_nbval(suite):
     # goldens are computed with pinned instruction sets; a plain run is not
     assert json.loads((suite["A"] / ".jobs" / "a_ok.json").read_text())["pin_numerics"] is True
     assert json.loads((suite["B"] / ".jobs" / "a_ok.json").read_text())["pin_numerics"] is False
+    # ... and with a sweep cache of their own run, never one an earlier run left behind
+    assert json.loads((suite["A"] / ".jobs" / "a_ok.json").read_text())["sweep_cache"] == str(suite["A"] / ".golden_sweeps")
+    assert json.loads((suite["B"] / ".jobs" / "a_ok.json").read_text())["sweep_cache"] is None
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider", "--rootdir", str(g),
          str(g / "a_ok.ipynb")],

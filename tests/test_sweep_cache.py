@@ -52,8 +52,12 @@ def test_key_changes_with_weights_texts_variants_and_measure(setup):
 
 def test_cache_off_writes_nothing_and_default_folder_follows_env(setup, tmp_path, monkeypatch):
     loaded, corpus, variants = setup
+    monkeypatch.delenv("QHELPERS_SWEEP_CACHE", raising=False)  # conftest points it at a fresh folder
     monkeypatch.setenv("QHELPERS_CACHE", str(tmp_path))
     assert default_sweep_cache() == tmp_path / "sweeps"
+    monkeypatch.setenv("QHELPERS_SWEEP_CACHE", str(tmp_path / "own"))
+    assert default_sweep_cache() == tmp_path / "own"  # the sweep cache's own folder comes first
+    monkeypatch.delenv("QHELPERS_SWEEP_CACHE")
     _, hit = cached_sweep(loaded, corpus, variants, cache=False, progress=False)
     assert not hit and not (tmp_path / "sweeps").exists()
 

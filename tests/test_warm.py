@@ -122,7 +122,7 @@ def test_reset_warn_once_forgets_transformers_warning_once():
     from transformers.utils import logging as tf_logging
 
     logger = tf_logging.get_logger("qhelpers.test_warm")
-    logger.warning_once("a transformers warning shown once")
+    tf_logging.warning_once(logger, "a transformers warning shown once")
     assert tf_logging.warning_once.cache_info().currsize > 0
     warmup.reset_warn_once()
     assert tf_logging.warning_once.cache_info().currsize == 0
@@ -181,7 +181,7 @@ def _records(out: Path) -> dict[str, dict]:
 @needs_kernel
 def test_workers_start_ahead_in_order_and_are_recorded_once_started(tmp_path):
     out = tmp_path / "run"
-    done = _run_all("--out", str(out), "-p", "SLEEP", "3")
+    done = _run_all("--out", str(out), "--start-ahead", "1", "-p", "SLEEP", "3")
     assert done.returncode == 1, done.stdout + done.stderr  # b_fail fails by design
     starts = [line.split(" ... ")[0] for line in done.stdout.splitlines() if line.endswith(")") and "... started" in line]
     assert starts == ["[1/3] a_ok", "[2/3] b_fail", "[3/3] c_sleep"]
@@ -200,6 +200,19 @@ def test_workers_start_ahead_in_order_and_are_recorded_once_started(tmp_path):
     assert [recs[s]["status"] for s in ("a_ok", "b_fail", "c_sleep")] == ["completed", "failed", "completed"]
 
 
+def test_start_ahead_defaults_to_one_per_worker_on_a_gpu_only(monkeypatch):
+    from qhelpers.runner import cli
+    from qhelpers.runner.manifest import RunCommand
+
+    monkeypatch.setattr(cli, "visible_gpus", lambda: ["0"])
+    assert cli.default_start_ahead(RunCommand(backend="local", device="cuda"), 8) == 8
+    assert cli.default_start_ahead(RunCommand(backend="local", device=None), 3) == 3  # auto, a GPU visible
+    assert cli.default_start_ahead(RunCommand(backend="local", device="cpu"), 2) == 0
+    assert cli.default_start_ahead(RunCommand(backend="ray", device="cuda"), 8) == 0
+    monkeypatch.setattr(cli, "visible_gpus", lambda: [])
+    assert cli.default_start_ahead(RunCommand(backend="local", device="auto"), 2) == 0
+
+
 @needs_kernel
 def test_start_ahead_zero_and_cold_kernels_turn_it_off(tmp_path):
     out = tmp_path / "run"
@@ -214,6 +227,16 @@ def test_start_ahead_zero_and_cold_kernels_turn_it_off(tmp_path):
     assert bad.returncode == 2 and "--start-ahead must be 0 (off) or more" in bad.stderr
 
 
+def _sleep_then_ok(tmp_path: Path) -> Path:
+    """A notebooks folder: a_sleep (the c_sleep fixture) runs first, b_ok (a_ok) is queued after it."""
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    (nb_dir / "profiles.yaml").write_bytes((FIX / "profiles.yaml").read_bytes())
+    (nb_dir / "a_sleep.ipynb").write_bytes((FIX / "c_sleep.ipynb").read_bytes())
+    (nb_dir / "b_ok.ipynb").write_bytes((FIX / "a_ok.ipynb").read_bytes())
+    return nb_dir
+
+
 @needs_kernel
 def test_a_stop_drops_the_worker_started_ahead_without_a_record(tmp_path):
     """SIGINT while a_sleep runs and b_ok's worker waits ahead: a_sleep is interrupted, b_ok is "not
@@ -221,19 +244,15 @@ def test_a_stop_drops_the_worker_started_ahead_without_a_record(tmp_path):
     runs it."""
     import psutil
 
-    nb_dir = tmp_path / "notebooks"
-    nb_dir.mkdir()
-    (nb_dir / "profiles.yaml").write_bytes((FIX / "profiles.yaml").read_bytes())
-    (nb_dir / "a_sleep.ipynb").write_bytes((FIX / "c_sleep.ipynb").read_bytes())
-    (nb_dir / "b_ok.ipynb").write_bytes((FIX / "a_ok.ipynb").read_bytes())
-    out = tmp_path / "run"
+    nb_dir, out = _sleep_then_ok(tmp_path), tmp_path / "run"
 
     def log_says(stem: str, text: str) -> bool:
         log = out / stem / "log.txt"
         return log.is_file() and text in log.read_text()
 
     proc = subprocess.Popen([sys.executable, str(RUN_ALL), "--notebooks-dir", str(nb_dir), "-p", "SLEEP", "60",
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--start-ahead", "1", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: log_says("a_sleep", "sleeping"), 90, "a_sleep to sleep")
         wait_for(lambda: log_says("b_ok", "kernel warm"), 90, "b_ok's kernel to be warm")
@@ -285,14 +304,10 @@ def test_a_warm_kernel_that_died_while_waiting_is_replaced(tmp_path):
     runs in a fresh kernel and completes, and run.json says what happened."""
     import psutil
 
-    nb_dir = tmp_path / "notebooks"
-    nb_dir.mkdir()
-    (nb_dir / "profiles.yaml").write_bytes((FIX / "profiles.yaml").read_bytes())
-    (nb_dir / "a_sleep.ipynb").write_bytes((FIX / "c_sleep.ipynb").read_bytes())
-    (nb_dir / "b_ok.ipynb").write_bytes((FIX / "a_ok.ipynb").read_bytes())
-    out = tmp_path / "run"
+    nb_dir, out = _sleep_then_ok(tmp_path), tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(RUN_ALL), "--notebooks-dir", str(nb_dir), "-p", "SLEEP", "25",
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--start-ahead", "1", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         log = out / "b_ok" / "log.txt"
         wait_for(lambda: log.is_file() and "kernel warm" in log.read_text(), 90, "b_ok's kernel to be warm")

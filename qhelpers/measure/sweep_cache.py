@@ -16,8 +16,8 @@ their content: an entry that does not parse or does not match its hash (a damage
 hand edit, an entry from an older qhelpers) is reported, computed again and replaced. A
 process that finds another computing the same key (a lock file beside the entry) waits for
 its result rather than computing it twice.
-Default folder: ``$QHELPERS_CACHE/sweeps`` when that variable is set, else
-``~/.cache/qhelpers/sweeps``; ``cache=False`` turns caching off, a path chooses the folder.
+Default folder: ``$QHELPERS_SWEEP_CACHE``, else ``$QHELPERS_CACHE/sweeps`` when that variable is set,
+else ``~/.cache/qhelpers/sweeps``; ``cache=False`` turns caching off, a path chooses the folder.
 """
 from __future__ import annotations
 
@@ -42,9 +42,15 @@ __all__ = ["cached_sweep", "sweep_key", "default_sweep_cache"]
 _FORMAT = 2  # 2: least-padding batches (measure.length_batches); scores differ from 1 in the last bits
 
 
+#: A folder for the sweep cache alone (the test run and ``run_all.py --write-goldens`` point it at a fresh
+#: one, so that goldens never hold scores computed earlier under another numeric environment).
+SWEEP_CACHE_ENV = "QHELPERS_SWEEP_CACHE"
+
+
 def default_sweep_cache() -> Path:
-    """``$QHELPERS_CACHE/sweeps``, else ``~/.cache/qhelpers/sweeps``."""
-    return qhelpers_cache_dir("sweeps")
+    """``$QHELPERS_SWEEP_CACHE``, else ``$QHELPERS_CACHE/sweeps``, else ``~/.cache/qhelpers/sweeps``."""
+    own = os.environ.get(SWEEP_CACHE_ENV)
+    return Path(own).expanduser() if own else qhelpers_cache_dir("sweeps")
 
 
 def _model_fingerprint(model: torch.nn.Module) -> list[Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import random
 import sys
 import time
@@ -90,9 +91,11 @@ def reset_warn_once() -> None:
     warnings.onceregistry.clear()
     tf_logging = sys.modules.get("transformers.utils.logging")
     for name in ("warning_once", "info_once"):
-        clear = getattr(getattr(tf_logging, name, None), "cache_clear", None)
-        if clear is not None:
-            clear()
+        # transformers' own, and whatever now sits on logging.Logger (a library may replace it)
+        for owner in (tf_logging, logging.Logger):
+            clear = getattr(getattr(owner, name, None), "cache_clear", None)
+            if clear is not None:
+                clear()
 
 
 def _import(module: str, names: list[str]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from qhelpers.runner.checks import check_plans
-from qhelpers.runner.environment import REPO_ROOT, check_kernel
+from qhelpers.runner.environment import REPO_ROOT, check_kernel, visible_gpus
 from qhelpers.runner.errors import EXIT_OK, EXIT_USAGE, RunnerError
 from qhelpers.runner.fingerprints import git_state, qhelpers_code_hash, qhelpers_version
 from qhelpers.runner.goldens import GOLDEN_OUTPUT_PREFIX
@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="notebooks run in parallel (default 1); with several GPUs each worker gets one")
     p.add_argument("--start-ahead", type=int, default=None, metavar="N",
                    help="local backend, one GPU or none: start the workers of the next N queued notebooks while "
-                        "the running ones work, so their kernels are warm when a slot frees (default: --workers, one waiting "
-                        "per slot; 0: off)")
+                        "the running ones work, so their kernels are warm when a slot frees (default: --workers on a GPU, "
+                        "0 on the CPU, where the warm-ups would only take cores from the running notebooks)")
     p.add_argument("--cold-kernels", dest="warm", action="store_false", default=None,
                    help="let papermill start each kernel, with no warm-up (the notebook's imports, a throw-away "
                         "load of its model and the CUDA context are then paid inside the notebook)")
@@ -151,6 +151,18 @@ def _list(notebooks: Sequence[Path]) -> int:
             purpose = f"(unreadable: {exc})"
         print(f"{p.stem.ljust(width)}  {purpose}")
     return EXIT_OK
+
+
+def default_start_ahead(resolved: RunCommand, workers: int) -> int:
+    """``--start-ahead`` when not given: one warm kernel waiting per worker when the notebooks run on a
+    GPU (their kernels then leave CPU cores idle for the next ones' warm-ups), none on the CPU, where
+    a warm-up ahead only takes cores from the running notebooks (measured on 2 cores: +4.5 %), and none
+    on the Ray backend (Ray queues the jobs itself)."""
+    if resolved.backend != "local":
+        return 0
+    device = str(resolved.device or "auto")
+    on_gpu = device.startswith("cuda") or (device == "auto" and bool(visible_gpus()))
+    return workers if on_gpu else 0
 
 
 def command_from_args(args: argparse.Namespace) -> RunCommand:
@@ -394,8 +406,8 @@ def _main(argv: list[str]) -> int:
         # the Ray backend hands every job to Ray at once (Ray queues them by their resources)
         workers = resolved.workers or (len(plans) if resolved.backend == "ray" else 1)
         resolved.workers = workers
-        if resolved.start_ahead is None:  # one warm kernel waiting per slot
-            resolved.start_ahead = workers if resolved.backend == "local" else 0
+        if resolved.start_ahead is None:
+            resolved.start_ahead = default_start_ahead(resolved, workers)
         run_args = argparse.Namespace(
             kernel=resolved.kernel, workers=workers, device=resolved.device,
             cell_timeout=resolved.cell_timeout, write_goldens=resolved.write_goldens,

@@ -19,7 +19,7 @@ MANIFEST = "run_config.json"
 MANIFEST_FORMAT = 2  # 1 (no "format" key): profile and argv only, before the command was recorded
 
 #: Entries the runner itself creates in a run folder before its manifest exists.
-RUNNER_HIDDEN = (".runner.lock", ".locks", ".jobs", ".cwd")
+RUNNER_HIDDEN = (".runner.lock", ".locks", ".jobs", ".cwd", ".golden_sweeps")
 
 
 @dataclass

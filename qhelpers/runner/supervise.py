@@ -327,6 +327,8 @@ class Runner:
                 "model": model_spec(plan),
                 "parent_pid": os.getpid(),
                 "pin_numerics": bool(self.args.write_goldens),
+                # goldens never hold sweeps another run (code, numeric environment) left in the cache
+                "sweep_cache": str(self.out_dir / ".golden_sweeps") if self.args.write_goldens else None,
                 "warm": self.warm_spec(plan, params),
                 "ahead": ahead,
                 "summary": {"out_dir": str(self.out_dir), "meta": self.meta, "stems": [p.stem for p in self.plans]},

@@ -74,6 +74,8 @@ def worker_main(job_path: str) -> int:
     elif parent:
         watch_parent(parent)
 
+    if job.get("sweep_cache"):  # the kernel inherits it (qhelpers.measure.sweep_cache)
+        os.environ["QHELPERS_SWEEP_CACHE"] = job["sweep_cache"]
     status, error = "completed", None
     lock = FileLock(Path(job["lock"])) if job.get("lock") else None
     ahead = bool(job.get("ahead"))
