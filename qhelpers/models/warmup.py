@@ -22,42 +22,51 @@ from typing import Any
 #: through the execute request's ``user_expressions``, which binds no name either).
 LAST = "{}"
 
-#: Modules worth importing ahead whatever a notebook says (transformers' lazy imports of a first load).
+#: Top-level packages whose import marks a notebook that uses the numeric stack (and loads a model).
+HEAVY = ("qhelpers", "torch", "transformers")
+
+#: Modules worth importing ahead for such a notebook, whatever it imports (transformers' lazy imports of a
+#: first load).
 ALWAYS_IMPORTED = ("torch", "transformers", "transformers.modeling_utils", "transformers.cache_utils")
 
 
 def warm_kernel(imports: list[list[Any]], model: str | None = None, device: str | None = None,
                 dtype: str | None = None) -> dict[str, Any]:
-    """Inside a kernel, before its notebook: import ``imports`` (and :data:`ALWAYS_IMPORTED`), load
-    ``model`` once on ``device`` and throw it away, create the CUDA context when the device is a GPU;
-    then restore the random generators and empty the warn-once registries. Returns the seconds of
-    each step and the errors of the steps that failed."""
+    """Inside a kernel, before its notebook: import ``imports``; when the notebook uses the numeric
+    stack (it imports qhelpers, torch or transformers: :data:`HEAVY`), also :data:`ALWAYS_IMPORTED`, a
+    load of ``model`` on ``device`` that is thrown away, and the CUDA context when the device is a
+    GPU. Then restore the random generators and empty the warn-once registries. Returns the seconds
+    of each step done and the errors of the steps that failed."""
     times: dict[str, Any] = {}
     errors: dict[str, str] = {}
     t0 = time.perf_counter()
-    try:
-        import torch
-    except ImportError:
-        torch = None
+    heavy = any(str(module).split(".")[0] in HEAVY for module, _ in imports)
+    torch = None
+    if heavy or "torch" in sys.modules:  # a generator that exists already, or will, is restored
+        try:
+            import torch
+        except ImportError:
+            pass
     py_state = random.getstate()
-    np_state = _numpy_state()
-    cuda = (torch is not None and (device is None or str(device).startswith(("cuda", "auto")))
+    numpy = sys.modules.get("numpy")
+    np_state = numpy.random.get_state() if numpy is not None else None
+    cuda = (heavy and torch is not None and (device is None or str(device).startswith(("cuda", "auto")))
             and torch.cuda.is_available())
     devices = list(range(torch.cuda.device_count())) if cuda else []
     with (torch.random.fork_rng(devices=devices) if torch is not None else contextlib.nullcontext()):
-        for module, names in [[m, []] for m in ALWAYS_IMPORTED] + list(imports):
+        for module, names in [[m, []] for m in (ALWAYS_IMPORTED if heavy else ())] + list(imports):
             try:
                 _import(module, names)
             except BaseException as exc:  # noqa: BLE001 - the notebook meets the same error in its own cell
                 errors[f"import {module}"] = f"{type(exc).__name__}: {exc}"
         times["imports_s"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        if model and torch is not None:
+        if heavy and model and torch is not None:
+            t1 = time.perf_counter()
             try:
                 _load_and_drop(model, device, dtype)
             except BaseException as exc:  # noqa: BLE001
                 errors["model"] = f"{type(exc).__name__}: {exc}"
-        times["model_s"] = time.perf_counter() - t1
+            times["model_s"] = time.perf_counter() - t1
         if cuda:
             t2 = time.perf_counter()
             try:
@@ -72,7 +81,7 @@ def warm_kernel(imports: list[list[Any]], model: str | None = None, device: str 
             torch.cuda.empty_cache()
     random.setstate(py_state)
     if np_state is not None:
-        sys.modules["numpy"].random.set_state(np_state)
+        numpy.random.set_state(np_state)
     reset_warn_once()
     times["total_s"] = time.perf_counter() - t0
     global LAST
@@ -108,14 +117,6 @@ def _import(module: str, names: list[str]) -> None:
                 importlib.import_module(f"{module}.{name}")
             except ImportError:
                 pass
-
-
-def _numpy_state() -> Any:
-    try:
-        import numpy
-    except ImportError:
-        return None
-    return numpy.random.get_state()
 
 
 def _load_and_drop(model: str, device: str | None, dtype: str | None) -> None:
