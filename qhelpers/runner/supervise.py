@@ -78,12 +78,17 @@ def _hashable_parameters(params: Mapping[str, Any], golden: bool) -> dict[str, A
     return out
 
 
-def model_spec(plan: Plan) -> Any:
-    """The MODEL a notebook runs with: the injected value, else its literal default (else None)."""
-    if "MODEL" in plan.parameters:
-        return plan.parameters["MODEL"]
-    default = (plan.defined or {}).get("MODEL")
+def plan_value(plan: Plan, name: str) -> Any:
+    """The value a notebook's parameter runs with: the injected value, else its literal default (else None)."""
+    if name in plan.parameters:
+        return plan.parameters[name]
+    default = (plan.defined or {}).get(name)
     return default.default if default is not None and default.literal else None
+
+
+def model_spec(plan: Plan) -> Any:
+    """The MODEL a notebook runs with (:func:`plan_value`)."""
+    return plan_value(plan, "MODEL")
 
 
 @dataclass
@@ -237,7 +242,7 @@ class Runner:
         d.mkdir(parents=True, exist_ok=True)
         return moved
 
-    def warm_spec(self, plan: Plan, params: Mapping[str, Any]) -> dict[str, Any] | None:
+    def warm_spec(self, plan: Plan) -> dict[str, Any] | None:
         """What the worker warms its kernel up with (:mod:`qhelpers.runner.warm`): the notebook's
         imports, its model, device and dtype; None with ``--cold-kernels``."""
         if not getattr(self.args, "warm", False):
@@ -246,14 +251,8 @@ class Runner:
             imports = notebook_imports(plan.path)
         except Exception:  # an unreadable notebook fails in papermill, with its own message
             imports = []
-
-        def value(name: str) -> Any:
-            if name in params:
-                return params[name]
-            prm = (plan.defined or {}).get(name)
-            return prm.default if prm is not None and prm.literal else None
-
-        return {"imports": imports, "model": model_spec(plan), "device": value("DEVICE"), "dtype": value("DTYPE")}
+        return {"imports": imports, "model": model_spec(plan), "device": plan_value(plan, "DEVICE"),
+                "dtype": plan_value(plan, "DTYPE")}
 
     def start(self, plan: Plan, index: int, slot: int, gpu: str | None, why: str | None = None,
               ahead: bool = False) -> RunningNotebook | "AheadStart":
@@ -329,7 +328,7 @@ class Runner:
                 "pin_numerics": bool(self.args.write_goldens),
                 # goldens never hold sweeps another run (code, numeric environment) left in the cache
                 "sweep_cache": str(self.out_dir / ".golden_sweeps") if self.args.write_goldens else None,
-                "warm": self.warm_spec(plan, params),
+                "warm": self.warm_spec(plan),
                 "ahead": ahead,
                 "summary": {"out_dir": str(self.out_dir), "meta": self.meta, "stems": [p.stem for p in self.plans]},
             }

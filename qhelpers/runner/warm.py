@@ -117,12 +117,22 @@ def _steps(expression: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def kernel_alive(km: Any) -> bool:
+    """Whether the kernel of ``km`` (from :func:`start_warm_kernel`) is still running."""
+    from jupyter_core.utils import run_sync
+
+    try:
+        return bool(run_sync(km.is_alive)())
+    except Exception:  # noqa: BLE001 - a manager that cannot say has no usable kernel
+        return False
+
+
 def shutdown_kernel(km: Any) -> None:
     """Shut a kernel from :func:`start_warm_kernel` down (at once; best effort)."""
     from jupyter_core.utils import run_sync
 
     try:
-        if run_sync(km.is_alive)():
+        if kernel_alive(km):
             run_sync(km.shutdown_kernel)(now=True)
     except Exception:  # noqa: BLE001 - the worker kills its descendants after this anyway
         pass

@@ -21,7 +21,7 @@ from qhelpers.runner.errors import EXIT_NOT_STARTED, EXIT_RECORD_FAILED, EXIT_SI
 from qhelpers.runner.fingerprints import model_fingerprint
 from qhelpers.runner.locks import FileLock
 from qhelpers.runner.processes import kill_descendants, signal_on_parent_death, watch_parent
-from qhelpers.runner.warm import shutdown_kernel, start_warm_kernel, warm_up_code
+from qhelpers.runner.warm import kernel_alive, shutdown_kernel, start_warm_kernel, warm_up_code
 from qhelpers.runner.records import (
     atomic_write_json,
     clean_json,
@@ -99,7 +99,7 @@ def worker_main(job_path: str) -> int:
             raise KeyboardInterrupt("runner exited")
         if ahead:  # the supervisor rewrote the job when it started it (its record's start time)
             job = json.loads(Path(job_path).read_text(encoding="utf-8"))
-        if km is not None and not _alive(km):  # it died while waiting: papermill starts a fresh one
+        if km is not None and not kernel_alive(km):  # it died while waiting: papermill starts a fresh one
             shutdown_kernel(km)
             km = None
             warm["error"] = "the warm kernel died before its notebook started"
@@ -206,15 +206,6 @@ def _warm_kernel(job: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
           + (f" (warm-up error: {info['error']})" if info.get("error") else "")
           + (f" (skipped: {info['step_errors']})" if info.get("step_errors") else ""), file=sys.stderr, flush=True)
     return km, info
-
-
-def _alive(km: Any) -> bool:
-    from jupyter_core.utils import run_sync
-
-    try:
-        return bool(run_sync(km.is_alive)())
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def _record_end(job: dict[str, Any], record: dict[str, Any], code: int) -> int:
