@@ -18,10 +18,12 @@ Ways (see benchmarks/README.md):
 * ``engine``: :func:`qhelpers.measure.sweep.run_sweep` with its default, fresh
   :class:`~qhelpers.quant.engine.QuantEngine` (streaming on CPU, resident on CUDA), prefix caching off.
 * ``engine+prefix``: the same with prefix caching on.
-* ``engine+compile``: ``engine`` on a Scorer with ``MeasureConfig(compile=True)`` (the decoder stack
-  under ``torch.compile``, batches padded to bucketed shapes; compiled by a warm-up pass before it is
-  timed, compile time reported apart as ``compile_s``). Default on CUDA only (compiling on a
-  2-core CPU takes minutes); on CPU the streaming engine's hooks make it run eagerly.
+* ``engine+compile``: ``engine`` on a Scorer with ``MeasureConfig(compile=True)`` (each decoder
+  layer's forward under ``torch.compile``, and the loss; batches padded to bucketed shapes; compiled
+  by a warm-up pass before it is timed, compile time reported apart as ``compile_s``). Default on
+  CUDA only; on CPU the streaming engine's hooks inside the layers make it run eagerly.
+* ``engine+prefix+compile``: the same with prefix caching on (its hooks sit on the decoder layers,
+  outside their compiled graphs).
 * ``engine+damage``, ``engine+prefix+damage``: the same two, also measuring the damage card
   (per-token KL to the full model over the full vocabulary, top-1 agreement, KL histogram;
   :meth:`qhelpers.measure.scoring.Scorer.score` with ``damage=``). ``damage/plain`` in the
@@ -127,9 +129,12 @@ PEAK_TFLOPS: list[tuple[tuple[str, ...], float]] = [
     (("A100",), 312.0),
 ]
 
-WAYS = ("seed", "engine", "engine+prefix", "engine+compile", "engine+damage", "engine+prefix+damage")
-#: Ways run by default on CPU (compiling costs minutes on 2 cores).
-CPU_DEFAULT_WAYS = tuple(w for w in WAYS if w != "engine+compile")
+WAYS = ("seed", "engine", "engine+prefix", "engine+compile", "engine+prefix+compile", "engine+damage",
+        "engine+prefix+damage")
+#: Ways on the compiled Scorer (MeasureConfig(compile=True)).
+COMPILE_WAYS = ("engine+compile", "engine+prefix+compile")
+#: Ways run by default on CPU (compiling the floors' shapes costs minutes on 2 cores).
+CPU_DEFAULT_WAYS = tuple(w for w in WAYS if w not in COMPILE_WAYS)
 #: Ways that also measure the damage card (KL to the full model, top-1 agreement, KL histogram).
 DAMAGE_WAYS = ("engine+damage", "engine+prefix+damage")
 
@@ -441,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             max_batch=args.max_batch)
     scorer = corpus_scorer(loaded, corpus, measure)
     compiled_scorer = None
-    if "engine+compile" in ways:
+    if any(way in COMPILE_WAYS for way in ways):
         compiled_scorer = corpus_scorer(loaded, corpus, replace(measure, compile=True))
     n_layers = loaded.n_layers
     layers = pick_layers(args.layers, n_layers)
@@ -559,13 +564,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for way in ways:
         if way == "seed":
             scores = record(way, lambda: seed_way(loaded, scorer, variants))
-        elif way == "engine+compile":
-            before = dict(compiled_scorer.compiled.calls)
-            result = record(way, lambda: engine_way(loaded, compiled_scorer, variants, prefix=False, damage=False))
+        elif way in COMPILE_WAYS:
+            before, seconds = dict(compiled_scorer.compiled.calls), compiled_scorer.compile_seconds
+            result = record(way, lambda: engine_way(loaded, compiled_scorer, variants, prefix="prefix" in way,
+                                                    damage=False))
             scores = result.scores
             rows[way]["compiled_calls"] = {k: v - before[k] for k, v in compiled_scorer.compiled.calls.items()}
             # shapes first seen here (none expected: the floor compiled them) count as compile time too
-            compile_s[way] = compiled_scorer.compile_seconds - compile_s.get("floor-compile", 0.0)
+            compile_s[way] = compiled_scorer.compile_seconds - seconds
+            if "prefix" in way:
+                rows[way]["prefix_stats"] = result.prefix_stats
         else:
             result = record(way, lambda: engine_way(loaded, scorer, variants, prefix="prefix" in way,
                                                     damage=way in DAMAGE_WAYS))
@@ -654,10 +662,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if compile_s:
         print("  compile s (calls that compiled: a new shape, or a recompilation): "
               + ", ".join(f"{k} {v:.1f}" for k, v in compile_s.items()))
-    recompiled = rows.get("engine+compile", {}).get("compiled_calls", {}).get("recompiled", 0)
-    if recompiled:
-        print(f"  WARNING engine+compile recompiled known shapes {recompiled} times ({compile_s.get('engine+compile', 0):.1f} s "
-              "of its wall time): a guard failed when the engine swapped weights (TORCH_LOGS=recompiles says which)")
+    for way in COMPILE_WAYS:
+        recompiled = rows.get(way, {}).get("compiled_calls", {}).get("recompiled", 0)
+        if recompiled:
+            print(f"  WARNING {way} recompiled known shapes {recompiled} times ({compile_s.get(way, 0):.1f} s "
+                  "of its wall time): a guard failed when the engine swapped weights (TORCH_LOGS=recompiles says which)")
     if peak_tflops:
         print(
             f"  useful FLOPs per config = 2*N*T + attention = 2*{flops['non_embedding_params']}*{flops['tokens']} "
@@ -673,6 +682,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         targets["engine overhead <= 10 % (prefix off)"] = rows["engine"]["overhead_vs_floor_pct"] <= 10.0
     if "engine+prefix" in rows:
         targets["engine+prefix below the floor"] = rows["engine+prefix"]["wall_s"] < floor
+    if "floor-compile" in rows and "mfu_with_head_pct" in rows["floor-compile"]:  # issue 15's GPU targets
+        targets["compiled floor >= 20 % MFU with the LM head"] = rows["floor-compile"]["mfu_with_head_pct"] >= 20.0
+        if "engine+compile" in rows:
+            targets["engine+compile within 10 % of the compiled floor"] = (
+                rows["engine+compile"]["wall_s"] <= 1.1 * rows["floor-compile"]["wall_s"])
+        if "engine+prefix+compile" in rows:
+            targets["engine+prefix+compile below the compiled floor"] = (
+                rows["engine+prefix+compile"]["wall_s"] < rows["floor-compile"]["wall_s"])
+    if "seed" in rows and device.type == "cuda":
+        best = min(rows[w]["wall_s"] for w in rows if w.startswith("engine"))
+        targets["seed / best engine way >= 100x (GPU)"] = rows["seed"]["wall_s"] / best >= 100.0
     for way in DAMAGE_WAYS:
         if "damage_over_plain" in rows.get(way, {}) and device.type == "cpu":
             targets[f"{way} <= 1.3x the plain sweep"] = rows[way]["damage_over_plain"] <= 1.3
@@ -689,15 +709,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key, name in (("floor_mfu_with_head_pct", "hf-floor"), ("floor_compiled_mfu_with_head_pct", "hf-floor-compile")):
         if name in rows and "mfu_with_head_pct" in rows[name]:
             summary[key] = rows[name]["mfu_with_head_pct"]
-    for name in ("floor", "floor-compile", "engine", "engine+prefix", "engine+compile"):
+    for name in ("floor", "floor-compile", "engine", "engine+prefix", "engine+compile", "engine+prefix+compile"):
         if name in rows and "hf-floor" in rows:
             summary[f"{name}_over_hf_floor_time"] = rows[name]["wall_s"] / rows["hf-floor"]["wall_s"]
-    if "engine+compile" in rows and "hf-floor-compile" in rows:
-        summary["engine+compile_over_hf_floor_compile_time"] = (
-            rows["engine+compile"]["wall_s"] / rows["hf-floor-compile"]["wall_s"])
-    if "engine+compile" in rows and "floor-compile" in rows:
-        summary["engine+compile_overhead_vs_floor_compile_pct"] = 100.0 * (
-            rows["engine+compile"]["wall_s"] / rows["floor-compile"]["wall_s"] - 1.0)
+    for way in COMPILE_WAYS:
+        if way in rows and "hf-floor-compile" in rows:
+            summary[f"{way}_over_hf_floor_compile_time"] = rows[way]["wall_s"] / rows["hf-floor-compile"]["wall_s"]
+        if way in rows and "floor-compile" in rows:
+            summary[f"{way}_overhead_vs_floor_compile_pct"] = 100.0 * (
+                rows[way]["wall_s"] / rows["floor-compile"]["wall_s"] - 1.0)
     if summary:
         print()
         for key, value in summary.items():

@@ -7,19 +7,23 @@ under the token budget), and the last, partial batch of a bucket is padded to th
 two of its rows. That gives at most about two shapes per sequence bucket, each compiled once;
 the time of those first calls is counted apart (:attr:`CompiledForward.compile_seconds`).
 
-Only the decoder stack (``model.base_model``) is compiled; the LM head and the losses stay eager
-(one large matmul, nothing to fuse). The compiled graph takes the parameters as inputs, so a
-resident :class:`~qhelpers.quant.engine.QuantEngine` (which swaps ``param.data``) is seen by it.
-Forward hooks (a streaming engine, a prefix-cache session) do Python work between modules that a
-single graph cannot hold: while any module has one, the same padded batch runs eagerly instead.
+Each decoder layer's ``forward`` is compiled (regional compilation, :class:`CompiledForward`); one
+graph per layer class and shape serves every layer. The embeddings, the mask, the LM head and the
+losses stay eager. The graphs take the parameters as inputs, so a resident
+:class:`~qhelpers.quant.engine.QuantEngine` (which swaps ``param.data``) is seen by them. Hooks on a
+decoder layer (a prefix-cache session's) run outside its graph; a hook inside a layer (a streaming
+engine's, on its linear modules) does Python work a graph cannot hold, so that layer runs eagerly.
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+from qhelpers.models.archs import decoder_layers
 
 #: Smallest sequence bucket; shorter windows are padded up to it.
 MIN_SEQ_BUCKET = 64
@@ -100,47 +104,85 @@ def pad_to_shape(ids: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int], 
 
 def has_hooks(model: nn.Module) -> bool:
     """Whether any forward (pre-)hook would run inside ``model``'s forward."""
+    return _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _global_hooks() -> bool:
     from torch.nn.modules import module as nn_module
 
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
+def _inner_hooks(layer: nn.Module) -> bool:
+    """Whether a hook sits on a module *inside* ``layer`` (its own hooks run outside the compiled
+    forward and do not count)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules() if m is not layer)
 
 
 class CompiledForward:
-    """``model.base_model`` under ``torch.compile`` (static shapes), compiled lazily; eager while
-    hooks are present. Counts compiled and eager calls and the seconds spent in calls that compiled
-    (a new shape's first call, or a recompilation of a known shape because a guard failed, e.g. a
-    parameter swapped for a tensor of another dtype or stride; a forward pass in such a call is
-    negligible next to the compilation). ``calls["recompiled"]`` counts the latter: each one
-    means compiled graphs are not being reused, and ``compile_seconds`` says what it cost."""
+    """The decoder stack with each decoder layer's ``forward`` under ``torch.compile`` (static
+    shapes), compiled lazily: regional compilation.
 
-    def __init__(self, model: nn.Module) -> None:
+    All layers of one class share one compiled function: torch.compile's graphs take a module's
+    parameters as inputs (``inline_inbuilt_nn_modules``), so the 30 layers of SmolLM2 reuse the graph
+    compiled for the first one and a new shape costs one layer's compilation, not the whole stack's
+    (measured on an H200: ~9 s per shape for SmolLM2's whole stack). The embeddings, the attention
+    mask, the rotary tables and the final norm stay eager (a few kernels per call).
+
+    The compiled function is installed as each layer's instance ``forward`` for the duration of a call
+    only, so the model is left as it was. A layer's own hooks then run outside the graph, as
+    :mod:`qhelpers.quant.prefix_cache`'s do (which is why prefix caching and compile combine); a layer
+    with a hook on a module inside it (a streaming engine's) or whose ``forward`` is already replaced
+    (a prefix-cache replay) runs eagerly, and so does the whole stack under a global hook.
+
+    Counts calls (``compiled``: every layer compiled; ``partial``: some; ``eager``: none) and the
+    seconds spent in calls that compiled a graph: a new shape's first call, or a recompilation of a
+    known shape because a guard failed (e.g. a parameter swapped for a tensor of another dtype or
+    stride). ``calls["recompiled"]`` counts the latter: each one means compiled graphs are not being
+    reused, and ``compile_seconds`` says what it cost.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[nn.Module] | None = None) -> None:
         self.model = model
-        self._compiled: Any = None
+        self.layers = list(decoder_layers(model) if layers is None else layers)
+        self._compiled: dict[type, Any] = {}
+        self._loss: Any = None
         #: Wall seconds of the calls that compiled a graph.
         self.compile_seconds = 0.0
         #: Shapes compiled so far, in order.
         self.shapes: list[tuple[int, ...]] = []
-        self.calls = {"compiled": 0, "eager": 0, "recompiled": 0}
+        self.calls = {"compiled": 0, "partial": 0, "eager": 0, "recompiled": 0}
+
+    def _layer_forward(self, layer: nn.Module) -> Any:
+        cls = type(layer)
+        if cls not in self._compiled:
+            self._compiled[cls] = torch.compile(cls.forward, dynamic=False)
+        return functools.partial(self._compiled[cls], layer)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         base = self.model.base_model
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        if has_hooks(self.model):
+        regional = [] if _global_hooks() else [
+            layer for layer in self.layers if "forward" not in layer.__dict__ and not _inner_hooks(layer)
+        ]
+        if not regional:
             self.calls["eager"] += 1
             return base(**kwargs)[0]
-        if self._compiled is None:
-            self._compiled = torch.compile(base, dynamic=False)
         shape = tuple(input_ids.shape)
         new = shape not in self.shapes
         if new:
             _synchronize(input_ids.device)
         graphs = _graphs_compiled()
         start = time.perf_counter()
-        # torch._dynamo's default recompile limit (8) would silently fall back to eager past it
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            hidden = self._compiled(**kwargs)[0]
+        try:
+            for layer in regional:
+                layer.forward = self._layer_forward(layer)
+            # torch._dynamo's default recompile limit (8) would silently fall back to eager past it
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                hidden = base(**kwargs)[0]
+        finally:
+            for layer in regional:
+                layer.__dict__.pop("forward", None)
         if new or _graphs_compiled() > graphs:
             _synchronize(input_ids.device)
             self.compile_seconds += time.perf_counter() - start
@@ -148,8 +190,31 @@ class CompiledForward:
                 self.shapes.append(shape)
             else:
                 self.calls["recompiled"] += 1
-        self.calls["compiled"] += 1
+        self.calls["compiled" if len(regional) == len(self.layers) else "partial"] += 1
         return hidden
+
+
+    def token_nll(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-row cross-entropy (nats) of ``logits`` (the head's dtype) upcast to float32, compiled
+        with a dynamic row count: the upcast fuses into the log-softmax's reductions. Eagerly,
+        ``F.cross_entropy(logits.float(), ...)`` writes and reads a float32 copy of every logit and
+        its log-softmax (for SmolLM2, 49k per token: more memory traffic than the decoder's)."""
+        if self._loss is None:
+            self._loss = torch.compile(_upcast_cross_entropy)
+        if len(logits) > 1:  # a dimension of size 1 is always specialised
+            torch._dynamo.mark_dynamic(logits, 0)
+            torch._dynamo.mark_dynamic(targets, 0)
+        graphs = _graphs_compiled()
+        start = time.perf_counter()
+        out = self._loss(logits, targets)
+        if _graphs_compiled() > graphs:
+            _synchronize(logits.device)
+            self.compile_seconds += time.perf_counter() - start
+        return out
+
+
+def _upcast_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
 
 
 def _graphs_compiled() -> int:

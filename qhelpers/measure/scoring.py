@@ -29,6 +29,9 @@ from qhelpers.util.progress import progress_bar
 
 MAX_DEFAULT_CONTEXT = 1024
 LOGIT_BUDGET = 1 << 25  # logits elements materialised at once (128 MB in fp32)
+#: The same on CUDA: at 2^25 a 128k-token batch of SmolLM2 (49k vocabulary) took ~190 head calls of 682
+#: rows, each a few small kernels; 2^27 (0.5 GB in fp32) makes it ~47.
+CUDA_LOGIT_BUDGET = 1 << 27
 #: Share of the free GPU memory (at Scorer creation) that automatic batch sizing may fill with
 #: activations; the prefix cache's default budget takes another quarter (qhelpers.quant.prefix_cache).
 CUDA_ACTIVATION_FRACTION = 0.5
@@ -175,12 +178,18 @@ def activation_bytes_per_token(model: nn.Module, max_length: int) -> int:
     return elem * (8 * hidden + 3 * inter) + heads * max_length * (2 * elem + 4)
 
 
+def logit_budget(device: torch.device) -> int:
+    """Logit elements the scorer materialises at once on ``device``: :data:`CUDA_LOGIT_BUDGET` on
+    CUDA, :data:`LOGIT_BUDGET` elsewhere."""
+    return CUDA_LOGIT_BUDGET if device.type == "cuda" else LOGIT_BUDGET
+
+
 def logits_bytes(model: nn.Module) -> int:
-    """Memory of the chunked logits in :meth:`Scorer._forward`: at most ``LOGIT_BUDGET``
+    """Memory of the chunked logits in :meth:`Scorer._forward`: at most :func:`logit_budget`
     elements at once, as head output (model dtype), fp32 copy, fp32 log-softmax and fp32
     per-token losses/temporaries."""
-    elem = next(model.parameters()).element_size()
-    return LOGIT_BUDGET * (elem + 4 + 4 + 4)
+    param = next(model.parameters())
+    return logit_budget(param.device) * (param.element_size() + 4 + 4 + 4)
 
 
 def auto_batch_tokens(
@@ -364,9 +373,12 @@ class Scorer:
         """
         return self._score_batches(progress, self._signature(prefix), None)["nll"]
 
+    @torch.no_grad()
     def _score_batches(self, progress: bool, signature: Any, damage: str | None) -> dict[str, np.ndarray]:
         """Per-text sums over every batch (see :meth:`_score`), halving the batch token
-        budget and retrying on a CUDA out-of-memory error."""
+        budget and retrying on a CUDA out-of-memory error. Under ``no_grad`` whatever the caller's
+        grad mode: torch.compile guards on it, so a graph compiled by ``score_nll`` would otherwise be
+        compiled again for ``score`` (every shape, once per mode)."""
         while True:
             try:
                 return self._score(progress, signature, damage)
@@ -456,24 +468,34 @@ class Scorer:
         positions = torch.cat([torch.arange(w.first_target - 1, len(w.ids) - 1) for w in batch]).to(self.device)
         return hidden, rows, positions, ids[rows, positions + 1]
 
-    def _selected_logits(self, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> Iterator[torch.Tensor]:
-        """float32 logits of the scored positions, in consecutive chunks of rows."""
+    def _selected_logits(
+        self, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, upcast: bool = True
+    ) -> Iterator[torch.Tensor]:
+        """Logits of the scored positions (float32 unless ``upcast`` is False), in consecutive
+        chunks of rows."""
         head, finish = output_head(self.model)
         vocab = head.weight.shape[0]
-        if hidden.shape[0] * hidden.shape[1] * vocab <= LOGIT_BUDGET:
+        budget = logit_budget(self.device)
+        cast = (lambda x: x.float()) if upcast else (lambda x: x)  # noqa: E731
+        if hidden.shape[0] * hidden.shape[1] * vocab <= budget:
             # the same head matmul as the model's own forward, so logits match it bit for bit
-            yield finish(head(hidden)).float()[rows, positions]
+            yield cast(finish(head(hidden)))[rows, positions]
             return
         selected = hidden[rows, positions]
-        chunk = max(1, LOGIT_BUDGET // vocab)
+        chunk = max(1, budget // vocab)
         for s in range(0, len(rows), chunk):
-            yield finish(head(selected[s : s + chunk])).float()
+            yield cast(finish(head(selected[s : s + chunk])))
 
     def _forward(self, batch: list[_Window]) -> list[float]:
         hidden, rows, positions, targets = self._hidden(batch)
         token_nll, start = [], 0
-        for logits in self._selected_logits(hidden, rows, positions):
-            token_nll.append(F.cross_entropy(logits, targets[start : start + len(logits)], reduction="none"))
+        compiled = self.compiled is not None
+        for logits in self._selected_logits(hidden, rows, positions, upcast=not compiled):
+            chunk_targets = targets[start : start + len(logits)]
+            if compiled:
+                token_nll.append(self.compiled.token_nll(logits, chunk_targets))
+            else:
+                token_nll.append(F.cross_entropy(logits, chunk_targets, reduction="none"))
             start += len(logits)
         sums = torch.zeros(len(batch), dtype=torch.float64, device=self.device)
         sums.index_add_(0, rows, torch.cat(token_nll).double())
@@ -511,7 +533,7 @@ class Scorer:
         vocab = output_head(self.model)[0].weight.shape[0]
         # log-softmaxes of both models, their difference and product live at once; on CUDA memory is
         # ample and small pieces would make the card launch-bound
-        sub = max(1, LOGIT_BUDGET // (vocab if self.device.type == "cuda" else 4 * vocab))
+        sub = max(1, logit_budget(self.device) // (vocab if self.device.type == "cuda" else 4 * vocab))
         token_nll, token_kl_parts, agree_parts, start = [], [], [], 0
         for logq32 in self._selected_logits(hidden, rows, positions):
             logp32 = next(reference_logits) if reference_logits is not None else None
