@@ -19,8 +19,9 @@ Ways (see benchmarks/README.md):
   :class:`~qhelpers.quant.engine.QuantEngine` (streaming on CPU, resident on CUDA), prefix caching off.
 * ``engine+prefix``: the same with prefix caching on.
 * ``engine+compile``: ``engine`` on a Scorer with ``MeasureConfig(compile=True)`` (each decoder
-  layer's forward under ``torch.compile``, and the loss; batches padded to bucketed shapes; compiled
-  by a warm-up pass before it is timed, compile time reported apart as ``compile_s``). Default on
+  layer's forward under ``torch.compile``, and the loss; ``--compile-shapes``: dynamic sizes on the
+  eager path's batches, or static shapes on batches padded to buckets; compiled by a warm-up pass
+  before it is timed, compile time reported apart as ``compile_s``). Default on
   CUDA only; on CPU the streaming engine's hooks inside the layers make it run eagerly.
 * ``engine+prefix+compile``: the same with prefix caching on (its hooks sit on the decoder layers,
   outside their compiled graphs).
@@ -305,13 +306,13 @@ def engine_way(loaded: LoadedModel, scorer: Scorer, variants: dict[str, Variant]
 
 def hf_batches(scorer: Scorer) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The scorer's batches as padded (input_ids, attention_mask) on its device; bucketed shapes
-    for a compiling scorer (as its own forward pads them)."""
+    for a scorer compiling static shapes (as its own forward pads them)."""
     from qhelpers.measure.compiled import pad_to_shape, padded_shape
 
     out = []
     for batch in scorer.batches:
         ids, mask = pad_batch([w.ids for w in batch], scorer.pad_id)
-        if scorer.compiled is not None:
+        if scorer.compiled is not None and not scorer.compiled.dynamic:
             shape = padded_shape([len(w.ids) for w in batch], scorer.config.batch_tokens, scorer.config.max_batch,
                                  scorer.config.max_length)
             ids, mask = pad_to_shape(ids, mask, shape, scorer.pad_id)
@@ -416,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ways", default=None,
                         help="comma-separated subset of: " + ", ".join(WAYS) + " (default: all on CUDA, all but "
                         "engine+compile on CPU)")
+    parser.add_argument("--compile-shapes", default="dynamic", choices=["dynamic", "static"],
+                        help="MeasureConfig.compile_shapes of the compiled ways and the compiled floors (default dynamic)")
     parser.add_argument("--max-batch", type=int, default=None,
                         help="Scorer texts per batch (default: MeasureConfig's, 64 on CPU, no cap on CUDA)")
     parser.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD, if any)")
@@ -447,7 +450,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scorer = corpus_scorer(loaded, corpus, measure)
     compiled_scorer = None
     if any(way in COMPILE_WAYS for way in ways):
-        compiled_scorer = corpus_scorer(loaded, corpus, replace(measure, compile=True))
+        compiled_scorer = corpus_scorer(loaded, corpus, replace(measure, compile=True,
+                                                                compile_shapes=args.compile_shapes))
     n_layers = loaded.n_layers
     layers = pick_layers(args.layers, n_layers)
     quant = QuantConfig(method="int", bits=args.bits, symmetric=True, granularity="channel", clipping="absmax")
@@ -477,6 +481,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tokens_per_config": scorer.total_tokens,
         "batches": [len(b) for b in scorer.batches],
         "batch_tokens": scorer.config.batch_tokens,
+        "compile_shapes": args.compile_shapes if compiled_scorer is not None else None,
         "max_batch": scorer.config.max_batch,
         "padded_tokens_per_config": sum(max(len(w.ids) for w in b) * len(b) for b in scorer.batches),
         "max_length": scorer.config.max_length,
@@ -552,7 +557,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         record("floor-compile", lambda: floor_pass(compiled_scorer), repeats=max(1, args.floor_repeats // 2),
                scale=n_configs)
         batches = hf_batches(compiled_scorer)
-        hf_compiled = torch.compile(loaded.model, dynamic=False)
+        hf_compiled = torch.compile(loaded.model, dynamic=args.compile_shapes == "dynamic")
         with torch._dynamo.config.patch(recompile_limit=64):
             _, compile_s["hf-floor-compile"], _ = timed(device, lambda: hf_floor_pass(hf_compiled, batches))
             record("hf-floor-compile", lambda: hf_floor_pass(hf_compiled, batches),

@@ -187,7 +187,8 @@ def test_compile_flag_with_hooks_inside_layers_runs_bucketed_shapes_eagerly(tiny
     corpus = udhr12.select(n_texts=2)
     config = MeasureConfig(max_length=128, batch_tokens=1024)
     plain = corpus_scorer(loaded, corpus, config)
-    bucketed = corpus_scorer(loaded, corpus, MeasureConfig(max_length=128, batch_tokens=1024, compile=True))
+    bucketed = corpus_scorer(loaded, corpus, MeasureConfig(max_length=128, batch_tokens=1024, compile=True,
+                                                            compile_shapes="static"))
     handles = [next(layer.children()).register_forward_hook(lambda *args: None)
                for layer in decoder_layers(loaded.model)]
     try:
@@ -200,24 +201,34 @@ def test_compile_flag_with_hooks_inside_layers_runs_bucketed_shapes_eagerly(tiny
     np.testing.assert_allclose(nll, plain.score_nll(), rtol=1e-6, atol=0)
 
 
-def test_compiled_cpu_fp32_equals_eager_and_sees_engine_weights(tiny_model, udhr12):
-    """torch.compile on CPU (needs a C compiler; ~5 s of compilation on 2 cores, one layer's graph per shape):
-    per-text NLL within rtol 1e-6 of eager in fp32 (observed ~1e-8), shapes compiled once, and a
-    resident engine's swapped weights reach the compiled graph (a variant's NLL equals its eager NLL,
-    not the baseline's); ``score()`` reuses the graphs ``score_nll()`` compiled."""
+@pytest.mark.parametrize("shapes_mode", ["dynamic", "static"])
+def test_compiled_cpu_fp32_equals_eager_and_sees_engine_weights(shapes_mode, tiny_model, udhr12):
+    """torch.compile on CPU (needs a C compiler; ~5 s of compilation on 2 cores, one layer's graph per
+    shape): per-text NLL within rtol 1e-6 of eager in fp32 (observed ~1e-8); static shapes: one graph
+    per padded shape; dynamic: the eager path's batches, at most 3 layer graphs (first shape, general,
+    single row); a resident engine's swapped weights reach the compiled graph (a variant's NLL equals
+    its eager NLL, not the baseline's) with no recompilation; ``score()`` reuses the graphs
+    ``score_nll()`` compiled."""
     from qhelpers.quant.engine import QuantEngine, Variant
     from qhelpers.quant.quantizers import QuantConfig
 
     loaded = tiny_model("llama", fresh=True)
     corpus = udhr12.select(n_texts=2)
     eager = corpus_scorer(loaded, corpus, MeasureConfig(max_length=128, batch_tokens=1024))
-    comp = corpus_scorer(loaded, corpus, MeasureConfig(max_length=128, batch_tokens=1024, compile=True))
+    comp = corpus_scorer(loaded, corpus, MeasureConfig(max_length=128, batch_tokens=1024, compile=True,
+                                                       compile_shapes=shapes_mode))
+    graphs = compiled_mod._graphs_compiled()
     base_eager, base_comp = eager.score_nll(), comp.score_nll()
     np.testing.assert_allclose(base_comp, base_eager, rtol=1e-6, atol=0)
     assert comp.compile_seconds > 0 and comp.compiled.calls["eager"] == 0
     shapes, seconds = list(comp.compiled.shapes), comp.compile_seconds
-    assert len(shapes) == len({compiled_mod.padded_shape([len(w.ids) for w in b], 1024, None, 128)
-                               for b in comp.batches})
+    if shapes_mode == "static":
+        assert len(shapes) == len({compiled_mod.padded_shape([len(w.ids) for w in b], 1024, None, 128)
+                                   for b in comp.batches})
+    else:
+        assert [[w.key for w in b] for b in comp.batches] == [[w.key for w in b] for b in eager.batches]
+        assert len(shapes) == len(comp.batches) > 3
+        assert compiled_mod._graphs_compiled() - graphs <= 4  # <= 3 layer graphs + the loss's
     engine = QuantEngine(loaded, resident=True)
     with engine.applied(Variant("int4", QuantConfig(bits=4, granularity="channel"))):
         q_eager, q_comp = eager.score_nll(), comp.score_nll()
@@ -338,9 +349,10 @@ def _cuda_model(spec: str, dtype: str):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shapes_mode", ["dynamic", "static"])
 @pytest.mark.parametrize("dtype", ["fp16"])
 @pytest.mark.parametrize("spec", ["tiny:llama", "embedded:smollm2-135m"])
-def test_compiled_cuda_half_equals_eager_within_half_precision_noise(spec, dtype, udhr12):
+def test_compiled_cuda_half_equals_eager_within_half_precision_noise(spec, dtype, shapes_mode, udhr12):
     """On CUDA in fp16: the model runs SDPA attention; the default batches are not capped at
     64 texts; the compiled path's per-text NLL per token is as close to an fp32 eager reference as
     the eager half-precision path is (max over texts at most 2x eager's deviation + 1e-3 nats), and
@@ -352,7 +364,7 @@ def test_compiled_cuda_half_equals_eager_within_half_precision_noise(spec, dtype
     # 64-token windows: one sequence bucket, so one compiled shape per dtype (~30 s each for SmolLM2)
     eager = corpus_scorer(loaded, corpus, MeasureConfig(max_length=64))
     assert eager.config.max_batch is None
-    comp = corpus_scorer(loaded, corpus, MeasureConfig(max_length=64, compile=True))
+    comp = corpus_scorer(loaded, corpus, MeasureConfig(max_length=64, compile=True, compile_shapes=shapes_mode))
     n_eager, n_comp = _per_token(eager.score_nll(), eager), _per_token(comp.score_nll(), comp)
     assert comp.compiled.calls["eager"] == 0 and comp.compile_seconds > 0
     reference_model = _cuda_model(spec, "fp32")

@@ -1,15 +1,21 @@
 """The ``torch.compile`` path of :class:`~qhelpers.measure.scoring.Scorer` (``MeasureConfig(compile=True)``).
 
-A compiled graph is specialised to its input shape, so batches are cut to a handful of shapes:
-window lengths are rounded up to a *sequence bucket* (powers of two from 64, and the window
-length itself), windows of one bucket go into batches of a fixed number of rows (a power of two
-under the token budget), and the last, partial batch of a bucket is padded to the next power of
-two of its rows. That gives at most about two shapes per sequence bucket, each compiled once;
-the time of those first calls is counted apart (:attr:`CompiledForward.compile_seconds`).
+Shapes (``MeasureConfig.compile_shapes``):
+
+* ``"dynamic"`` (default): graphs with symbolic batch and sequence sizes. The batches stay those of the
+  eager path (least padding); a graph is compiled for the first shape and, once torch._dynamo sees sizes
+  vary, one general graph (plus one for a batch of a single row, a size it always specialises).
+* ``"static"``: a graph per input shape, so batches are cut to a handful of shapes: window lengths are
+  rounded up to a *sequence bucket* (powers of two from 64, and the window length itself), windows of
+  one bucket go into batches of a fixed number of rows (a power of two under the token budget), and
+  the last, partial batch of a bucket is padded to the next power of two of its rows. That gives at
+  most about two shapes per sequence bucket, each compiled once.
+
+The time of the calls that compiled is counted apart (:attr:`CompiledForward.compile_seconds`).
 
 Each decoder layer's ``forward`` is compiled (regional compilation, :class:`CompiledForward`); one
-graph per layer class and shape serves every layer. The embeddings, the mask, the LM head and the
-losses stay eager. The graphs take the parameters as inputs, so a resident
+graph per layer class (and shape) serves every layer. The embeddings, the mask and the LM head's
+matmul stay eager; the loss is compiled too (:meth:`CompiledForward.token_nll`). The graphs take the parameters as inputs, so a resident
 :class:`~qhelpers.quant.engine.QuantEngine` (which swaps ``param.data``) is seen by them. Hooks on a
 decoder layer (a prefix-cache session's) run outside its graph; a hook inside a layer (a streaming
 engine's, on its linear modules) does Python work a graph cannot hold, so that layer runs eagerly.
@@ -120,8 +126,8 @@ def _inner_hooks(layer: nn.Module) -> bool:
 
 
 class CompiledForward:
-    """The decoder stack with each decoder layer's ``forward`` under ``torch.compile`` (static
-    shapes), compiled lazily: regional compilation.
+    """The decoder stack with each decoder layer's ``forward`` under ``torch.compile`` (``dynamic``:
+    symbolic sizes, else static shapes), compiled lazily: regional compilation.
 
     All layers of one class share one compiled function: torch.compile's graphs take a module's
     parameters as inputs (``inline_inbuilt_nn_modules``), so the 30 layers of SmolLM2 reuse the graph
@@ -142,24 +148,26 @@ class CompiledForward:
     reused, and ``compile_seconds`` says what it cost.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[nn.Module] | None = None) -> None:
+    def __init__(self, model: nn.Module, layers: Sequence[nn.Module] | None = None, dynamic: bool = False) -> None:
         self.model = model
+        #: Graphs with symbolic batch and sequence sizes (else one graph per input shape).
+        self.dynamic = dynamic
         self.layers = list(decoder_layers(model) if layers is None else layers)
         self._compiled: dict[type, Any] = {}
         self._loss: Any = None
         #: Wall seconds of the calls that compiled a graph.
         self.compile_seconds = 0.0
-        #: Shapes compiled so far, in order.
+        #: Input shapes seen so far, in order (static shapes: each compiled once).
         self.shapes: list[tuple[int, ...]] = []
         self.calls = {"compiled": 0, "partial": 0, "eager": 0, "recompiled": 0}
 
     def _layer_forward(self, layer: nn.Module) -> Any:
         cls = type(layer)
         if cls not in self._compiled:
-            self._compiled[cls] = torch.compile(cls.forward, dynamic=False)
+            self._compiled[cls] = torch.compile(cls.forward, dynamic=self.dynamic)
         return functools.partial(self._compiled[cls], layer)
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         base = self.model.base_model
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         regional = [] if _global_hooks() else [
@@ -183,13 +191,13 @@ class CompiledForward:
         finally:
             for layer in regional:
                 layer.__dict__.pop("forward", None)
-        if new or _graphs_compiled() > graphs:
+        if _graphs_compiled() > graphs:
             _synchronize(input_ids.device)
             self.compile_seconds += time.perf_counter() - start
-            if new:
-                self.shapes.append(shape)
-            else:
+            if not new:
                 self.calls["recompiled"] += 1
+        if new:
+            self.shapes.append(shape)
         self.calls["compiled" if len(regional) == len(self.layers) else "partial"] += 1
         return hidden
 

@@ -49,6 +49,10 @@ CUDA_MAX_BATCH_TOKENS = 1 << 17
 CUDA_CALL_OVERHEAD_TOKENS = 4096
 
 
+#: Values of ``MeasureConfig.compile_shapes``.
+COMPILE_SHAPES = ("dynamic", "static")
+
+
 @dataclass(frozen=True)
 class MeasureConfig:
     """How texts are tokenized, windowed and batched.
@@ -67,12 +71,14 @@ class MeasureConfig:
         max_batch: upper bound on windows per batch. None: 64 on CPU; on CUDA no bound (the
             token budget alone fills the card; a count cap left the forward calls of short texts
             launch-bound).
-        compile: run the decoder stack under ``torch.compile`` with static shapes: batches are
-            padded to a few bucketed shapes (:mod:`qhelpers.measure.compiled`), each compiled
-            once on first use (``Scorer.compile_seconds``). NLL equals the eager path's within
-            floating-point rounding, not bit for bit. Eager while forward hooks are present
-            (streaming engine, prefix caching). Refused for bf16 models (its rounding measured
-            twice eager's); fp16 and fp32 only.
+        compile: run each decoder layer's forward and the loss under ``torch.compile``
+            (:mod:`qhelpers.measure.compiled`; compile time in ``Scorer.compile_seconds``). NLL
+            equals the eager path's within floating-point rounding, not bit for bit. A layer with a
+            hook inside it (a streaming engine's) runs eagerly; prefix caching combines with it.
+            Refused for bf16 models (its rounding measured twice eager's); fp16 and fp32 only.
+        compile_shapes: with ``compile``: ``"dynamic"`` (default) compiles graphs with symbolic
+            batch and sequence sizes, so the batches stay the eager path's (about two graphs in
+            all); ``"static"`` pads batches to a few bucketed shapes and compiles a graph for each.
         damage: in a sweep (:func:`qhelpers.measure.sweep.run_sweep`), also measure every
             variant's divergence from the full model per text (the damage card: summed KL,
             top-1 agreement, a histogram of per-token KL); see :meth:`Scorer.score`.
@@ -86,6 +92,7 @@ class MeasureConfig:
     max_batch: int | None = None
     damage: bool = True
     compile: bool = False
+    compile_shapes: str = "dynamic"
 
     def __post_init__(self) -> None:
         if self.max_length is not None and self.max_length < 2:
@@ -102,6 +109,8 @@ class MeasureConfig:
             raise ConfigError(f"max_batch must be >= 1 (or None for the device's default), got {self.max_batch}")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be True or False, got {self.compile!r}")
+        if self.compile_shapes not in COMPILE_SHAPES:
+            raise ConfigError(f"compile_shapes must be one of {', '.join(COMPILE_SHAPES)}, got {self.compile_shapes!r}")
 
     @classmethod
     def seed(cls) -> "MeasureConfig":
@@ -271,7 +280,7 @@ class Scorer:
                                   "rounding was twice eager bf16's on SmolLM2. Load the model in fp16 "
                                   "(dtype='fp16') or score without compile")
 
-            self.compiled = CompiledForward(self.model)
+            self.compiled = CompiledForward(self.model, dynamic=config.compile_shapes == "dynamic")
         self.n_bytes = np.array([len(t.encode("utf-8")) for t in self.texts], dtype=np.int64)
         windows: list[_Window] = []
         for row, text in enumerate(self.texts):
@@ -296,7 +305,7 @@ class Scorer:
     def _batch(self, windows: list[_Window]) -> list[list[_Window]]:
         lengths = [len(w.ids) for w in windows]
         budget, max_batch = self.config.batch_tokens, self.config.max_batch
-        if self.compiled is not None:
+        if self.compiled is not None and not self.compiled.dynamic:
             groups = bucket_batches(lengths, budget, max_batch, self.config.max_length)
         else:
             overhead = batch_overhead_tokens(self.device, budget)
@@ -453,17 +462,18 @@ class Scorer:
         """Last hidden states of a padded batch, and the (row, position) of each scored token
         with its target id."""
         ids, mask = pad_batch([w.ids for w in batch], self.pad_id)
-        if self.compiled is not None:
+        static = self.compiled is not None and not self.compiled.dynamic
+        if static:
             shape = padded_shape([len(w.ids) for w in batch], self.config.batch_tokens, self.config.max_batch,
                                  self.config.max_length)
             ids, mask = pad_to_shape(ids, mask, shape, self.pad_id)
-            ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        if not static and len(batch) == 1:
+            mask = None
+        if self.compiled is not None:
             hidden = self.compiled(ids, mask)
         else:
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            hidden = self.model.base_model(
-                input_ids=ids, attention_mask=mask if len(batch) > 1 else None, use_cache=False
-            )[0]
+            hidden = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)[0]
         rows = torch.cat([torch.full((len(w.ids) - w.first_target,), i) for i, w in enumerate(batch)]).to(self.device)
         positions = torch.cat([torch.arange(w.first_target - 1, len(w.ids) - 1) for w in batch]).to(self.device)
         return hidden, rows, positions, ids[rows, positions + 1]
