@@ -15,10 +15,11 @@ The time of the calls that compiled is counted apart (:attr:`CompiledForward.com
 
 Each decoder layer's ``forward`` is compiled (regional compilation, :class:`CompiledForward`); one
 graph per layer class (and shape) serves every layer. The embeddings, the mask and the LM head's
-matmul stay eager; the loss is compiled too (:meth:`CompiledForward.token_nll`). The graphs take the parameters as inputs, so a resident
-:class:`~qhelpers.quant.engine.QuantEngine` (which swaps ``param.data``) is seen by them. Hooks on a
-decoder layer (a prefix-cache session's) run outside its graph; a hook inside a layer (a streaming
-engine's, on its linear modules) does Python work a graph cannot hold, so that layer runs eagerly.
+matmul stay eager; the loss is compiled too (:meth:`CompiledForward.token_nll`). The graphs take the
+parameters as inputs, so a resident :class:`~qhelpers.quant.engine.QuantEngine` (which swaps
+``param.data``) is seen by them. Hooks on a decoder layer (a prefix-cache session's) run outside its
+graph; a hook inside a layer (a streaming engine's, on its linear modules) does Python work a graph
+cannot hold, so that layer runs eagerly.
 """
 from __future__ import annotations
 
@@ -108,11 +109,6 @@ def pad_to_shape(ids: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int], 
     return out_ids, out_mask
 
 
-def has_hooks(model: nn.Module) -> bool:
-    """Whether any forward (pre-)hook would run inside ``model``'s forward."""
-    return _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-
-
 def _global_hooks() -> bool:
     from torch.nn.modules import module as nn_module
 
@@ -138,8 +134,9 @@ class CompiledForward:
     The compiled function is installed as each layer's instance ``forward`` for the duration of a call
     only, so the model is left as it was. A layer's own hooks then run outside the graph, as
     :mod:`qhelpers.quant.prefix_cache`'s do (which is why prefix caching and compile combine); a layer
-    with a hook on a module inside it (a streaming engine's) or whose ``forward`` is already replaced
-    (a prefix-cache replay) runs eagerly, and so does the whole stack under a global hook.
+    with a hook on a module inside it (a streaming engine's) runs eagerly, one whose ``forward`` is
+    already replaced (a prefix-cache replay's stub) keeps it, and under a global hook the whole stack
+    runs eagerly.
 
     Counts calls (``compiled``: every layer compiled; ``partial``: some; ``eager``: none) and the
     seconds spent in calls that compiled a graph: a new shape's first call, or a recompilation of a
@@ -200,7 +197,6 @@ class CompiledForward:
             self.shapes.append(shape)
         self.calls["compiled" if len(regional) == len(self.layers) else "partial"] += 1
         return hidden
-
 
     def token_nll(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-row cross-entropy (nats) of ``logits`` (the head's dtype) upcast to float32, compiled
