@@ -2,6 +2,8 @@
 ``torch.compile`` path of the Scorer; the default fp32 CPU path pinned bit for bit."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -239,6 +241,26 @@ def test_compiled_cpu_fp32_equals_eager_and_sees_engine_weights(shapes_mode, tin
     np.testing.assert_array_equal(q_frame["nll"].to_numpy(), q_comp)
     assert np.max(np.abs(_per_token(q_eager - base_eager, eager))) > 1e-3  # the variant matters ...
     np.testing.assert_allclose(q_comp, q_eager, rtol=1e-6, atol=0)  # ... and the compiled graph sees it
+
+
+def test_run_sweep_keeps_a_compiled_scorer_compiled_on_cpu(tiny_model, udhr12):
+    """run_sweep's own engine is resident for a compiled scorer on the CPU (a streaming engine's hooks
+    would run every quantized layer eagerly): every call runs all layers compiled, and the variant's
+    NLL equals the eager sweep's (fp32, rtol 1e-6)."""
+    from qhelpers.measure.sweep import run_sweep
+    from qhelpers.quant.engine import Variant
+    from qhelpers.quant.quantizers import QuantConfig
+
+    loaded = tiny_model("llama", fresh=True)
+    corpus = udhr12.select(n_texts=1)
+    variants = [Variant("int4", QuantConfig(bits=4, granularity="channel"))]
+    config = MeasureConfig(max_length=64, batch_tokens=512, damage=False)
+    eager = run_sweep(loaded, corpus, variants, config, progress=False, prefix_cache=False)
+    comp = corpus_scorer(loaded, corpus, replace(config, compile=True))
+    compiled = run_sweep(loaded, corpus, variants, scorer=comp, progress=False, prefix_cache=False)
+    assert comp.compiled.calls["partial"] == 0 and comp.compiled.calls["eager"] == 0
+    assert comp.compiled.calls["compiled"] == 2 * len(comp.batches)
+    np.testing.assert_allclose(compiled.scores["nll"], eager.scores["nll"], rtol=1e-6, atol=0)
 
 
 class _Block(nn.Module):

@@ -110,13 +110,22 @@ def as_variants(variants: Sequence[Variant] | Mapping[str, Any]) -> dict[str, Va
     return out
 
 
-def _resident_by_default(loaded: Any) -> bool:
+def _resident_by_default(loaded: Any, compiled: bool = False) -> bool:
+    """Whether ``run_sweep``'s own engine keeps dequantized weights resident: when twice the model's
+    parameters fit in the free GPU memory, or, for a compiled scorer on the CPU, in the available RAM (a
+    streaming engine's hooks sit inside every quantized layer, which then runs eagerly)."""
     model = as_module(loaded)
     param = next(model.parameters(), None)
-    if param is None or param.device.type != "cuda":
+    if param is None:
         return False
-    free, _ = torch.cuda.mem_get_info(param.device)
-    return free > 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+    need = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+    if param.device.type == "cuda":
+        return torch.cuda.mem_get_info(param.device)[0] > need
+    if compiled:
+        import psutil
+
+        return psutil.virtual_memory().available > need
+    return False
 
 
 def run_sweep(
@@ -138,8 +147,9 @@ def run_sweep(
         variants: the configurations; a baseline named ``baseline`` is added if absent.
         engine, scorer: reuse across sweeps of the same model (cache, tokenization). Without
             an engine, one is made: streaming (dequantizes each module's weights at every
-            batch, least memory) on CPU; on CUDA resident (dequantized once per variant) when
-            the free GPU memory exceeds twice the model's parameters.
+            batch, least memory) on CPU; resident (dequantized once per variant) on CUDA when
+            the free GPU memory exceeds twice the model's parameters, and on the CPU for a
+            compiled scorer (``MeasureConfig(compile=True)``) when the available RAM does.
         prefix_cache: reuse the hidden states of layers that a variant computes exactly as an
             earlier one did (:mod:`qhelpers.quant.prefix_cache`). True: the scorer's cache with its default
             budget; an int: that budget in bytes; a :class:`~qhelpers.quant.prefix_cache.PrefixCache`: use
@@ -154,8 +164,8 @@ def run_sweep(
         raise ConfigError(f"the variant named {baseline!r} must be the full-precision baseline (quant=None)")
     else:
         ordered = {baseline: ordered[baseline], **{k: v for k, v in ordered.items() if k != baseline}}
-    engine = engine or QuantEngine(loaded, resident=_resident_by_default(loaded))
     scorer = scorer or corpus_scorer(loaded, corpus, measure)
+    engine = engine or QuantEngine(loaded, resident=_resident_by_default(loaded, scorer.compiled is not None))
     names = list(ordered)
 
     cache = None
