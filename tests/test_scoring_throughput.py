@@ -214,6 +214,7 @@ def test_compiled_cpu_fp32_equals_eager_and_sees_engine_weights(shapes_mode, tin
     from qhelpers.quant.engine import QuantEngine, Variant
     from qhelpers.quant.quantizers import QuantConfig
 
+    torch._dynamo.reset()  # graphs are cached per code object: an earlier test's would serve this one
     loaded = tiny_model("llama", fresh=True)
     corpus = udhr12.select(n_texts=2)
     eager = corpus_scorer(loaded, corpus, MeasureConfig(max_length=128, batch_tokens=1024))
@@ -380,6 +381,7 @@ def test_compiled_cuda_half_equals_eager_within_half_precision_noise(spec, dtype
     the eager half-precision path is (max over texts at most 2x eager's deviation + 1e-3 nats), and
     within 0.05 nats per token of eager. (bf16 failed the first bound on SmolLM2 on an H200, 0.043
     vs 2 x 0.020 nats: compile is refused in bf16, tested on CPU below.)"""
+    torch._dynamo.reset()  # graphs are cached per code object: an earlier case's would serve this one
     loaded = _cuda_model(spec, dtype)
     assert loaded.model.config._attn_implementation == "sdpa"
     corpus = udhr12.select(n_texts=4)
