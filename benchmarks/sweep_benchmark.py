@@ -22,7 +22,8 @@ Ways (see benchmarks/README.md):
   layer's forward under ``torch.compile``, and the loss; ``--compile-shapes``: dynamic sizes on the
   eager path's batches, or static shapes on batches padded to buckets; compiled by a warm-up pass
   before it is timed, compile time reported apart as ``compile_s``). Default on
-  CUDA only; on CPU the streaming engine's hooks inside the layers make it run eagerly.
+  CUDA only. ``run_sweep`` gives a compiled scorer a resident engine (on the CPU when the RAM allows):
+  a streaming engine's hooks inside the layers would make them run eagerly.
 * ``engine+prefix+compile``: the same with prefix caching on (its hooks sit on the decoder layers,
   outside their compiled graphs).
 * ``engine+damage``, ``engine+prefix+damage``: the same two, also measuring the damage card
@@ -416,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="timed full-precision passes for the floor, spread before, between and after the ways (median)")
     parser.add_argument("--ways", default=None,
                         help="comma-separated subset of: " + ", ".join(WAYS) + " (default: all on CUDA, all but "
-                        "engine+compile on CPU)")
+                        "the compiled ways on CPU)")
     parser.add_argument("--compile-shapes", default="dynamic", choices=["dynamic", "static"],
                         help="MeasureConfig.compile_shapes of the compiled ways and the compiled floors (default dynamic)")
     parser.add_argument("--max-batch", type=int, default=None,
