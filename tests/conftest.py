@@ -18,6 +18,7 @@ from types import ModuleType
 import pytest
 
 from qhelpers.runner.environment import pinned_numerics_env
+from qhelpers.util.cache import SWEEP_CACHE_ENV
 
 # nbval's kernels inherit these: figures render inline exactly as in the goldens, and the kernels run
 # the instruction sets the goldens were written with (run_all.py --write-goldens does the same). Set
@@ -27,7 +28,7 @@ os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
 os.environ.update(pinned_numerics_env())
 # a fresh sweep cache for this test run (its nbval kernels inherit it): the goldens' shared sweeps are
 # computed here, never read from one that an earlier run, code or numeric environment left in ~/.cache
-os.environ["QHELPERS_SWEEP_CACHE"] = tempfile.mkdtemp(prefix="qhelpers-test-sweeps-")
+os.environ[SWEEP_CACHE_ENV] = tempfile.mkdtemp(prefix="qhelpers-test-sweeps-")
 
 
 def pytest_configure(config: pytest.Config) -> None:

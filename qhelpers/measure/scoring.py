@@ -368,7 +368,6 @@ class Scorer:
         return value is None or isinstance(value, (PrefixSignature, QuantEngine))
 
     # ------------------------------------------------------------------ scoring
-    @torch.no_grad()
     def score_nll(self, progress: bool = False, prefix: Any = None) -> np.ndarray:
         """Summed NLL (nats) of each text, in input order.
 

@@ -35,16 +35,11 @@ from qhelpers.measure.scoring import MeasureConfig
 from qhelpers.measure.sweep import SweepResult, as_variants, run_sweep
 from qhelpers.quant.engine import Variant
 from qhelpers.util.atomic import atomic_write_text
-from qhelpers.util.cache import cache_lock, qhelpers_cache_dir
+from qhelpers.util.cache import SWEEP_CACHE_ENV, cache_lock, qhelpers_cache_dir
 
 __all__ = ["cached_sweep", "sweep_key", "default_sweep_cache"]
 
 _FORMAT = 2  # 2: least-padding batches (measure.length_batches); scores differ from 1 in the last bits
-
-
-#: A folder for the sweep cache alone (the test run and ``run_all.py --write-goldens`` point it at a fresh
-#: one, so that goldens never hold scores computed earlier under another numeric environment).
-SWEEP_CACHE_ENV = "QHELPERS_SWEEP_CACHE"
 
 
 def default_sweep_cache() -> Path:

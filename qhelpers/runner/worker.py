@@ -20,6 +20,7 @@ from typing import Any
 from qhelpers.runner.errors import EXIT_NOT_STARTED, EXIT_RECORD_FAILED, EXIT_SIGINT, RunnerError
 from qhelpers.runner.fingerprints import model_fingerprint
 from qhelpers.runner.locks import FileLock
+from qhelpers.util.cache import SWEEP_CACHE_ENV
 from qhelpers.runner.processes import kill_descendants, signal_on_parent_death, watch_parent
 from qhelpers.runner.warm import kernel_alive, shutdown_kernel, start_warm_kernel, warm_up_code
 from qhelpers.runner.records import (
@@ -75,7 +76,7 @@ def worker_main(job_path: str) -> int:
         watch_parent(parent)
 
     if job.get("sweep_cache"):  # the kernel inherits it (qhelpers.measure.sweep_cache)
-        os.environ["QHELPERS_SWEEP_CACHE"] = job["sweep_cache"]
+        os.environ[SWEEP_CACHE_ENV] = job["sweep_cache"]
     status, error = "completed", None
     lock = FileLock(Path(job["lock"])) if job.get("lock") else None
     ahead = bool(job.get("ahead"))

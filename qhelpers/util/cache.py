@@ -11,6 +11,10 @@ from collections.abc import Iterator
 
 #: Environment variable naming the folder that holds converted embedded models.
 CACHE_ENV = "QHELPERS_CACHE"
+#: Environment variable naming a folder for the sweep cache alone (the test run and ``run_all.py
+#: --write-goldens`` point it at a fresh one, so that goldens never hold scores computed earlier under
+#: another numeric environment; read by :func:`qhelpers.measure.sweep_cache.default_sweep_cache`).
+SWEEP_CACHE_ENV = "QHELPERS_SWEEP_CACHE"
 
 def qhelpers_cache_dir(kind: str) -> Path:
     """The folder for cached artefacts of one ``kind`` (``sweeps``, ``lora_zoos``, ...):
