@@ -21,9 +21,9 @@ from qhelpers.runner.environment import pinned_numerics_env
 from qhelpers.util.cache import SWEEP_CACHE_ENV
 
 # nbval's kernels inherit these: figures render inline exactly as in the goldens, and the kernels run
-# the instruction sets the goldens were written with (run_all.py --write-goldens does the same). Set
-# before any test imports torch, the pin holds for this process too, so tests that pin exact float bits
-# hold on any x86-64 CPU with AVX2.
+# the numeric code paths the goldens were written with (run_all.py --write-goldens does the same). Set
+# before any test imports torch or numpy, the pin holds for this process too, so tests that pin exact
+# float bits hold on any x86-64 CPU with AVX2, Intel's or AMD's.
 os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
 os.environ.update(pinned_numerics_env())
 # a fresh sweep cache for this test run (its nbval kernels inherit it): the goldens' shared sweeps are

@@ -62,7 +62,11 @@ def test_compare_equals_hand_computation_and_batching(tiny):
         with engine.applied(INT4):
             frames[name] = scorer.score(damage="compare")
     a, b = frames["batched"], frames["single"]
-    np.testing.assert_allclose(a["kl_nats"], b["kl_nats"], rtol=1e-6)
+    # batched and single-text forwards run other GEMM shapes: equal up to the float32 rounding of the
+    # card's log-probabilities (~1e-7 nats per token, as against the float64 hand computation below),
+    # not bit for bit (MKL on an Intel CPU happened to give equal bits; on an AMD EPYC 4e-7 nats apart)
+    n_tokens = np.array([sum(h) for h in a["kl_hist"]])
+    assert (np.abs(a["kl_nats"].to_numpy() - b["kl_nats"].to_numpy()) <= 1e-6 * n_tokens).all()
     np.testing.assert_allclose(a["top1_agree"], b["top1_agree"], rtol=0, atol=1e-12)
     # against two plain forward passes of the full and the quantized model
     with torch.no_grad(), engine.applied(INT4):

@@ -231,6 +231,14 @@ def test_choose_nf4_path(monkeypatch):
     assert path == "simulated" and "no kernel" in reason
     with pytest.raises(ConfigError, match="no kernel"):
         K.choose_nf4_path("bitsandbytes", "cpu")
+    monkeypatch.setattr(qbnb, "bnb_available", lambda device=None: (True, "bitsandbytes 0.50.2 on cpu"))
+    assert K.choose_nf4_path("auto", "cpu", torch.float32)[0] == "bitsandbytes"
+    path, reason = K.choose_nf4_path("auto", "cpu", torch.float64)  # bitsandbytes has no float64 kernels
+    assert path == "simulated" and "torch.float64" in reason
+    with pytest.raises(ConfigError, match="torch.float64"):
+        K.choose_nf4_path("bitsandbytes", "cpu", torch.float64)
+    with pytest.raises(ConfigError, match="not torch.float64.*dtype='fp32'"):
+        qbnb.load_bnb_model("/nonexistent", "nf4", compute_dtype=torch.float64)
 
 
 def test_real_bitsandbytes_nf4_scores_equal_the_simulation(tiny_model, tmp_path):

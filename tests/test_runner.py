@@ -528,27 +528,31 @@ def test_pinned_numerics_only_where_the_cpu_has_avx2():
 
 @pytest.mark.skipif(not pinned_numerics_env(), reason="this CPU has no AVX2")
 def test_pinned_numerics_reach_torch_in_the_kernel(monkeypatch):
-    """The variables kernel_env pins are the ones torch and MKL read: ATen reports AVX2 kernels,
-    and a float32 GEMM gives the bits of MKL's AVX2 code path (what MKL_ENABLE_INSTRUCTIONS=AVX2,
-    an independent switch, also gives)."""
+    """The variables kernel_env pins are the ones torch, MKL and numpy read: ATen reports AVX2
+    kernels, a float32 GEMM gives other bits than the unpinned one (MKL's COMPATIBLE branch, not
+    the CPU's own), the same bits for a misaligned copy of its input, and numpy dispatches no
+    AVX-512 loop."""
     for name in PINNED_NUMERICS:
         monkeypatch.delenv(name, raising=False)
     pinned = kernel_env("ci", None, pin_numerics=True)
     assert all(pinned[k] == v for k, v in PINNED_NUMERICS.items())
     assert not set(PINNED_NUMERICS) & set(kernel_env("ci", None))
-    probe = ("import hashlib, torch; from qhelpers.report.results import environment_info; "
-             "torch.manual_seed(0); c = torch.randn(300, 777) @ torch.randn(777, 513); "
-             "print(environment_info()['device']['cpu_capability'], hashlib.sha1(c.numpy().tobytes()).hexdigest())")
+    probe = ("import hashlib, torch; from numpy._core._multiarray_umath import __cpu_features__ as f; "
+             "from qhelpers.report.results import environment_info; "
+             "torch.manual_seed(0); a, b = torch.randn(300, 777), torch.randn(777, 513); "
+             "off = torch.empty(300 * 777 + 1)[1:].view(300, 777); off.copy_(a); "
+             "h = lambda t: hashlib.sha1(t.numpy().tobytes()).hexdigest(); "
+             "print(environment_info()['device']['cpu_capability'], h(a @ b), h(off @ b), bool(f.get('X86_V4')))")
     plain = {k: v for k, v in os.environ.items() if k not in PINNED_NUMERICS}
 
     def run(env):
         return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                               check=True).stdout.split()
 
-    cap, gemm = run(pinned)
-    assert cap == "AVX2"
-    if "GenuineIntel" in Path("/proc/cpuinfo").read_text():  # MKL's dispatch elsewhere is not its Intel one
-        assert gemm == run({**plain, "MKL_ENABLE_INSTRUCTIONS": "AVX2"})[1]
+    cap, gemm, misaligned, avx512_numpy = run(pinned)
+    assert (cap, avx512_numpy) == ("AVX2", "False")
+    assert gemm == misaligned
+    assert gemm != run(plain)[1], "MKL_CBWR=COMPATIBLE did not reach MKL: its GEMM gave the CPU's own bits"
 
 
 # --------------------------------------------------------------------------- the run manifest

@@ -361,11 +361,12 @@ def language_means(per_text: pd.DataFrame, columns: Sequence[str]) -> pd.DataFra
 # --------------------------------------------------------------------------- NF4: real or simulated
 
 
-def choose_nf4_path(nf4_path: str = "auto", device: str | torch.device | None = None) -> tuple[str, str]:
+def choose_nf4_path(nf4_path: str = "auto", device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> tuple[str, str]:
     """Resolve ``nf4_path`` to ``("bitsandbytes" | "simulated", reason)``.
 
     ``"auto"``: bitsandbytes when :func:`qhelpers.quant.bnb.bnb_available` says its 4-bit kernels
-    run on ``device``, else the simulation. ``"bitsandbytes"``: raises
+    run on ``device`` and it computes in the model's ``dtype`` (not float64), else the simulation. ``"bitsandbytes"``: raises
     :class:`~qhelpers.util.errors.ConfigError` with bnb_available's reason when it cannot run.
     ``"simulated"``: always the simulation.
     """
@@ -377,10 +378,13 @@ def choose_nf4_path(nf4_path: str = "auto", device: str | torch.device | None = 
     )
     if nf4_path == "simulated":
         return "simulated", f"{simulated}: requested"
-    from qhelpers.quant.bnb import bnb_available
+    from qhelpers.quant.bnb import BNB_COMPUTE_DTYPES, bnb_available
 
     dev = None if device is None else str(torch.device(device))
-    ok, why = bnb_available(dev)
+    if dtype is not None and dtype not in BNB_COMPUTE_DTYPES:
+        ok, why = False, f"its layers compute in float32, float16 or bfloat16, and the model is {dtype}"
+    else:
+        ok, why = bnb_available(dev)
     if ok:
         return "bitsandbytes", f"real bitsandbytes NF4 ({why})"
     if nf4_path == "bitsandbytes":
@@ -525,7 +529,7 @@ def run_nf4(
 
     measure = measure or MeasureConfig()
     start = time.perf_counter()
-    path, reason = choose_nf4_path(nf4_path, getattr(loaded, "device", None))
+    path, reason = choose_nf4_path(nf4_path, getattr(loaded, "device", None), getattr(loaded, "dtype", None))
     variant = Variant(config, QuantConfig(method="nf4"), scope="linear")
     scorer = scorer or corpus_scorer(loaded, corpus, measure)
     cols = ["config", "lang", "text_id", "nll", "n_tokens", "n_bytes"]
