@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Issue 15's GPU measurements, one phase per call (each fits the device tool's 10-minute call limit):
+#
+#   bash benchmarks/gpu_issue15.sh sweeps COMMIT    # full corpus, every language, n:2: the compiled ways,
+#                                                   # dynamic and static shapes; recompilations counted
+#   bash benchmarks/gpu_issue15.sh ways COMMIT      # seed / engine / prefix / compiled ways at n:12
+#   bash benchmarks/gpu_issue15.sh tests            # pytest -m gpu
+#   bash benchmarks/gpu_issue15.sh suite COMMIT     # the full profile of every notebook, 8 workers
+#
+# Results go to $OUT (default ./gpu-results): the JSON files belong in benchmarks/results/, their
+# numbers in benchmarks/README.md. COMMIT is the git commit the working tree was copied from (the
+# device machine's copy has no history). Assumes qhelpers and the embedded model are importable.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+phase=${1:?usage: gpu_issue15.sh sweeps|ways|tests|suite [COMMIT]}
+commit=${2:-unknown}
+model=embedded:smollm2-135m
+t0=$(date +%s)
+elapsed() { echo "elapsed $(( $(date +%s) - t0 )) s"; }
+
+case "$phase" in
+sweeps)
+    nvidia-smi --query-gpu=name,memory.used --format=csv
+    python -c "from qhelpers.models.loading import load_model; load_model('$model', device='cpu')" 2>&1 | tail -1
+    TORCH_LOGS=recompiles timeout 330 python benchmarks/sweep_benchmark.py --model $model --device cuda --dtype fp16 \
+        --n-texts 50 --langs all --layers n:2 --ways engine,engine+prefix,engine+compile,engine+prefix+compile \
+        --commit "$commit" --out "$OUT/sweep_gpu_smollm2_fp16_full_compile.json" 2>&1 | tee "$OUT/sweep_full.log" \
+        | grep -v "__recompiles" | tail -45
+    echo "recompilations: $(grep -c '__recompiles\] Recompiling' "$OUT/sweep_full.log")"
+    elapsed
+    timeout 220 python benchmarks/sweep_benchmark.py --model $model --device cuda --dtype fp16 \
+        --n-texts 50 --langs all --layers n:2 --ways engine+compile --floor-repeats 2 --compile-shapes static \
+        --commit "$commit" --out "$OUT/sweep_gpu_smollm2_fp16_full_compile_static.json" 2>&1 | tail -22
+    elapsed ;;
+ways)
+    timeout 540 python benchmarks/sweep_benchmark.py --model $model --device cuda --dtype fp16 \
+        --n-texts 50 --layers n:12 --ways seed,engine,engine+prefix,engine+compile,engine+prefix+compile \
+        --commit "$commit" --out "$OUT/sweep_gpu_smollm2_fp16_ways_compile.json" 2>&1 | tee "$OUT/sweep_ways.log" | tail -32
+    elapsed ;;
+tests)
+    timeout 540 python -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -8
+    elapsed ;;
+suite)
+    # stop the runner before the call's limit, so that what completed still comes back
+    ( sleep "${SUITE_S:-520}"; pkill -TERM -f run_all.py ) &
+    python benchmarks/suite_benchmark.py --label gpu-full-workers8 --commit "$commit" \
+        --out "$OUT/suite_gpu_full_workers8.json" -- --profile full --workers 8 --device cuda -p DTYPE fp16 2>&1 \
+        | tee "$OUT/suite_full.log" | grep -v "^\s*$" | tail -40
+    elapsed ;;
+*)
+    echo "unknown phase $phase: sweeps, ways, tests or suite" >&2
+    exit 2 ;;
+esac
