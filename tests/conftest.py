@@ -26,9 +26,16 @@ from qhelpers.util.cache import SWEEP_CACHE_ENV
 # float bits hold on any x86-64 CPU with AVX2, Intel's or AMD's.
 os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
 os.environ.update(pinned_numerics_env())
+# MKL's COMPATIBLE branch has no thread-count-independent (strict) mode, and ATen's parallel sums split
+# by thread count: the tests that pin float bits pin them for 2 threads, as on CI's 2 cores
+PINNED_TEST_THREADS = 2
 # a fresh sweep cache for this test run (its nbval kernels inherit it): the goldens' shared sweeps are
 # computed here, never read from one that an earlier run, code or numeric environment left in ~/.cache
 os.environ[SWEEP_CACHE_ENV] = tempfile.mkdtemp(prefix="qhelpers-test-sweeps-")
+
+import torch  # noqa: E402  (after the pinned environment, which torch reads when it loads)
+
+torch.set_num_threads(PINNED_TEST_THREADS)
 
 
 def pytest_configure(config: pytest.Config) -> None:
