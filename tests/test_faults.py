@@ -200,7 +200,7 @@ def test_a_bad_value_on_resume_touches_nothing(run_copy):
     assert _tree_digest(run_copy) == before
 
 
-@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it after the default test run
+@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it too
 @needs_kernel
 def test_out_on_an_earlier_run_moves_completed_folders_aside(run_copy):
     """Finding 3: --out <an earlier run> -p N_BOOT 9 re-runs a_ok but keeps the completed one."""
@@ -264,7 +264,7 @@ def _immutable_supported(tmp_path: Path) -> bool:
     return ok
 
 
-@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it after the default test run
+@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it too
 @needs_kernel
 def test_an_immutable_notebook_folder_fails_only_that_notebook(run_copy, tmp_path):
     """Finding 5a: a notebook folder that cannot be moved or written fails that notebook only:
@@ -433,7 +433,7 @@ def test_kill_runner_right_after_a_notebook_completed(tmp_path):
     assert_nothing_running(out)
 
 
-@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it after the default test run
+@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it too
 @needs_kernel
 def test_kill_runner_after_a_resume_moved_a_folder_aside(run_copy):
     """kill -9 of run_all.py just after it moved a completed folder aside: the moved result is

@@ -157,7 +157,7 @@ def _results(folder: Path) -> dict:
     return doc
 
 
-@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it after the default test run
+@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it too
 def test_ray_backend_runs_two_ci_notebooks_bit_identical_to_local(tmp_path):
     """The issue's CI command, on a local Ray instance with 2 CPUs, against the local backend
     with 2 workers (1 BLAS thread each on both), then --resume skipping both."""

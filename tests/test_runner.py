@@ -437,7 +437,7 @@ def test_concurrent_runs_and_one_gpu_per_worker(suite):
     assert _run_json(out, "a_ok")["parameters"]["OUTPUT_DIR"] == str(out.resolve() / "a_ok")
 
 
-@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it after the default test run
+@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it too
 @needs_kernel
 def test_resume_after_sigkill_keeps_completed_results(tmp_path):
     out = tmp_path / "killed"

@@ -185,7 +185,7 @@ def _records(out: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/run.json")}
 
 
-@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it after the default test run
+@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it too
 @needs_kernel
 def test_workers_start_ahead_in_order_and_are_recorded_once_started(tmp_path):
     out = tmp_path / "run"
@@ -246,7 +246,7 @@ def _sleep_then_ok(tmp_path: Path) -> Path:
     return nb_dir
 
 
-@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it after the default test run
+@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it too
 @needs_kernel
 def test_a_stop_drops_the_worker_started_ahead_without_a_record(tmp_path):
     """SIGINT while a_sleep runs and b_ok's worker waits ahead: a_sleep is interrupted, b_ok is "not
@@ -308,7 +308,7 @@ def test_a_warm_up_that_raises_falls_back_to_a_fresh_kernel(tmp_path):
                 if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it after the default test run
+@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it too
 @needs_kernel
 def test_a_warm_kernel_that_died_while_waiting_is_replaced(tmp_path):
     """b_ok's worker waits ahead with a warm kernel; its kernel is killed; when a_sleep ends, b_ok

@@ -366,8 +366,9 @@ def choose_nf4_path(nf4_path: str = "auto", device: str | torch.device | None = 
     """Resolve ``nf4_path`` to ``("bitsandbytes" | "simulated", reason)``.
 
     ``"auto"``: bitsandbytes when :func:`qhelpers.quant.bnb.bnb_available` says its 4-bit kernels
-    run on ``device`` and it computes in the model's ``dtype`` (not float64), else the simulation. ``"bitsandbytes"``: raises
-    :class:`~qhelpers.util.errors.ConfigError` with bnb_available's reason when it cannot run.
+    run on ``device`` and it computes in the model's ``dtype`` (not float64), else the simulation.
+    ``"bitsandbytes"``: raises :class:`~qhelpers.util.errors.ConfigError` with the reason when it
+    cannot run.
     ``"simulated"``: always the simulation.
     """
     if nf4_path not in NF4_PATHS:

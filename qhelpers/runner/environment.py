@@ -84,8 +84,8 @@ def cpu_threads_per_worker(workers: int, cpu_count: int | None = None) -> int | 
 #: written on an Intel Xeon moved on CI's AMD EPYC, 2026-12-05, and tests pinning float bits failed);
 #: numpy's dispatched loops at AVX2 (X86_V3) rather than AVX-512; OpenBLAS (numpy's and scipy's) with
 #: its Haswell kernels rather than SkylakeX or Zen ones; no dynamic thread counts (MKL's
-#: reproducibility conditions). COMPATIBLE GEMM is 3-4x slower than AVX2, so the pin is for the test run and
-#: ``--write-goldens`` only (the suite itself runs the fast paths).
+#: reproducibility conditions). COMPATIBLE GEMM is 3-4x slower than AVX2, so the pin is for the test
+#: run and ``--write-goldens`` only (the suite itself runs the fast paths).
 PINNED_NUMERICS = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_CBWR": "COMPATIBLE",
