@@ -538,12 +538,9 @@ def test_pinned_numerics_reach_torch_in_the_kernel(monkeypatch):
     pinned = kernel_env("ci", None, pin_numerics=True)
     assert all(pinned[k] == v for k, v in PINNED_NUMERICS.items())
     assert not set(PINNED_NUMERICS) & set(kernel_env("ci", None))
-    probe = ("import hashlib, torch; from numpy._core._multiarray_umath import __cpu_features__ as f; "
-             "from qhelpers.report.results import environment_info; "
-             "torch.manual_seed(0); a, b = torch.randn(300, 777), torch.randn(777, 513); "
-             "off = torch.empty(300 * 777 + 1)[1:].view(300, 777); off.copy_(a); "
-             "h = lambda t: hashlib.sha1(t.numpy().tobytes()).hexdigest(); "
-             "print(environment_info()['device']['cpu_capability'], h(a @ b), h(off @ b), bool(f.get('X86_V4')))")
+    probe = ("from numpy._core._multiarray_umath import __cpu_features__ as f; "
+             "from qhelpers.report.results import environment_info, gemm_signature; d = environment_info()['device']; "
+             "print(d['cpu_capability'], d['gemm_sha1'], gemm_signature(offset=1), bool(f.get('X86_V4')))")
     plain = {k: v for k, v in os.environ.items() if k not in PINNED_NUMERICS}
 
     def run(env):

@@ -2,7 +2,6 @@
 ``torch.compile`` path of the Scorer; the default fp32 CPU path pinned bit for bit."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 
 import numpy as np
@@ -19,6 +18,7 @@ from qhelpers.measure.scoring import (
     auto_batch_tokens,
     corpus_scorer,
 )
+from qhelpers.report.results import gemm_signature
 from qhelpers.text.corpora import SEED_LANGS, load_corpus
 from qhelpers.util.errors import ConfigError
 
@@ -92,20 +92,14 @@ def _pinned_scorers(tiny_model, udhr12):
     }
 
 
-#: sha1 of a float32 GEMM (seed-0 randn 300x777 @ 777x513, 2 threads) where the pins above were computed,
-#: under the test run's pinned numerics: MKL's COMPATIBLE branch is meant to give these bits on Intel and
-#: AMD CPUs alike; where it does not, the pins say nothing about the code there
+#: qhelpers.report.results.gemm_signature() (2 threads, the test run's pinned numerics) on the machine the pins
+#: above were computed on: MKL's COMPATIBLE branch is meant to give these bits on Intel and AMD CPUs alike;
+#: where it does not, the pins say nothing about the code there
 PINS_GEMM_SHA1 = "a07038c56440a0e948398502263b7e42ea565aea"
 
 
-def _gemm_sha1() -> str:
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(300, 777, generator=gen), torch.randn(777, 513, generator=gen)
-    return hashlib.sha1((a @ b).numpy().tobytes()).hexdigest()
-
-
 def test_default_fp32_cpu_path_is_bit_for_bit_unchanged(tiny_model, udhr12):
-    if (gemm := _gemm_sha1()) != PINS_GEMM_SHA1:
+    if (gemm := gemm_signature()) != PINS_GEMM_SHA1:
         pytest.skip(f"this CPU's pinned GEMM gives other bits ({gemm}) than the machine the pins were computed "
                     f"on ({PINS_GEMM_SHA1}): recompute them with the code of 5b42f37 here (see the comment above)")
     scorers = _pinned_scorers(tiny_model, udhr12)

@@ -49,6 +49,7 @@ __all__ = [
     "ordered",
     "RESULTS_KEYS",
     "environment_info",
+    "gemm_signature",
     "git_info",
     "to_jsonable",
     "atomic_write_text",
@@ -517,6 +518,23 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def gemm_signature(offset: int = 0) -> str:
+    """sha1 of a fixed float32 CPU GEMM (seed-0 ``randn(300, 777) @ randn(777, 513)``) at this process's
+    thread count. Machines with the same digest run the same GEMM code path (MKL's branch and thread
+    split), so their float32 results can agree bit for bit; another digest means they round otherwise.
+    ``offset``: elements by which the left operand's storage is shifted off its aligned start."""
+    import hashlib
+
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 777, generator=gen), torch.randn(777, 513, generator=gen)
+    if offset:
+        shifted = torch.empty(a.numel() + offset)[offset:].view(300, 777)
+        a = shifted.copy_(a)
+    return hashlib.sha1((a @ b).numpy().tobytes()).hexdigest()
+
+
 def _device_info() -> dict[str, Any]:
     info: dict[str, Any] = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "cuda": False}
     try:
@@ -530,6 +548,7 @@ def _device_info() -> dict[str, Any]:
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         if os.environ.get("MKL_CBWR"):
             info["mkl_cbwr"] = os.environ["MKL_CBWR"]
+        info["gemm_sha1"] = gemm_signature()
         if torch.cuda.is_available():
             info["cuda"] = True
             info["cuda_version"] = torch.version.cuda
