@@ -379,13 +379,11 @@ def choose_nf4_path(nf4_path: str = "auto", device: str | torch.device | None = 
     )
     if nf4_path == "simulated":
         return "simulated", f"{simulated}: requested"
-    from qhelpers.quant.bnb import BNB_COMPUTE_DTYPES, bnb_available
+    from qhelpers.quant.bnb import bnb_available, bnb_dtype_problem
 
     dev = None if device is None else str(torch.device(device))
-    if dtype is not None and dtype not in BNB_COMPUTE_DTYPES:
-        ok, why = False, f"its layers compute in float32, float16 or bfloat16, and the model is {dtype}"
-    else:
-        ok, why = bnb_available(dev)
+    problem = bnb_dtype_problem(dtype)
+    ok, why = (False, problem) if problem else bnb_available(dev)
     if ok:
         return "bitsandbytes", f"real bitsandbytes NF4 ({why})"
     if nf4_path == "bitsandbytes":

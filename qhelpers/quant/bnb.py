@@ -37,12 +37,19 @@ from torch import nn
 
 from qhelpers.util.errors import ConfigError, ModelLoadError
 
-__all__ = ["BNB_MODES", "BNB_COMPUTE_DTYPES", "bnb_available", "load_bnb_model", "dequantized_weights", "resolve_skip_modules"]
+__all__ = ["BNB_MODES", "BNB_COMPUTE_DTYPES", "bnb_dtype_problem", "bnb_available", "load_bnb_model", "dequantized_weights", "resolve_skip_modules"]
 
 #: Loading modes: bitsandbytes 4-bit NF4 / FP4, or LLM.int8().
 BNB_MODES: tuple[str, ...] = ("nf4", "fp4", "int8")
 #: What bitsandbytes' layers compute in (its kernels have no float64 path).
 BNB_COMPUTE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def bnb_dtype_problem(dtype: torch.dtype | None) -> str | None:
+    """Why bitsandbytes' layers cannot compute in ``dtype`` (None: they can, or no dtype given)."""
+    if dtype is None or dtype in BNB_COMPUTE_DTYPES:
+        return None
+    return f"bitsandbytes computes in {', '.join(map(str, BNB_COMPUTE_DTYPES))}, not {dtype}"
 
 
 def _default_device() -> str:
@@ -180,9 +187,8 @@ def load_bnb_model(
     """
     if mode not in BNB_MODES:
         raise ConfigError(f"unknown bitsandbytes mode {mode!r}; choose one of {list(BNB_MODES)}")
-    if compute_dtype is not None and compute_dtype not in BNB_COMPUTE_DTYPES:
-        raise ConfigError(f"bitsandbytes computes in {', '.join(map(str, BNB_COMPUTE_DTYPES))}, not {compute_dtype}; "
-                          "load the model in one of those (e.g. dtype='fp32')")
+    if problem := bnb_dtype_problem(compute_dtype):
+        raise ConfigError(f"{problem}; load the model in one of those (e.g. dtype='fp32')")
     ok, reason = bnb_available(device)
     if not ok:
         raise ModelLoadError(f"cannot load with bitsandbytes: {reason}")

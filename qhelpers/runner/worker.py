@@ -20,7 +20,6 @@ from typing import Any
 from qhelpers.runner.errors import EXIT_NOT_STARTED, EXIT_RECORD_FAILED, EXIT_SIGINT, RunnerError
 from qhelpers.runner.fingerprints import model_fingerprint
 from qhelpers.runner.locks import FileLock
-from qhelpers.util.cache import SWEEP_CACHE_ENV
 from qhelpers.runner.processes import kill_descendants, signal_on_parent_death, watch_parent
 from qhelpers.runner.warm import kernel_alive, shutdown_kernel, start_warm_kernel, warm_up_code
 from qhelpers.runner.records import (
@@ -29,6 +28,7 @@ from qhelpers.runner.records import (
     error_record,
     mark_finished,
 )
+from qhelpers.util.cache import SWEEP_CACHE_ENV
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
