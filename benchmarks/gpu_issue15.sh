@@ -2,7 +2,8 @@
 # Issue 15's GPU measurements, one phase per call (each fits the device tool's 10-minute call limit):
 #
 #   bash benchmarks/gpu_issue15.sh sweeps COMMIT    # full corpus, every language, n:2: the compiled ways,
-#                                                   # dynamic and static shapes; recompilations counted
+#                                                   # dynamic shapes; recompilations counted
+#   bash benchmarks/gpu_issue15.sh static COMMIT    # the same compiled way with static (bucketed) shapes
 #   bash benchmarks/gpu_issue15.sh ways COMMIT      # seed / engine / prefix / compiled ways at n:12
 #   bash benchmarks/gpu_issue15.sh tests            # pytest -m gpu
 #   bash benchmarks/gpu_issue15.sh suite COMMIT     # the full profile of every notebook, 8 workers
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
-phase=${1:?usage: gpu_issue15.sh sweeps|ways|tests|suite [COMMIT]}
+phase=${1:?usage: gpu_issue15.sh sweeps|static|ways|tests|suite [COMMIT]}
 commit=${2:-unknown}
 model=embedded:smollm2-135m
 t0=$(date +%s)
@@ -30,7 +31,8 @@ sweeps)
         --commit "$commit" --out "$OUT/sweep_gpu_smollm2_fp16_full_compile.json" 2>&1 | tee "$OUT/sweep_full.log" \
         | grep -v "__recompiles" | tail -45
     echo "recompilations: $(grep -c '__recompiles\] Recompiling' "$OUT/sweep_full.log")"
-    elapsed
+    elapsed ;;
+static)
     timeout 220 python benchmarks/sweep_benchmark.py --model $model --device cuda --dtype fp16 \
         --n-texts 50 --langs all --layers n:2 --ways engine+compile --floor-repeats 2 --compile-shapes static \
         --commit "$commit" --out "$OUT/sweep_gpu_smollm2_fp16_full_compile_static.json" 2>&1 | tail -22
@@ -44,13 +46,16 @@ tests)
     timeout 540 python -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -8
     elapsed ;;
 suite)
-    # stop the runner before the call's limit, so that what completed still comes back
+    # stop the runner before the call's limit, so that what completed still comes back; the run's
+    # folder stays in /tmp (the device tool returns at most 8 files), its run.json files and logs as one tgz
     ( sleep "${SUITE_S:-520}"; pkill -TERM -f run_all.py ) &
     python benchmarks/suite_benchmark.py --label gpu-full-workers8 --commit "$commit" \
-        --out "$OUT/suite_gpu_full_workers8.json" -- --profile full --workers 8 --device cuda -p DTYPE fp16 2>&1 \
+        --out /tmp/suite_gpu_full_workers8.json -- --profile full --workers 8 --device cuda -p DTYPE fp16 2>&1 \
         | tee "$OUT/suite_full.log" | grep -v "^\s*$" | tail -40
+    cp /tmp/suite_gpu_full_workers8.json "$OUT/" 2>/dev/null
+    tar czf "$OUT/suite_full_run.tgz" /tmp/suite_gpu_full_workers8-run/*/run.json /tmp/suite_gpu_full_workers8-run/*/*.log 2>/dev/null
     elapsed ;;
 *)
-    echo "unknown phase $phase: sweeps, ways, tests or suite" >&2
+    echo "unknown phase $phase: sweeps, static, ways, tests or suite" >&2
     exit 2 ;;
 esac
