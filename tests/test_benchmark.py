@@ -56,3 +56,17 @@ def test_layer_selection_and_random_model_specs(bench):
     assert set(bench.RANDOM_MODELS) == {"gpt2-small-random", "opt-125m-random"}
     variants = bench.make_variants(12, list(range(12)), bench.QuantConfig())
     assert len(variants) == 14 and list(variants)[:2] == ["fp", "all_quantized"]
+
+
+def test_engine_apply_benchmark_counts_the_work_a_kept_variant_saves(load_benchmark, tmp_path):
+    """benchmarks/engine_apply_benchmark.py on tiny:llama: without kept tensors every apply dispatches the
+    dequantization of each quantized matrix; with them, none (views only)."""
+    bench = load_benchmark("engine_apply_benchmark")
+    out = tmp_path / "apply.json"
+    result = bench.main(["--model", "tiny:llama", "--device", "cpu", "--layers", "n:2", "--repeats", "1",
+                         "--out", str(out)])
+    assert json.loads(out.read_text())["variants"] == result["variants"] == 4  # fp, all, 2 protected
+    off, kept = result["dense_off"], result["dense_kept"]
+    assert off["ops_per_apply_max"] >= 2 * 14  # tiny llama: 2 layers x 7 matrices, >= 2 ops each
+    assert kept["ops_per_apply_max"] == 0 and kept["views_per_apply_max"] > 0
+    assert kept["dense_bytes"] > 0 and off["dense_bytes"] == 0

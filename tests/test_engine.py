@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from seed_reference import quantize_tensor_symmetric  # seed 000's quantizer, verbatim
 
 from qhelpers.measure.scoring import MeasureConfig, corpus_scorer
@@ -150,3 +151,74 @@ def test_seed_exp032_protocol_equals_hand_written_loop():
         for row in frame.itertuples():
             ppl = float(np.exp(row.nll / row.n_tokens))
             assert ppl == pytest.approx(expected[(strategy, row.lang)], rel=1e-6), (strategy, row.lang)
+
+
+class _DispatchedOps(TorchDispatchMode):
+    """Names of the aten operations run under it (what a GPU would launch kernels for, views aside)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_resident_engine_keeps_dequantized_tensors_and_reapplies_without_tensor_work():
+    loaded = load_model("tiny:llama", device="cpu")
+    model = loaded.model
+    before = snapshot(model)
+    variants = [Variant(f"p{i}", INT4, ProtectionSpec(layers=(i,))) for i in range(3)]
+    variants.append(Variant("mag", INT4, ProtectionSpec(magnitude_fraction=0.05)))  # element masks
+    fresh = QuantEngine(loaded, resident=True, dense_fraction=0)  # dequantizes at every application
+    expected = {}
+    for variant in variants:
+        with fresh.applied(variant):
+            expected[variant.name] = logits(model)
+    assert fresh.dense_bytes == 0 and fresh.counters["dense_hits"] == 0
+
+    engine = QuantEngine(loaded, resident=True)
+    for round_ in range(2):
+        for variant in variants:
+            probe = _DispatchedOps()
+            with probe:
+                engine.apply(variant)
+            try:
+                got = logits(model)
+            finally:
+                engine.restore()
+            assert torch.equal(got, expected[variant.name]), (round_, variant.name)
+            if round_ == 1:  # every tensor kept: swapping it in is a view of the parameter, no kernel
+                assert set(probe.ops) <= {"aten.detach.default"}, (variant.name, sorted(set(probe.ops)))
+            for name, tensor in model.named_parameters():
+                assert torch.equal(tensor, before[name]), f"{name} not restored after {variant.name}"
+    per_variant = {v.name: len(engine.plan(v).tensors) for v in variants}
+    # round 0: each layer-protection variant reuses the tensors its predecessors kept; round 1: all kept
+    assert engine.counters["dense_hits"] >= sum(per_variant.values())
+    assert engine.dense_bytes <= engine.dense_budget
+    engine.clear_cache()
+    assert engine.dense_bytes == 0
+
+
+def test_resident_engine_dense_budget_keeps_what_fits_and_evicts_nothing():
+    loaded = load_model("tiny:llama", device="cpu")
+    variant = Variant("all", INT4)
+    reference = QuantEngine(loaded, resident=True, dense_fraction=0)
+    with reference.applied(variant):
+        expected = logits(loaded.model)
+    probe = QuantEngine(loaded, resident=True)  # budget 1.0 = every parameter's bytes
+    quantized_bytes = sum(probe.params[name].numel() * probe.params[name].element_size()
+                          for name in probe.plan(variant).tensors)
+    engine = QuantEngine(loaded, resident=True, dense_fraction=0.5 * quantized_bytes / probe.dense_budget)
+    for _ in range(3):
+        with engine.applied(variant):
+            assert torch.equal(logits(loaded.model), expected)
+    assert 0 < engine.dense_bytes <= engine.dense_budget
+    kept = len(engine._dense)
+    quantized = len(engine.plan(variant).tensors)
+    assert 0 < kept < quantized
+    # the same tensors stay kept and serve the later applications (none evicted in the cycle)
+    assert engine.counters["dense_hits"] == 2 * kept
+    with pytest.raises(ConfigError, match="dense_fraction"):
+        QuantEngine(loaded, resident=True, dense_fraction=-1)

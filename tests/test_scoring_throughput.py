@@ -276,6 +276,26 @@ def test_run_sweep_keeps_a_compiled_scorer_compiled_on_cpu(tiny_model, udhr12):
     np.testing.assert_allclose(compiled.scores["nll"], eager.scores["nll"], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("free_x, resident, dense", [(1.5, False, 0.0), (5.0, True, 0.25), (40.0, True, 1.0)])
+def test_default_engine_follows_the_free_memory(tiny_model, monkeypatch, free_x, resident, dense):
+    """run_sweep's engine for a compiled CPU scorer: streaming below twice the parameters' bytes; else
+    resident, keeping dequantized tensors in a quarter of the free memory less one copy, at most one copy."""
+    import psutil
+
+    from qhelpers.measure.sweep import ENGINE_MEMORY_FRACTION, default_engine
+
+    loaded = tiny_model("llama")
+    size = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    available = type("Mem", (), {"available": int(free_x * size)})()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: available)
+    assert ENGINE_MEMORY_FRACTION == 0.25  # the expected fractions below are worked out with it
+    engine = default_engine(loaded, compiled=True)
+    assert engine.resident is resident
+    if resident:
+        assert engine.dense_budget == pytest.approx(dense * size, abs=2)
+    assert default_engine(loaded, compiled=False).resident is False  # eager CPU: streaming, least memory
+
+
 class _Block(nn.Module):
     def __init__(self) -> None:
         super().__init__()

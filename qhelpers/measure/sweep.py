@@ -110,22 +110,35 @@ def as_variants(variants: Sequence[Variant] | Mapping[str, Any]) -> dict[str, Va
     return out
 
 
-def _resident_by_default(loaded: Any, compiled: bool = False) -> bool:
-    """Whether ``run_sweep``'s own engine keeps dequantized weights resident: when twice the model's
-    parameters fit in the free GPU memory, or, for a compiled scorer on the CPU, in the available RAM (a
-    streaming engine's hooks sit inside every quantized layer, which then runs eagerly)."""
+#: Share of the free memory (at the sweep's start) for a resident engine's dequantized tensors: the
+#: scorer's batches may take half of it (``CUDA_ACTIVATION_FRACTION``), the prefix cache a quarter.
+ENGINE_MEMORY_FRACTION = 0.25
+
+
+def default_engine(loaded: Any, compiled: bool = False) -> QuantEngine:
+    """``run_sweep``'s own engine. Resident (dequantized weights swapped in) when twice the model's
+    parameters fit in the free GPU memory, or, for a compiled scorer on the CPU, in the available RAM
+    (a streaming engine's hooks sit inside every quantized layer, which then runs eagerly); streaming
+    otherwise. A resident engine keeps the dequantized tensors it swapped in for the next variants
+    (``QuantEngine(dense_fraction=...)``) in :data:`ENGINE_MEMORY_FRACTION` of that memory, less the
+    copy a variant swaps in, up to one more copy of the parameters."""
     model = as_module(loaded)
     param = next(model.parameters(), None)
     if param is None:
-        return False
-    need = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+        return QuantEngine(loaded)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
     if param.device.type == "cuda":
-        return torch.cuda.mem_get_info(param.device)[0] > need
-    if compiled:
+        free = torch.cuda.mem_get_info(param.device)[0]
+    elif compiled:
         import psutil
 
-        return psutil.virtual_memory().available > need
-    return False
+        free = psutil.virtual_memory().available
+    else:
+        return QuantEngine(loaded)
+    if free <= 2 * size:
+        return QuantEngine(loaded)
+    return QuantEngine(loaded, resident=True,
+                       dense_fraction=min(1.0, max(0.0, ENGINE_MEMORY_FRACTION * free - size) / size))
 
 
 def run_sweep(
@@ -147,9 +160,10 @@ def run_sweep(
         variants: the configurations; a baseline named ``baseline`` is added if absent.
         engine, scorer: reuse across sweeps of the same model (cache, tokenization). Without
             an engine, one is made: streaming (dequantizes each module's weights at every
-            batch, least memory) on CPU; resident (dequantized once per variant) on CUDA when
-            the free GPU memory exceeds twice the model's parameters, and on the CPU for a
-            compiled scorer (``MeasureConfig(compile=True)``) when the available RAM does.
+            batch, least memory) on CPU; resident (dequantized once, kept across variants as memory
+            allows) on CUDA when the free GPU memory exceeds twice the model's parameters, and on the
+            CPU for a compiled scorer (``MeasureConfig(compile=True)``) when the available RAM does
+            (:func:`default_engine`).
         prefix_cache: reuse the hidden states of layers that a variant computes exactly as an
             earlier one did (:mod:`qhelpers.quant.prefix_cache`). True: the scorer's cache with its default
             budget; an int: that budget in bytes; a :class:`~qhelpers.quant.prefix_cache.PrefixCache`: use
@@ -165,7 +179,7 @@ def run_sweep(
     else:
         ordered = {baseline: ordered[baseline], **{k: v for k, v in ordered.items() if k != baseline}}
     scorer = scorer or corpus_scorer(loaded, corpus, measure)
-    engine = engine or QuantEngine(loaded, resident=_resident_by_default(loaded, scorer.compiled is not None))
+    engine = engine or default_engine(loaded, scorer.compiled is not None)
     names = list(ordered)
 
     cache = None
