@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_issue15.sh sweeps COMMIT    # full corpus, every language, n:2: the compiled ways,
 #                                                   # dynamic shapes; recompilations counted
 #   bash benchmarks/gpu_issue15.sh static COMMIT    # the same compiled way with static (bucketed) shapes
-#   bash benchmarks/gpu_issue15.sh ways COMMIT      # seed / engine / prefix / compiled ways at n:12
+#   bash benchmarks/gpu_issue15.sh ways COMMIT      # engine apply cost; seed / engine / prefix / compiled ways at n:12
 #   bash benchmarks/gpu_issue15.sh tests            # pytest -m gpu
 #   bash benchmarks/gpu_issue15.sh suite COMMIT     # the full profile of every notebook, 8 workers
 #
@@ -38,7 +38,9 @@ static)
         --commit "$commit" --out "$OUT/sweep_gpu_smollm2_fp16_full_compile_static.json" 2>&1 | tail -22
     elapsed ;;
 ways)
-    timeout 540 python benchmarks/sweep_benchmark.py --model $model --device cuda --dtype fp16 \
+    timeout 60 python benchmarks/engine_apply_benchmark.py --device cuda --dtype fp16 \
+        --out "$OUT/engine_apply_gpu_smollm2_fp16.json" 2>&1 | grep -v Converting | tail -3
+    timeout 480 python benchmarks/sweep_benchmark.py --model $model --device cuda --dtype fp16 \
         --n-texts 50 --layers n:12 --ways seed,engine,engine+prefix,engine+compile,engine+prefix+compile \
         --commit "$commit" --out "$OUT/sweep_gpu_smollm2_fp16_ways_compile.json" 2>&1 | tee "$OUT/sweep_ways.log" | tail -32
     elapsed ;;
