@@ -271,8 +271,9 @@ class QuantEngine:
                 if self.resident:
                     param = self.params[name]
                     original = param.data
-                    self._swapped.append((param, original))
-                    param.data = self._dense_weight(variant.quant, tplan, original)
+                    weight = self._dense_weight(variant.quant, tplan, original)  # before the swap: a
+                    self._swapped.append((param, original))  # method's prepare() must see loaded weights
+                    param.data = weight
                     continue
                 entry = self._entry(variant.quant, tplan)
                 for module, attr in self.owners[name]:
