@@ -14,8 +14,8 @@ import warnings
 from pathlib import Path
 
 import nbformat
-import pytest
 import numpy as np
+import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 from runner_support import needs_kernel, run_status, wait_for
