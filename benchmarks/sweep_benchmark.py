@@ -575,6 +575,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result = record(way, lambda: engine_way(loaded, compiled_scorer, variants, prefix="prefix" in way,
                                                     damage=False))
             scores = result.scores
+            rows[way]["config_s"] = result.seconds
             rows[way]["compiled_calls"] = {k: v - before[k] for k, v in compiled_scorer.compiled.calls.items()}
             # shapes first seen here (none expected: the floor compiled them) count as compile time too
             compile_s[way] = compiled_scorer.compile_seconds - seconds
@@ -584,6 +585,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result = record(way, lambda: engine_way(loaded, scorer, variants, prefix="prefix" in way,
                                                     damage=way in DAMAGE_WAYS))
             scores = result.scores
+            rows[way]["config_s"] = result.seconds
             if way == "engine+prefix":
                 prefix_stats = result.prefix_stats
                 rows[way]["run_order"] = result.run_order

@@ -29,6 +29,9 @@ def test_benchmark_smoke_run(bench, tmp_path, capsys):
     assert rows["engine+prefix"]["max_abs_diff_lang_nll_vs_engine"] < 1e-5
     assert rows["engine+prefix"]["run_order"][:2] == ["fp", "all_quantized"]
     assert report["prefix_stats"]["layers_skipped"] > 0
+    for way in ("engine", "engine+prefix"):  # per-configuration seconds, inside the way's wall time
+        assert list(rows[way]["config_s"]) == ["fp", "all_quantized", "protect_L0", "protect_L3"]
+        assert 0 < sum(rows[way]["config_s"].values()) <= rows[way]["wall_s"]
     assert set(report["targets"]) >= {"engine >= 2x faster than seed", "engine overhead <= 10 % (prefix off)"}
     flops = report["flops"]
     assert flops["flops_per_config_with_head"] == flops["flops_per_config"] + flops["head_flops"]
