@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_issue15.sh ways COMMIT      # engine apply cost; seed / engine / prefix / compiled ways at n:12
 #   bash benchmarks/gpu_issue15.sh tests            # pytest -m gpu
 #   bash benchmarks/gpu_issue15.sh suite COMMIT     # the full profile of every notebook, 8 workers
+#   ONLY=calibration_language bash benchmarks/gpu_issue15.sh suite COMMIT   # one notebook's full profile, alone
 #
 # Results go to $OUT (default ./gpu-results): the JSON files belong in benchmarks/results/, their
 # numbers in benchmarks/README.md. COMMIT is the git commit the working tree was copied from (the
@@ -50,12 +51,17 @@ tests)
 suite)
     # stop the runner before the call's limit, so that what completed still comes back; the run's
     # folder stays in /tmp (the device tool returns at most 8 files), its run.json files and logs as one tgz
+    # (the pkill pattern must not match this call's own command line: run the phase from this script)
     ( sleep "${SUITE_S:-520}"; pkill -TERM -f run_all.py ) &
-    python benchmarks/suite_benchmark.py --label gpu-full-workers8 --commit "$commit" \
-        --out /tmp/suite_gpu_full_workers8.json -- --profile full --workers 8 --device cuda -p DTYPE fp16 2>&1 \
+    if [ -n "${ONLY:-}" ]; then label="gpu-full-$ONLY"; select=(--only "$ONLY" --workers 1)
+    else label=gpu-full-workers8; select=(--workers 8); fi
+    python benchmarks/suite_benchmark.py --label "$label" --commit "$commit" \
+        --out "/tmp/suite_$label.json" -- --profile full "${select[@]}" --device cuda -p DTYPE fp16 2>&1 \
         | tee "$OUT/suite_full.log" | grep -v "^\s*$" | tail -40
-    cp /tmp/suite_gpu_full_workers8.json "$OUT/" 2>/dev/null
-    tar czf "$OUT/suite_full_run.tgz" /tmp/suite_gpu_full_workers8-run/*/run.json /tmp/suite_gpu_full_workers8-run/*/*.log 2>/dev/null
+    cp "/tmp/suite_$label.json" "$OUT/" 2>/dev/null
+    # the executed notebooks too: papermill records each finished cell's duration, also of a stopped notebook
+    tar czf "$OUT/suite_full_run.tgz" /tmp/suite_"$label"-run/*/run.json /tmp/suite_"$label"-run/*/*.log \
+        /tmp/suite_"$label"-run/*/*.ipynb 2>/dev/null
     elapsed ;;
 *)
     echo "unknown phase $phase: sweeps, static, ways, tests or suite" >&2
