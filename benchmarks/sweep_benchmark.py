@@ -691,7 +691,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "engine+prefix" in rows:
         targets["engine+prefix below the floor"] = rows["engine+prefix"]["wall_s"] < floor
     if "floor-compile" in rows and "mfu_with_head_pct" in rows["floor-compile"]:  # issue 15's GPU targets
-        targets["compiled floor >= 20 % MFU with the LM head"] = rows["floor-compile"]["mfu_with_head_pct"] >= 20.0
+        if args.langs == "all":  # the MFU target is the full corpus's (the seed languages fill 3 small batches)
+            targets["compiled floor >= 20 % MFU with the LM head (full corpus)"] = (
+                rows["floor-compile"]["mfu_with_head_pct"] >= 20.0)
         if "engine+compile" in rows:
             targets["engine+compile within 10 % of the compiled floor"] = (
                 rows["engine+compile"]["wall_s"] <= 1.1 * rows["floor-compile"]["wall_s"])
