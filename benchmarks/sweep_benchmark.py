@@ -39,7 +39,8 @@ Reference lines:
   (``--floor-repeats``), so that it sees the machine's load as the ways did.
 * ``floor-b1``: the same for the seeds' batch-1 forward passes (one timed pass).
 * ``floor-compile``: the forward-pass floor of ``engine+compile``: compiled full-precision passes in
-  its bucketed batches (median of ``--floor-repeats``), times the configurations.
+  its bucketed batches, times the configurations: the median of ``--floor-repeats // 2`` passes
+  right after compiling and of one pass beside each later sample of ``floor``.
 * ``hf-floor``: a plain Hugging Face forward, ``model(input_ids, attention_mask).logits`` (full
   logits, the model's own attention implementation, SDPA in transformers 5) over the engine's
   padded batches, times the configurations: what the card does at the same batch shapes without
@@ -528,6 +529,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # the ways (so that it sees the same machine load), median x configurations.
     floor_samples: list[tuple[float, float]] = []
     floor_peak = [0]
+    # the compiled floor too, once compiled: sampled between the ways like the eager one, not only
+    # right after its compilation
+    compiled_floor_samples: list[tuple[float, float]] = []
+    compiled_floor_ready = [False]
 
     def sample_floor(count: int) -> None:
         for _ in range(count):
@@ -536,6 +541,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 _, wall, cpu = timed(device, lambda: floor_pass(scorer))
             floor_samples.append((wall, cpu))
             floor_peak[0] = max(floor_peak[0], probe.increase)
+            if compiled_floor_ready[0]:
+                release_memory(device)
+                _, wall, cpu = timed(device, lambda: floor_pass(compiled_scorer))
+                compiled_floor_samples.append((wall, cpu))
 
     floor_pass(scorer)  # warm-up (allocator, kernels, lazily installed hooks); not timed
     per_gap = max(1, args.floor_repeats // (len(ways) + 1))
@@ -557,6 +566,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         compile_s["floor-compile"] = compiled_scorer.compile_seconds
         record("floor-compile", lambda: floor_pass(compiled_scorer), repeats=max(1, args.floor_repeats // 2),
                scale=n_configs)
+        compiled_floor_ready[0] = True
         batches = hf_batches(compiled_scorer)
         hf_compiled = torch.compile(loaded.model, dynamic=args.compile_shapes == "dynamic")
         with torch._dynamo.config.patch(recompile_limit=64):
@@ -591,6 +601,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rows[way]["run_order"] = result.run_order
         per_lang[way] = per_language_nll(scores)
         sample_floor(per_gap)
+    if compiled_floor_samples:
+        row = rows["floor-compile"]
+        row["measured_wall_s"] += [w for w, _ in compiled_floor_samples]
+        row["measured_cpu_s"] += [c for _, c in compiled_floor_samples]
+        row["wall_s"] = statistics.median(row["measured_wall_s"]) * n_configs
+        row["cpu_s"] = statistics.median(row["measured_cpu_s"]) * n_configs
     rows = {
         "floor": {
             "wall_s": statistics.median(w for w, _ in floor_samples) * n_configs,
@@ -603,6 +619,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **rows,
     }
     print(f"  floor samples (s per pass): {[round(w, 2) for w, _ in floor_samples]}")
+    if "floor-compile" in rows:
+        print(f"  compiled floor samples (s per pass): {[round(w, 2) for w in rows['floor-compile']['measured_wall_s']]}")
 
     floor = rows["floor"]["wall_s"]
     reference = "seed" if "seed" in per_lang else (ways[0] if ways else None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -73,3 +74,22 @@ def test_engine_apply_benchmark_counts_the_work_a_kept_variant_saves(load_benchm
     assert off["ops_per_apply_max"] >= 2 * 14  # tiny llama: 2 layers x 7 matrices, >= 2 ops each
     assert kept["ops_per_apply_max"] == 0 and kept["views_per_apply_max"] > 0
     assert kept["dense_bytes"] > 0 and off["dense_bytes"] == 0
+
+
+@pytest.mark.slow
+def test_compiled_floor_is_sampled_between_the_ways_too(bench, tmp_path):
+    """The compiled floor's passes right after compiling ran slower than later ones (CPU and H100), so it
+    is sampled beside every later eager floor sample and reported as the median of all (~40 s: compiles)."""
+    report = bench.main([
+        "--model", "tiny:gpt2", "--device", "cpu", "--n-texts", "2", "--layers", "0,3", "--max-length", "32",
+        "--truncate", "--floor-repeats", "4", "--ways", "engine,engine+compile", "--out", str(tmp_path / "b.json"),
+        "--peak-tflops", "0.5",  # MFU columns, so that only the corpus decides whether the MFU target is judged
+    ])
+    rows, configs = report["rows"], report["header"]["configs"]
+    compiled = rows["floor-compile"]["measured_wall_s"]
+    # 2 passes after compiling, then one beside each of the 2 eager samples that follow the ways
+    assert len(compiled) == 4 and len(rows["floor"]["measured_wall_s"]) == 3
+    assert rows["floor-compile"]["wall_s"] == pytest.approx(statistics.median(compiled) * configs)
+    assert "mfu_with_head_pct" in rows["floor-compile"]
+    assert "compiled floor >= 20 % MFU with the LM head (full corpus)" not in report["targets"]  # seed languages
+    assert "engine+compile within 10 % of the compiled floor" in report["targets"]
