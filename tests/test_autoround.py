@@ -26,15 +26,15 @@ TINY = dict(bits=4, group_size=32, n_samples=4, seqlen=32, seed=0)
 IDS = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931]])
 
 
-def direct_autoround(loaded, algorithm, windows, iters=2):
-    """auto-round on a copy of the model, as its README calls it (CPU, fixed seed, no bf16 autocast).
-    gc.freeze only makes auto-round's many gc.collect() calls cheap; it changes no result."""
+def direct_autoround(loaded, algorithm, windows, iters=2, device="cpu"):
+    """auto-round on a copy of the model, as its README calls it (CPU unless told, fixed seed, no bf16
+    autocast). gc.freeze only makes auto-round's many gc.collect() calls cheap; it changes no result."""
     work = copy.deepcopy(loaded.model)
     extra = {"iters": iters} if algorithm == "signround" else {}
     gc.freeze()
     try:
         compressor = AutoRound(work, loaded.tokenizer, alg_configs=algorithm, bits=4, group_size=32, dataset=windows,
-                               nsamples=4, seqlen=32, seed=0, device_map="cpu", amp=False, low_cpu_mem_usage=False,
+                               nsamples=4, seqlen=32, seed=0, device_map=device, amp=False, low_cpu_mem_usage=False,
                                enable_torch_compile=False, **extra)
         compressor.quantize()
     finally:
@@ -198,6 +198,8 @@ def test_calibration_windows_by_hand():
     (dict(seqlen=2), "seqlen must be an int >= 8"),
     (dict(calibration="none"), "needs calibration text: calibration must be one of en, "),
     (dict(calibration="xx"), "got 'xx'"),
+    (dict(device="gpu"), "device must be 'cpu', 'model' .* got 'gpu'"),
+    (dict(device="cuda:x"), "got 'cuda:x'"),
 ])
 def test_bad_configuration_raises(kwargs, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -219,3 +221,49 @@ def test_tensors_outside_the_blocks_are_refused():
     role = TensorRole("lm_head.weight", "lm_head", None, 4, 0)
     with pytest.raises(ConfigError, match="use scope='linear'"):
         AutoRoundMethod().encode(torch.zeros(4, 4), role, None, {})
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def test_device_defaults_to_the_cpu_or_the_environment(monkeypatch):
+    from qhelpers.quant.autoround import DEVICE_ENV, autoround_kwargs
+
+    monkeypatch.delenv(DEVICE_ENV, raising=False)
+    assert AutoRoundMethod().device == "cpu" and AutoRoundMethod().to_dict()["device"] == "cpu"
+    monkeypatch.setenv(DEVICE_ENV, "model")
+    assert AutoRoundMethod().device == "model"
+    assert AutoRoundMethod() != AutoRoundMethod(device="cpu")  # cached apart: their results may differ
+    monkeypatch.setenv(DEVICE_ENV, "tpu")
+    with pytest.raises(ConfigError, match=r"got 'tpu' \(from \$QHELPERS_AUTOROUND_DEVICE\)"):
+        AutoRoundMethod()
+    assert autoround_kwargs("awq", 4, 32, 1, 4, 32, 0)["device_map"] == "cpu"
+    assert autoround_kwargs("awq", 4, 32, 1, 4, 32, 0, device="cuda:1")["device_map"] == "cuda:1"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available here; use 'cpu' or 'model'"):
+            AutoRoundMethod(device="cuda")
+
+
+def test_model_device_on_a_cpu_model_is_the_cpu_run(tiny_model):
+    """device='model' follows the model's parameters: on a CPU model, the CPU run bit for bit."""
+    loaded = tiny_model("llama")
+    cpu = dict(QuantEngine(loaded).quantized_weights(Variant("awq", AutoRoundMethod("awq", device="cpu", **TINY))))
+    follow = dict(QuantEngine(loaded).quantized_weights(Variant("awq", AutoRoundMethod("awq", device="model", **TINY))))
+    assert cpu.keys() == follow.keys() and all(torch.equal(cpu[n], follow[n]) for n in cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_awq_on_the_gpu_equals_direct_autoround_on_the_gpu(tiny_model):
+    """device='cuda': the model the engine computes equals auto-round's own AWQ model run on the GPU
+    (the same check as on the CPU above), and stays close to the CPU run's."""
+    loaded = tiny_model("llama")
+    work, _ = direct_autoround(loaded, "awq", windows_of(loaded), device="cuda")
+    expected = logits(work.to("cpu"))
+    engine = QuantEngine(loaded)
+    with engine.applied(Variant("awq-gpu", AutoRoundMethod("awq", device="cuda", **TINY))):
+        got = logits(loaded.model)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    with engine.applied(Variant("awq-cpu", AutoRoundMethod("awq", device="cpu", **TINY))):
+        on_cpu = logits(loaded.model)
+    assert (got - on_cpu).abs().max() < 0.05 * on_cpu.abs().max()

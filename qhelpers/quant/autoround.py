@@ -34,6 +34,12 @@ What auto-round does here (read from its source and checked on the tiny models):
   switch to bf16; no ``torch.compile``; no disk offload (``low_cpu_mem_usage=False``, which would
   write under ``./ar_work_space``). Deterministic on CPU (the tests compare two runs bit for bit). The global random
   state auto-round reseeds is restored afterwards.
+* Device: the CPU by default, where the results above are checked. ``device="model"`` (or
+  ``"cuda"``, ``"cuda:N"``; default from ``$QHELPERS_AUTOROUND_DEVICE``) runs auto-round's block-wise
+  search on that device instead (its ``device_map``): on a GPU host its AWQ search is what the
+  calibrated notebooks wait for on the CPU. Results then follow that device's floating-point
+  rounding, not the CPU's; ``tests/test_autoround.py`` compares them with auto-round called directly
+  on the same device (``-m gpu``). Opt-in until measured on a GPU.
 
 Storage (``storage_bits``): auto-round's own export format (``format="auto_round"``, GPTQ-style
 packing, no ``g_idx``): codes packed at ``bits`` each (``qweight`` int32), one fp16 scale and one
@@ -54,9 +60,11 @@ import copy
 import gc
 import logging
 import numbers
+import os
 import random
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -66,13 +74,17 @@ from torch import nn
 from qhelpers.quant.methods import DenseEncoded, TensorRole, WeightMethod
 from qhelpers.util.errors import ConfigError
 
-__all__ = ["AUTOROUND_ALGORITHMS", "AUTOROUND_BITS", "AutoRoundMethod", "calibration_windows", "run_autoround"]
+__all__ = ["AUTOROUND_ALGORITHMS", "AUTOROUND_BITS", "DEVICE_ENV", "AutoRoundMethod", "calibration_windows", "run_autoround"]
 
 #: Algorithms offered, as auto-round names them (``alg_configs``).
 AUTOROUND_ALGORITHMS: tuple[str, ...] = ("signround", "awq", "rtn")
 
 #: Integer weight widths auto-round's export kernels pack.
 AUTOROUND_BITS: tuple[int, ...] = (2, 3, 4, 8)
+
+#: Environment variable giving :class:`AutoRoundMethod`'s default ``device`` (``cpu`` when unset).
+DEVICE_ENV = "QHELPERS_AUTOROUND_DEVICE"
+_DEVICE = re.compile(r"cpu|model|cuda(:\d+)?")
 
 
 def _int_field(obj: Any, name: str, minimum: int) -> None:
@@ -105,10 +117,18 @@ class AutoRoundMethod(WeightMethod):
     n_samples: int = 32
     seqlen: int = 128
     seed: int = 0
+    device: str = field(default_factory=lambda: os.environ.get(DEVICE_ENV, "cpu"))
 
     needs_calibration = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device.strip()):
+            raise ConfigError(f"AutoRoundMethod device must be 'cpu', 'model' (the model's device), 'cuda' or 'cuda:N', "
+                              f"got {self.device!r}" + (f" (from ${DEVICE_ENV})" if os.environ.get(DEVICE_ENV) else ""))
+        object.__setattr__(self, "device", self.device.strip())
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"AutoRoundMethod device {self.device!r}, but CUDA is not available here; use 'cpu' or "
+                              "'model'")
         if self.algorithm not in AUTOROUND_ALGORITHMS:
             raise ConfigError(f"unknown auto-round algorithm {self.algorithm!r}; choose one of {list(AUTOROUND_ALGORITHMS)}")
         _int_field(self, "bits", 2)
@@ -141,9 +161,13 @@ class AutoRoundMethod(WeightMethod):
         from qhelpers.text.calibration import calibration_texts
 
         texts = calibration_texts(self.calibration, tokenizer=tokenizer)
+        device = self.device
+        if device == "model":
+            param = next(model.parameters(), None)
+            device = str(param.device) if param is not None else "cpu"
         return run_autoround(model, tokenizer, texts, algorithm=self.algorithm, bits=self.bits,
                              group_size=self.group_size, iters=self.iters, n_samples=self.n_samples,
-                             seqlen=self.seqlen, seed=self.seed)
+                             seqlen=self.seqlen, seed=self.seed, device=device)
 
     def encode(self, weight: torch.Tensor, role: TensorRole, exclude: torch.Tensor | None,
                prepared: Mapping[str, DenseEncoded]) -> DenseEncoded:
@@ -253,10 +277,10 @@ def _drop_hooks(model: nn.Module) -> None:
 
 
 def autoround_kwargs(algorithm: str, bits: int, group_size: int, iters: int, n_samples: int, seqlen: int,
-                     seed: int) -> dict[str, Any]:
-    """Keyword arguments of ``auto_round.AutoRound`` for these settings (CPU, reproducible)."""
+                     seed: int, device: str = "cpu") -> dict[str, Any]:
+    """Keyword arguments of ``auto_round.AutoRound`` for these settings (reproducible; on ``device``)."""
     kwargs: dict[str, Any] = dict(alg_configs=algorithm, bits=bits, group_size=group_size, nsamples=n_samples,
-                                  seqlen=seqlen, seed=seed, device_map="cpu", amp=False, low_cpu_mem_usage=False,
+                                  seqlen=seqlen, seed=seed, device_map=device, amp=False, low_cpu_mem_usage=False,
                                   enable_torch_compile=False)
     if algorithm == "signround":
         kwargs["iters"] = iters
@@ -265,11 +289,12 @@ def autoround_kwargs(algorithm: str, bits: int, group_size: int, iters: int, n_s
 
 def run_autoround(model: nn.Module, tokenizer: Any, texts: Sequence[str], algorithm: str = "signround", bits: int = 4,
                   group_size: int = 128, iters: int = 200, n_samples: int = 32, seqlen: int = 128,
-                  seed: int = 0) -> dict[str, DenseEncoded]:
-    """Quantize a deep copy of ``model`` with auto-round on CPU, calibrated on ``texts``.
+                  seed: int = 0, device: str = "cpu") -> dict[str, DenseEncoded]:
+    """Quantize a deep copy of ``model`` with auto-round, calibrated on ``texts``; the copy is kept on
+    the CPU, auto-round computes on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``).
 
     Returns {parameter name: :class:`DenseEncoded`} for every linear weight auto-round handled
-    (its dequantized weight in the original basis, see the module docstring, and the bits of
+    (its dequantized weight in the original basis on the CPU, see the module docstring, and the bits of
     auto-round's export format). ``model`` is left unchanged.
     """
     from auto_round import AutoRound
@@ -286,7 +311,7 @@ def run_autoround(model: nn.Module, tokenizer: Any, texts: Sequence[str], algori
                               "Conv1D layers); use algorithm='signround' or 'rtn' for this model")
     with _isolated_run(), _recording_awq_scales() as records:
         AutoRound(work, tokenizer, dataset=windows,
-                  **autoround_kwargs(algorithm, bits, group_size, iters, n_samples, seqlen, seed)).quantize()
+                  **autoround_kwargs(algorithm, bits, group_size, iters, n_samples, seqlen, seed, device)).quantize()
 
     # AWQ scales, per layer: input columns multiplied (balance), trailing output rows divided (smooth)
     col_scale: dict[nn.Module, torch.Tensor] = {}
@@ -309,12 +334,12 @@ def run_autoround(model: nn.Module, tokenizer: Any, texts: Sequence[str], algori
             continue
         quantized = getattr(module, "bits", 16) <= 8 and getattr(module, "scale", None) is not None
         if quantized:
-            weight = _exported_weight(module, transpose=isinstance(module, Conv1D), name=module_name)
+            weight = _exported_weight(module, transpose=isinstance(module, Conv1D), name=module_name).cpu()
             # packed codes + one fp16 scale and one `bits`-wide zero point per group
             bits = weight.numel() * module.bits + module.scale.numel() * (16 + module.bits)
         else:
             unquantized.append(module_name)
-            weight, bits = module.weight.detach().float(), 16 * module.weight.numel()
+            weight, bits = module.weight.detach().float().cpu(), 16 * module.weight.numel()
         if module in col_scale:
             weight = weight / col_scale[module].view(1, -1)
         if module in row_scale:
