@@ -36,8 +36,8 @@ What auto-round does here (read from its source and checked on the tiny models):
   state auto-round reseeds is restored afterwards.
 * Device: the CPU by default, where the results above are checked. ``device="model"`` (or
   ``"cuda"``, ``"cuda:N"``; default from ``$QHELPERS_AUTOROUND_DEVICE``) runs auto-round's block-wise
-  search on that device instead (its ``device_map``): on a GPU host its AWQ search is what the
-  calibrated notebooks wait for on the CPU. Results then follow that device's floating-point
+  search on that device instead (its ``device_map``): on a GPU host the CPU search is likely what the
+  calibrated notebooks wait for (not profiled there). Results then follow that device's floating-point
   rounding, not the CPU's; ``tests/test_autoround.py`` compares them with auto-round called directly
   on the same device (``-m gpu``). Opt-in until measured on a GPU.
 
@@ -102,7 +102,9 @@ class AutoRoundMethod(WeightMethod):
     ``group_size``, calibrated on ``n_samples`` windows of ``seqlen`` tokens of the calibration
     set ``calibration`` (:func:`qhelpers.text.calibration.calibration_texts`: ``"en"``, another
     language code, ``"mix"``). ``iters``: SignRound steps per block (ignored by ``awq`` and
-    ``rtn``, and left out of their label). ``seed``: auto-round's seed.
+    ``rtn``, and left out of their label). ``seed``: auto-round's seed. ``device``: where auto-round
+    computes, ``"cpu"`` (default, or ``$QHELPERS_AUTOROUND_DEVICE``), ``"model"`` (the model's device),
+    ``"cuda"`` or ``"cuda:N"`` (see the module docstring).
 
     The default budget, 32 windows of 128 tokens (4,096 tokens, the same for every language), fits
     the shipped text of each seed language with both embedded models' tokenizers (the smallest,
@@ -124,7 +126,8 @@ class AutoRoundMethod(WeightMethod):
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device.strip()):
             raise ConfigError(f"AutoRoundMethod device must be 'cpu', 'model' (the model's device), 'cuda' or 'cuda:N', "
-                              f"got {self.device!r}" + (f" (from ${DEVICE_ENV})" if os.environ.get(DEVICE_ENV) else ""))
+                              f"got {self.device!r}" + (f" (from ${DEVICE_ENV})" if os.environ.get(DEVICE_ENV) == self.device
+                                                        else ""))
         object.__setattr__(self, "device", self.device.strip())
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"AutoRoundMethod device {self.device!r}, but CUDA is not available here; use 'cpu' or "
