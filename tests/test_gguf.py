@@ -362,15 +362,6 @@ def test_importance_matrix_reaches_the_decoder_matrices(tiny_model, monkeypatch)
         method.prepare(lm.model, roles, None)
 
 
-def test_libgguf_reads_the_thread_variable_the_runner_sets():
-    """run_all.py shares the cores between notebooks through LIBGGUF_NUM_THREADS too (libgguf's encoders
-    start a thread per core otherwise and ignore OMP_NUM_THREADS): the library must still read that name."""
-    from pathlib import Path
-
-    library = next(Path(libgguf.__file__).parent.glob("_libgguf*.so"))
-    assert b"LIBGGUF_NUM_THREADS" in library.read_bytes()
-
-
 # ----------------------------------------------------------------------------- configuration
 
 

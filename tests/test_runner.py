@@ -509,12 +509,10 @@ def test_cpu_workers_share_the_cores_and_the_users_setting_wins(monkeypatch):
     assert cpu_threads_per_worker(2, cpu_count=2) == 1
     assert cpu_threads_per_worker(3, cpu_count=16) == 5
     assert cpu_threads_per_worker(4, cpu_count=2) == 1
-    for var in ("OMP_NUM_THREADS", "LIBGGUF_NUM_THREADS"):
-        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("MKL_NUM_THREADS", "7")
     env = kernel_env("quick", None, threads=1)
     assert env["OMP_NUM_THREADS"] == "1" and env["OPENBLAS_NUM_THREADS"] == "1"
-    assert env["LIBGGUF_NUM_THREADS"] == "1"  # GGUF encoding too (libgguf starts a thread per core otherwise)
     assert env["MKL_NUM_THREADS"] == "7"
     assert "OMP_NUM_THREADS" not in kernel_env("quick", None, threads=None)
 

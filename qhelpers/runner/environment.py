@@ -115,14 +115,16 @@ def pinned_numerics_env(cpuinfo: str | None = None) -> dict[str, str]:
 def kernel_env(profile: str, gpu: str | None, threads: int | None = None,
                pin_numerics: bool = False) -> dict[str, str]:
     """The environment of a notebook's worker and kernel: this process's, plus the settings above
-    (``gpu``: the one CUDA device it sees; ``threads``: BLAS and libgguf threads, unless the user set them;
+    (``gpu``: the one CUDA device it sees; ``threads``: BLAS threads, unless the user set them;
     ``pin_numerics``: :func:`pinned_numerics_env`, as the goldens are written and checked with)."""
     env = dict(os.environ)
     if pin_numerics:
         env.update(pinned_numerics_env())
     if threads is not None:
-        # libgguf's encoders start one thread per core unless told (not OpenMP: they ignore OMP_NUM_THREADS)
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "LIBGGUF_NUM_THREADS"):
+        # not LIBGGUF_NUM_THREADS: libgguf's GGUF encoders start a thread per core and join them (no spin-wait);
+        # two calls sharing 2 cores took as long as the two one after the other, and a fixed share would
+        # leave cores idle once the other notebooks finish
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env.setdefault(var, str(threads))  # the user's own setting wins
     # figures inline in the executed notebooks, whatever the caller's MPLBACKEND
     env["MPLBACKEND"] = INLINE_BACKEND
