@@ -458,6 +458,7 @@ def test_kill_runner_after_a_resume_moved_a_folder_aside(run_copy):
 
 
 @needs_kernel
+@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it too (kept the default run under 15 min)
 def test_kill_worker_and_kernel_fail_only_their_notebooks(tmp_path):
     """kill -9 of one notebook's worker (its kernel is then killed too) and of another's kernel:
     both are failed with the reason, the notebooks after them still run, exit 1."""

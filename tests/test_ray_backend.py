@@ -235,6 +235,7 @@ def test_gpu_jobs_share_the_declared_gpus_k_at_a_time_and_the_grid_table(cluster
     assert 'id="grid"' in (tmp_path / "run" / "index.html").read_text()
 
 
+@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it too (kept the default run under 15 min)
 def test_a_killed_ray_worker_is_retried_once_and_a_grid_over_two_models_is_tabled(cluster, tmp_path):
     """One run: a_ok over two models (the cross-model table) beside d_killme, whose Ray worker the
     test kills while a_ok's results are already completed."""
