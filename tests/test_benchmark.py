@@ -79,7 +79,7 @@ def test_engine_apply_benchmark_counts_the_work_a_kept_variant_saves(load_benchm
 @pytest.mark.slow
 def test_compiled_floor_is_sampled_between_the_ways_too(bench, tmp_path):
     """The compiled floor's passes right after compiling ran slower than later ones (CPU and H100), so it
-    is sampled beside every later eager floor sample and reported as the median of all (~40 s: compiles)."""
+    is sampled beside every later eager floor sample and reported as the median of all (~25 s: it compiles)."""
     report = bench.main([
         "--model", "tiny:gpt2", "--device", "cpu", "--n-texts", "2", "--layers", "0,3", "--max-length", "32",
         "--truncate", "--floor-repeats", "4", "--ways", "engine,engine+compile", "--out", str(tmp_path / "b.json"),
