@@ -529,10 +529,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # the ways (so that it sees the same machine load), median x configurations.
     floor_samples: list[tuple[float, float]] = []
     floor_peak = [0]
-    # the compiled floor too, once compiled: sampled between the ways like the eager one, not only
-    # right after its compilation
-    compiled_floor_samples: list[tuple[float, float]] = []
-    compiled_floor_ready = [False]
 
     def sample_floor(count: int) -> None:
         for _ in range(count):
@@ -541,10 +537,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 _, wall, cpu = timed(device, lambda: floor_pass(scorer))
             floor_samples.append((wall, cpu))
             floor_peak[0] = max(floor_peak[0], probe.increase)
-            if compiled_floor_ready[0]:
+            if "floor-compile" in rows:  # once compiled, its floor too: not only right after compiling
                 release_memory(device)
                 _, wall, cpu = timed(device, lambda: floor_pass(compiled_scorer))
-                compiled_floor_samples.append((wall, cpu))
+                rows["floor-compile"]["measured_wall_s"].append(wall)
+                rows["floor-compile"]["measured_cpu_s"].append(cpu)
 
     floor_pass(scorer)  # warm-up (allocator, kernels, lazily installed hooks); not timed
     per_gap = max(1, args.floor_repeats // (len(ways) + 1))
@@ -566,7 +563,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         compile_s["floor-compile"] = compiled_scorer.compile_seconds
         record("floor-compile", lambda: floor_pass(compiled_scorer), repeats=max(1, args.floor_repeats // 2),
                scale=n_configs)
-        compiled_floor_ready[0] = True
         batches = hf_batches(compiled_scorer)
         hf_compiled = torch.compile(loaded.model, dynamic=args.compile_shapes == "dynamic")
         with torch._dynamo.config.patch(recompile_limit=64):
@@ -601,10 +597,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rows[way]["run_order"] = result.run_order
         per_lang[way] = per_language_nll(scores)
         sample_floor(per_gap)
-    if compiled_floor_samples:
+    if "floor-compile" in rows:  # the median of every sample, those between the ways included
         row = rows["floor-compile"]
-        row["measured_wall_s"] += [w for w, _ in compiled_floor_samples]
-        row["measured_cpu_s"] += [c for _, c in compiled_floor_samples]
         row["wall_s"] = statistics.median(row["measured_wall_s"]) * n_configs
         row["cpu_s"] = statistics.median(row["measured_cpu_s"]) * n_configs
     rows = {

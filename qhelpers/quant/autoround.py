@@ -164,10 +164,7 @@ class AutoRoundMethod(WeightMethod):
         from qhelpers.text.calibration import calibration_texts
 
         texts = calibration_texts(self.calibration, tokenizer=tokenizer)
-        device = self.device
-        if device == "model":
-            param = next(model.parameters(), None)
-            device = str(param.device) if param is not None else "cpu"
+        device = str(next(model.parameters()).device) if self.device == "model" else self.device
         return run_autoround(model, tokenizer, texts, algorithm=self.algorithm, bits=self.bits,
                              group_size=self.group_size, iters=self.iters, n_samples=self.n_samples,
                              seqlen=self.seqlen, seed=self.seed, device=device)
