@@ -2,7 +2,7 @@
 model-level methods.
 
 :class:`AutoRoundMethod` runs ``auto_round.AutoRound`` once per engine (``prepare``) on a deep copy
-of the model, on CPU, with calibration text of the chosen language, and reads back the
+of the model, with calibration text of the chosen language, and reads back the
 fake-quantized weight auto-round leaves in each ``nn.Linear`` / GPT-2 ``Conv1D`` of the decoder
 blocks; the loaded model is never touched (the engine swaps the returned tensors in and out).
 
@@ -34,12 +34,14 @@ What auto-round does here (read from its source and checked on the tiny models):
   switch to bf16; no ``torch.compile``; no disk offload (``low_cpu_mem_usage=False``, which would
   write under ``./ar_work_space``). Deterministic on CPU (the tests compare two runs bit for bit). The global random
   state auto-round reseeds is restored afterwards.
-* Device: the CPU by default, where the results above are checked. ``device="model"`` (or
-  ``"cuda"``, ``"cuda:N"``; default from ``$QHELPERS_AUTOROUND_DEVICE``) runs auto-round's block-wise
-  search on that device instead (its ``device_map``): on a GPU host the CPU search is likely what the
-  calibrated notebooks wait for (not profiled there). Results then follow that device's floating-point
-  rounding, not the CPU's; ``tests/test_autoround.py`` compares them with auto-round called directly
-  on the same device (``-m gpu``). Opt-in until measured on a GPU.
+* Device: ``device="model"`` (the default) runs auto-round's block-wise search where the model's
+  parameters are (its ``device_map``): on the CPU for a CPU model, bit for bit the ``"cpu"`` run;
+  on the GPU for a GPU model. ``"cpu"``, ``"cuda"`` and ``"cuda:N"`` pick one; ``$QHELPERS_AUTOROUND_DEVICE``
+  sets the default. On a GPU the results follow that device's floating-point rounding, not the CPU's;
+  ``tests/test_autoround.py`` compares them with auto-round called directly on the same device
+  (``-m gpu``, passed on an H100). One AWQ calibration of SmolLM2 on an H100 host took 56.7 s on the
+  GPU against 84.7 s on its 16 CPU cores, 35 and 33 s of which were auto-round's garbage collections
+  before these were made cheap (``benchmarks/results/autoround_h100_smollm2_fp16.json``).
 
 Storage (``storage_bits``): auto-round's own export format (``format="auto_round"``, GPTQ-style
 packing, no ``g_idx``): codes packed at ``bits`` each (``qweight`` int32), one fp16 scale and one
@@ -82,7 +84,7 @@ AUTOROUND_ALGORITHMS: tuple[str, ...] = ("signround", "awq", "rtn")
 #: Integer weight widths auto-round's export kernels pack.
 AUTOROUND_BITS: tuple[int, ...] = (2, 3, 4, 8)
 
-#: Environment variable giving :class:`AutoRoundMethod`'s default ``device`` (``cpu`` when unset).
+#: Environment variable giving :class:`AutoRoundMethod`'s default ``device`` (``model`` when unset).
 DEVICE_ENV = "QHELPERS_AUTOROUND_DEVICE"
 _DEVICE = re.compile(r"cpu|model|cuda(:\d+)?")
 
@@ -103,7 +105,7 @@ class AutoRoundMethod(WeightMethod):
     set ``calibration`` (:func:`qhelpers.text.calibration.calibration_texts`: ``"en"``, another
     language code, ``"mix"``). ``iters``: SignRound steps per block (ignored by ``awq`` and
     ``rtn``, and left out of their label). ``seed``: auto-round's seed. ``device``: where auto-round
-    computes, ``"cpu"`` (default, or ``$QHELPERS_AUTOROUND_DEVICE``), ``"model"`` (the model's device),
+    computes, ``"model"`` (the model's device; the default, or ``$QHELPERS_AUTOROUND_DEVICE``), ``"cpu"``,
     ``"cuda"`` or ``"cuda:N"`` (see the module docstring).
 
     The default budget, 32 windows of 128 tokens (4,096 tokens, the same for every language), fits
@@ -119,7 +121,7 @@ class AutoRoundMethod(WeightMethod):
     n_samples: int = 32
     seqlen: int = 128
     seed: int = 0
-    device: str = field(default_factory=lambda: os.environ.get(DEVICE_ENV, "cpu"))
+    device: str = field(default_factory=lambda: os.environ.get(DEVICE_ENV, "model"))
 
     needs_calibration = True
 
@@ -164,10 +166,9 @@ class AutoRoundMethod(WeightMethod):
         from qhelpers.text.calibration import calibration_texts
 
         texts = calibration_texts(self.calibration, tokenizer=tokenizer)
-        device = str(next(model.parameters()).device) if self.device == "model" else self.device
         return run_autoround(model, tokenizer, texts, algorithm=self.algorithm, bits=self.bits,
                              group_size=self.group_size, iters=self.iters, n_samples=self.n_samples,
-                             seqlen=self.seqlen, seed=self.seed, device=device)
+                             seqlen=self.seqlen, seed=self.seed, device=self.device)
 
     def encode(self, weight: torch.Tensor, role: TensorRole, exclude: torch.Tensor | None,
                prepared: Mapping[str, DenseEncoded]) -> DenseEncoded:
@@ -215,21 +216,24 @@ def calibration_windows(tokenizer: Any, texts: Sequence[str], n_samples: int, se
 def _isolated_run() -> Iterator[None]:
     """Restore the global random state auto-round reseeds, keep its INFO logging quiet, and freeze
     the objects alive before the run out of the garbage collector's sight: auto-round calls
-    ``gc.collect()`` after every block and layer, each a full pass over the process's heap (0.25 s
-    with torch and transformers loaded; most of a tiny model's run time)."""
+    ``gc.collect()`` about 3 times per block, each a full pass over the process's heap (0.33 s with
+    torch, transformers and a loaded model on an H100 host: 35 of an AWQ calibration's 57 s there).
+
+    The freeze happens even where a caller froze objects before (the H100 host's Python starts
+    with 375 frozen): CPython cannot thaw part of the frozen set, so the run ends with
+    ``gc.unfreeze()`` and the caller's objects are tracked again. Leaving everything frozen instead
+    would keep the garbage of every object alive before the run (a deleted model's cycles) from ever
+    being collected."""
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
               torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     ar_logger = logging.getLogger("autoround")
     level = ar_logger.level
     ar_logger.setLevel(logging.WARNING)
-    freeze = gc.get_freeze_count() == 0  # never thaw what a caller froze
-    if freeze:
-        gc.freeze()
+    gc.freeze()
     try:
         yield
     finally:
-        if freeze:
-            gc.unfreeze()
+        gc.unfreeze()
         ar_logger.setLevel(level)
         random.setstate(states[0])
         np.random.set_state(states[1])
@@ -278,9 +282,13 @@ def _drop_hooks(model: nn.Module) -> None:
 
 def autoround_kwargs(algorithm: str, bits: int, group_size: int, iters: int, n_samples: int, seqlen: int,
                      seed: int, device: str = "cpu") -> dict[str, Any]:
-    """Keyword arguments of ``auto_round.AutoRound`` for these settings (reproducible; on ``device``)."""
+    """Keyword arguments of ``auto_round.AutoRound`` for these settings (reproducible; on ``device``).
+
+    ``"cuda:N"`` goes to auto-round as the index ``N``: it reads a ``"key:value"`` string as a map
+    from layer names to devices (and warns that no layer is named ``cuda``)."""
+    device_map: str | int = int(device.split(":")[1]) if device.startswith("cuda:") else device
     kwargs: dict[str, Any] = dict(alg_configs=algorithm, bits=bits, group_size=group_size, nsamples=n_samples,
-                                  seqlen=seqlen, seed=seed, device_map=device, amp=False, low_cpu_mem_usage=False,
+                                  seqlen=seqlen, seed=seed, device_map=device_map, amp=False, low_cpu_mem_usage=False,
                                   enable_torch_compile=False)
     if algorithm == "signround":
         kwargs["iters"] = iters
@@ -291,7 +299,8 @@ def run_autoround(model: nn.Module, tokenizer: Any, texts: Sequence[str], algori
                   group_size: int = 128, iters: int = 200, n_samples: int = 32, seqlen: int = 128,
                   seed: int = 0, device: str = "cpu") -> dict[str, DenseEncoded]:
     """Quantize a deep copy of ``model`` with auto-round, calibrated on ``texts``; the copy is kept on
-    the CPU, auto-round computes on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``).
+    the CPU, auto-round computes on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``, or ``"model"``:
+    where ``model``'s parameters are).
 
     Returns {parameter name: :class:`DenseEncoded`} for every linear weight auto-round handled
     (its dequantized weight in the original basis on the CPU, see the module docstring, and the bits of
@@ -300,6 +309,8 @@ def run_autoround(model: nn.Module, tokenizer: Any, texts: Sequence[str], algori
     from auto_round import AutoRound
     from transformers.pytorch_utils import Conv1D
 
+    if device == "model":
+        device = str(next(model.parameters()).device)
     windows = calibration_windows(tokenizer, texts, n_samples, seqlen)
     work = copy.deepcopy(model).to("cpu")
     _drop_hooks(work)
