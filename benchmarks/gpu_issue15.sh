@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_issue15.sh static COMMIT    # the same compiled way with static (bucketed) shapes
 #   bash benchmarks/gpu_issue15.sh ways COMMIT      # engine apply cost; seed / engine / prefix / compiled ways at n:12
 #   bash benchmarks/gpu_issue15.sh tests            # pytest -m gpu
+#   bash benchmarks/gpu_issue15.sh autoround COMMIT # one AWQ calibration on the GPU and on the CPU, profiled
 #   bash benchmarks/gpu_issue15.sh suite COMMIT     # the full profile of every notebook, 8 workers
 #   ONLY=calibration_language bash benchmarks/gpu_issue15.sh suite COMMIT   # one notebook's full profile, alone
 #
@@ -17,7 +18,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
-phase=${1:?usage: gpu_issue15.sh sweeps|static|ways|tests|suite [COMMIT]}
+phase=${1:?usage: gpu_issue15.sh sweeps|static|ways|autoround|tests|suite [COMMIT]}
 commit=${2:-unknown}
 model=embedded:smollm2-135m
 t0=$(date +%s)
@@ -45,8 +46,13 @@ ways)
         --n-texts 50 --layers n:12 --ways seed,engine,engine+prefix,engine+compile,engine+prefix+compile \
         --commit "$commit" --out "$OUT/sweep_gpu_smollm2_fp16_ways_compile.json" 2>&1 | tee "$OUT/sweep_ways.log" | tail -32
     elapsed ;;
+autoround)
+    timeout 300 python benchmarks/autoround_benchmark.py --dtype fp16 --devices cuda,cpu --top 12 --commit "$commit" \
+        --out "$OUT/autoround_gpu_smollm2_fp16.json" 2>&1 | grep -v "WARNING\|INFO\|Quantiz\|Converting\|^\s*$" | tail -32
+    elapsed ;;
 tests)
-    timeout 540 python -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -8
+    # without the project's addopts: they need nbval, which GPU tests do not
+    timeout 540 python -m pytest -q -m gpu -o addopts="" -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -8
     elapsed ;;
 suite)
     # stop the runner before the call's limit, so that what completed still comes back; the run's
@@ -64,6 +70,6 @@ suite)
         /tmp/suite_"$label"-run/*/*.ipynb 2>/dev/null
     elapsed ;;
 *)
-    echo "unknown phase $phase: sweeps, static, ways, tests or suite" >&2
+    echo "unknown phase $phase: sweeps, static, ways, autoround, tests or suite" >&2
     exit 2 ;;
 esac

@@ -76,6 +76,20 @@ def test_engine_apply_benchmark_counts_the_work_a_kept_variant_saves(load_benchm
     assert kept["dense_bytes"] > 0 and off["dense_bytes"] == 0
 
 
+def test_autoround_benchmark_times_and_compares_devices(load_benchmark, tmp_path):
+    """benchmarks/autoround_benchmark.py on tiny:llama: each device's seconds and profile; 'model' on a CPU
+    model is the CPU run, so the two runs' weights agree exactly (a known answer for the comparison)."""
+    bench = load_benchmark("autoround_benchmark")
+    out = tmp_path / "ar.json"
+    result = bench.main(["--model", "tiny:llama", "--model-device", "cpu", "--devices", "cpu,model", "--top", "4",
+                         "--commit", "abc123", "--out", str(out)])
+    assert json.loads(out.read_text())["runs"].keys() == result["runs"].keys() == {"cpu", "model"}
+    for run in result["runs"].values():
+        assert run["seconds"] > 0 and "ncalls" in run["profile_top"][0] and len(run["profile_top"]) == 5
+    assert result["max_abs_weight_diff_cpu_vs_model"] == 0.0
+    assert result["environment"]["git"]["commit"] == "abc123" and result["gc_frozen_at_start"] >= 0
+
+
 @pytest.mark.slow
 def test_compiled_floor_is_sampled_between_the_ways_too(bench, tmp_path):
     """The compiled floor's passes right after compiling ran slower than later ones (CPU and H100), so it
