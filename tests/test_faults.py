@@ -297,6 +297,7 @@ RUN_JSON_BREAKER = (
 )
 
 
+@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it too (kept the default run under 15 min)
 @needs_kernel
 def test_write_failures_are_contained(run_copy, tmp_path):
     """Finding 5: run.json that cannot be written (worker) and summary.md that cannot be written
@@ -323,6 +324,7 @@ def test_write_failures_are_contained(run_copy, tmp_path):
 # --------------------------------------------------------------------------- 6: completed = intact results.json; stale
 
 
+@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it too (kept the default run under 15 min)
 @needs_kernel
 def test_resume_reruns_a_truncated_or_edited_results_json(run_copy):
     """Finding 6a: resume checks results.json against its recorded hash, not just run.json."""
@@ -362,6 +364,7 @@ def test_completion_problems_are_named(tmp_path):
     assert completion_problem(d, {"status": "interrupted"}) == "previous status interrupted"
 
 
+@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it too (kept the default run under 15 min)
 @needs_kernel
 def test_changed_model_files_or_code_make_results_stale(run_copy, model_dir, monkeypatch, capsys):
     """Finding 6b: a changed model folder or qhelpers code marks a result stale: re-run on
@@ -406,6 +409,7 @@ def test_keep_stale_needs_resume(capsys):
 # --------------------------------------------------------------------------- kill -9 at several points
 
 
+@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it too (kept the default run under 15 min)
 @needs_kernel
 def test_kill_runner_right_after_a_notebook_completed(tmp_path):
     """kill -9 of run_all.py between notebooks, then while the next kernel sleeps: what completed
@@ -495,6 +499,7 @@ def test_kill_worker_and_kernel_fail_only_their_notebooks(tmp_path):
     assert_nothing_running(out)
 
 
+@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it too (kept the default run under 15 min)
 @needs_kernel
 def test_two_runners_on_one_folder(run_copy):
     """A second runner (--resume or --out) on a folder a runner is using exits 2 and writes nothing."""

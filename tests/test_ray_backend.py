@@ -311,6 +311,7 @@ def test_sweep_removes_only_folders_whose_processes_all_ended(tmp_path):
     assert ray_backend.sweep_dead_task_folders(tmp_path) == [tmp_path / "qhelpers-b-live"]
 
 
+@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it too (kept the default run under 15 min)
 def test_ctrl_c_stops_the_ray_tasks_and_keeps_what_they_wrote(cluster, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(_ray_run(cluster, out, "--only", "c_sleep", "-p", "SLEEP", "300"),

@@ -483,6 +483,7 @@ def test_resume_after_sigkill_keeps_completed_results(tmp_path):
     assert results.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow  # a runner process with real kernels; .ci/run runs it too (kept the default run under 15 min)
 @needs_kernel
 def test_sigint_marks_interrupted_and_exits_130(tmp_path):
     out = tmp_path / "int"
