@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_issue15.sh autoround COMMIT # one AWQ calibration on the GPU and on the CPU, profiled
 #   bash benchmarks/gpu_issue15.sh suite COMMIT     # the full profile of every notebook, 8 workers
 #   ONLY=calibration_language bash benchmarks/gpu_issue15.sh suite COMMIT   # one notebook's full profile, alone
+#   DETACH=1 ONLY=... bash benchmarks/gpu_issue15.sh suite COMMIT   # start it and return; then, call after call:
+#   ONLY=... bash benchmarks/gpu_issue15.sh collect   # wait up to WAIT_S (540) s, return what it wrote so far
 #
 # Results go to $OUT (default ./gpu-results): the JSON files belong in benchmarks/results/, their
 # numbers in benchmarks/README.md. COMMIT is the git commit the working tree was copied from (the
@@ -18,7 +20,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
-phase=${1:?usage: gpu_issue15.sh sweeps|static|ways|autoround|tests|suite [COMMIT]}
+phase=${1:?usage: gpu_issue15.sh sweeps|static|ways|autoround|tests|suite|collect [COMMIT]}
 commit=${2:-unknown}
 model=embedded:smollm2-135m
 t0=$(date +%s)
@@ -55,21 +57,44 @@ tests)
     timeout 540 python -m pytest -q -m gpu -o addopts="" -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -8
     elapsed ;;
 suite)
-    # stop the runner before the call's limit, so that what completed still comes back; the run's
-    # folder stays in /tmp (the device tool returns at most 8 files), its run.json files and logs as one tgz
-    # (the pkill pattern must not match this call's own command line: run the phase from this script)
-    ( sleep "${SUITE_S:-520}"; pkill -TERM -f run_all.py ) &
+    # the run's folder stays in /tmp (the device tool returns at most 8 files); `collect` returns its
+    # run.json files, logs and executed notebooks as one tgz
     if [ -n "${ONLY:-}" ]; then label="gpu-full-$ONLY"; select=(--only "$ONLY" --workers 1)
     else label=gpu-full-workers8; select=(--workers 8); fi
-    python benchmarks/suite_benchmark.py --label "$label" --commit "$commit" \
-        --out "/tmp/suite_$label.json" -- --profile full "${select[@]}" --device cuda -p DTYPE fp16 2>&1 \
-        | tee "$OUT/suite_full.log" | grep -v "^\s*$" | tail -40
+    run=(python benchmarks/suite_benchmark.py --label "$label" --commit "$commit" --out "/tmp/suite_$label.json"
+         -- --profile "${SUITE_PROFILE:-full}" "${select[@]}" --device "${SUITE_DEVICE:-cuda}" -p DTYPE "${SUITE_DTYPE:-fp16}")
+    if [ -n "${DETACH:-}" ]; then
+        # for a run longer than one call: start it in its own session and return; later calls (back to
+        # back, or the machine is released) run `collect`, which waits up to WAIT_S seconds each
+        setsid nohup "${run[@]}" > "/tmp/suite_$label.log" 2>&1 < /dev/null &
+        echo $! > "/tmp/suite_$label.pid"
+        echo "started detached: pid $(cat "/tmp/suite_$label.pid"), log /tmp/suite_$label.log"
+        elapsed
+        exit 0
+    fi
+    # stop the runner before the call's limit, so that what completed still comes back (the pkill
+    # pattern must not match this call's own command line: run the phase from this script)
+    ( sleep "${SUITE_S:-520}"; pkill -TERM -f run_all.py ) &
+    "${run[@]}" > "/tmp/suite_$label.log" 2>&1
+    ;&  # then collect what it wrote
+collect)
+    if [ -n "${ONLY:-}" ]; then label="gpu-full-$ONLY"; else label=gpu-full-workers8; fi
+    pidfile="/tmp/suite_$label.pid"
+    if [ "$phase" = collect ] && [ -f "$pidfile" ]; then
+        waited=0
+        while kill -0 "$(cat "$pidfile")" 2>/dev/null && [ "$waited" -lt "${WAIT_S:-540}" ]; do
+            sleep 5; waited=$((waited + 5))
+        done
+        kill -0 "$(cat "$pidfile")" 2>/dev/null && echo "still running after ${waited} s: run collect again"
+    fi
+    grep -v "^\s*$" "/tmp/suite_$label.log" | tail -40
+    cp "/tmp/suite_$label.log" "$OUT/suite_full.log" 2>/dev/null
     cp "/tmp/suite_$label.json" "$OUT/" 2>/dev/null
     # the executed notebooks too: papermill records each finished cell's duration, also of a stopped notebook
     tar czf "$OUT/suite_full_run.tgz" /tmp/suite_"$label"-run/*/run.json /tmp/suite_"$label"-run/*/*.log \
         /tmp/suite_"$label"-run/*/*.ipynb 2>/dev/null
     elapsed ;;
 *)
-    echo "unknown phase $phase: sweeps, static, ways, autoround, tests or suite" >&2
+    echo "unknown phase $phase: sweeps, static, ways, autoround, tests, suite or collect" >&2
     exit 2 ;;
 esac
