@@ -18,8 +18,6 @@ import pstats
 import time
 from pathlib import Path
 
-import torch
-
 from qhelpers.models.loading import load_model
 from qhelpers.quant.autoround import run_autoround
 from qhelpers.report.results import environment_info
@@ -41,13 +39,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     frozen_at_start = gc.get_freeze_count()  # objects frozen before qhelpers ran (a host's start-up may freeze)
 
-    model_device = args.model_device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_model(args.model, device=model_device, dtype=args.dtype)
+    loaded = load_model(args.model, device=args.model_device, dtype=args.dtype)  # None: cuda if available
     texts = calibration_texts(args.calibration, tokenizer=loaded.tokenizer)
+    # versions, CPU, threads and GPUs: in the environment record
     result: dict = {"model": args.model, "dtype": str(next(loaded.model.parameters()).dtype),
-                    "algorithm": args.algorithm, "calibration": args.calibration, "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                    "algorithm": args.algorithm, "calibration": args.calibration,
                     "gc_frozen_at_start": frozen_at_start, "environment": environment_info(), "runs": {}}
     if args.commit:
         result["environment"]["git"] = {"commit": args.commit, "source": "--commit"}

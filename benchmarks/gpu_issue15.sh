@@ -23,6 +23,7 @@ mkdir -p "$OUT"
 phase=${1:?usage: gpu_issue15.sh sweeps|static|ways|autoround|tests|suite|collect [COMMIT]}
 commit=${2:-unknown}
 model=embedded:smollm2-135m
+label="gpu-full-${ONLY:-workers8}"  # the suite's run, in /tmp: one notebook's (ONLY) or all of them
 t0=$(date +%s)
 elapsed() { echo "elapsed $(( $(date +%s) - t0 )) s"; }
 
@@ -59,8 +60,7 @@ tests)
 suite)
     # the run's folder stays in /tmp (the device tool returns at most 8 files); `collect` returns its
     # run.json files, logs and executed notebooks as one tgz
-    if [ -n "${ONLY:-}" ]; then label="gpu-full-$ONLY"; select=(--only "$ONLY" --workers 1)
-    else label=gpu-full-workers8; select=(--workers 8); fi
+    if [ -n "${ONLY:-}" ]; then select=(--only "$ONLY" --workers 1); else select=(--workers 8); fi
     run=(python benchmarks/suite_benchmark.py --label "$label" --commit "$commit" --out "/tmp/suite_$label.json"
          -- --profile "${SUITE_PROFILE:-full}" "${select[@]}" --device "${SUITE_DEVICE:-cuda}" -p DTYPE "${SUITE_DTYPE:-fp16}")
     if [ -n "${DETACH:-}" ]; then
@@ -78,7 +78,6 @@ suite)
     "${run[@]}" > "/tmp/suite_$label.log" 2>&1
     ;&  # then collect what it wrote
 collect)
-    if [ -n "${ONLY:-}" ]; then label="gpu-full-$ONLY"; else label=gpu-full-workers8; fi
     pidfile="/tmp/suite_$label.pid"
     if [ "$phase" = collect ] && [ -f "$pidfile" ]; then
         waited=0

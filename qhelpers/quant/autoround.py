@@ -39,9 +39,8 @@ What auto-round does here (read from its source and checked on the tiny models):
   on the GPU for a GPU model. ``"cpu"``, ``"cuda"`` and ``"cuda:N"`` pick one; ``$QHELPERS_AUTOROUND_DEVICE``
   sets the default. On a GPU the results follow that device's floating-point rounding, not the CPU's;
   ``tests/test_autoround.py`` compares them with auto-round called directly on the same device
-  (``-m gpu``, passed on an H100). One AWQ calibration of SmolLM2 on an H100 host took 56.7 s on the
-  GPU against 84.7 s on its 16 CPU cores, 35 and 33 s of which were auto-round's garbage collections
-  before these were made cheap (``benchmarks/results/autoround_h100_smollm2_fp16.json``).
+  (``-m gpu``, passed on an H100). Times per device: ``benchmarks/autoround_benchmark.py`` and
+  ``benchmarks/README.md``.
 
 Storage (``storage_bits``): auto-round's own export format (``format="auto_round"``, GPTQ-style
 packing, no ``g_idx``): codes packed at ``bits`` each (``qweight`` int32), one fp16 scale and one
