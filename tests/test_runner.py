@@ -28,14 +28,14 @@ from qhelpers.runner.environment import (
 )
 from qhelpers.runner.errors import RunnerError
 from qhelpers.runner.locks import FileLock
-from qhelpers.runner.notebooks import notebook_purpose
+from qhelpers.runner.notebooks import notebook_expected_seconds, notebook_purpose
 from qhelpers.runner.params import (
     notebook_parameters,
     parameters_hash,
     parse_parameters_source,
     parse_value,
 )
-from qhelpers.runner.plan import plan_parameters
+from qhelpers.runner.plan import Plan, costliest_first, plan_parameters
 from qhelpers.runner.profiles import load_profiles, profile_parameters
 from qhelpers.runner.summary import fmt_duration, verdict_counts, write_summary
 
@@ -122,6 +122,88 @@ def test_list_prints_each_notebook_with_its_purpose(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [ln.split()[0] for ln in lines] == ["a_ok", "b_fail", "c_sleep"]
     assert "Fixture that raises" in lines[1]
+
+
+# --------------------------------------------------------------------------- start order
+
+
+def _with_expected(src: Path, dst: Path, expected: object) -> Path:
+    """A copy of the fixture notebook ``src`` at ``dst`` whose metadata says ``qhelpers.expected_s``."""
+    import nbformat
+
+    nb = nbformat.read(str(src), as_version=4)
+    nb.metadata.setdefault("qhelpers", {})["expected_s"] = expected
+    nbformat.write(nb, str(dst))
+    return dst
+
+
+def test_expected_seconds_come_from_the_profile_entry_else_quick(tmp_path):
+    nb = _with_expected(FIX / "c_sleep.ipynb", tmp_path / "c.ipynb", {"quick": 12, "full": 600.5})
+    assert notebook_expected_seconds(nb, "full") == 600.5
+    assert notebook_expected_seconds(nb, "quick") == 12.0
+    assert notebook_expected_seconds(nb, "ci") == 12.0  # a profile it does not list: quick stands in
+    only_full = _with_expected(FIX / "c_sleep.ipynb", tmp_path / "f.ipynb", {"full": 3})
+    assert notebook_expected_seconds(only_full, "ci") is None
+    assert notebook_expected_seconds(FIX / "a_ok.ipynb", "quick") is None  # no hint
+
+
+@pytest.mark.parametrize("bad", [[1, 2], {"quick": "slow"}, {"quick": -1}, {"quick": True}, 5])
+def test_a_malformed_expected_time_exits_2_before_anything_is_written(bad, tmp_path, capsys):
+    nb_dir = tmp_path / "nbs"
+    nb_dir.mkdir()
+    _with_expected(FIX / "c_sleep.ipynb", nb_dir / "c_sleep.ipynb", bad)
+    out = tmp_path / "run"
+    assert main(["--notebooks-dir", str(nb_dir), "--profiles", str(PROFILES), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "c_sleep.ipynb: metadata qhelpers.expected_s must map profile names to seconds" in err
+    assert not out.exists()
+
+
+def _timed_plan(stem: str, expected: float | None) -> Plan:
+    return Plan(stem, Path(f"{stem}.ipynb"), {}, {}, expected_s=expected)
+
+
+def test_costliest_first_is_longest_first_with_the_mean_for_the_unknown_and_ties_in_name_order():
+    plans = [_timed_plan("a", 10), _timed_plan("b", None), _timed_plan("c", 50), _timed_plan("d", 10), _timed_plan("e", 30)]
+    # known mean (10 + 50 + 10 + 30) / 4 = 25 stands in for b
+    assert [p.stem for p in costliest_first(plans)] == ["c", "e", "b", "a", "d"]
+    unknown = [_timed_plan("x", None), _timed_plan("y", None)]
+    assert [p.stem for p in costliest_first(unknown)] == ["x", "y"]
+
+
+def test_shipped_notebooks_state_their_time_and_t001_computes_the_shared_sweep_before_its_readers():
+    """Every notebook carries ``expected_s`` for the quick and full profiles, and under the quick profile
+    t001 starts before the other notebooks that read the criticality sweep it computes and caches, so
+    none of them holds a worker while waiting for it (measured: t002 waited 259 s of a 1359 s suite)."""
+    notebooks = sorted((REPO / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) >= 17
+    plans = []
+    for nb in notebooks:
+        for profile in ("quick", "full"):
+            assert notebook_expected_seconds(nb, profile) is not None, (nb.name, profile)
+        plans.append(_timed_plan(nb.stem, notebook_expected_seconds(nb, "quick")))
+    order = [p.stem for p in costliest_first(plans)]
+    readers = [s for s in order if "layer_criticality" in (REPO / "notebooks" / "src" / f"{s}.py").read_text()]
+    assert readers[0] == "t001_information_content" and len(readers) >= 4, readers
+    assert order[0] == "t001_information_content"
+
+
+@needs_kernel
+def test_several_workers_start_the_longest_expected_notebook_first(tmp_path):
+    nb_dir = tmp_path / "nbs"
+    nb_dir.mkdir()
+    _with_expected(FIX / "a_ok.ipynb", nb_dir / "a_ok.ipynb", {"quick": 1})
+    _with_expected(FIX / "c_sleep.ipynb", nb_dir / "c_sleep.ipynb", {"quick": 30})
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(RUN_ALL), "--notebooks-dir", str(nb_dir), "--profiles", str(PROFILES), "--out", str(out),
+         "--workers", "2", "-p", "SLEEP", "0.2"],
+        env=_env(), capture_output=True, text=True, timeout=120)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    assert "start order, longest expected first (notebook metadata qhelpers.expected_s): c_sleep, a_ok" in log
+    # c_sleep keeps its place in the name order ([2/2]) but starts first
+    assert log.index("[2/2] c_sleep ... started") < log.index("[1/2] a_ok ... started"), log
 
 
 # --------------------------------------------------------------------------- values & profiles

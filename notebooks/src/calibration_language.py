@@ -9,6 +9,9 @@
 #   language_info:
 #     name: python
 #   qhelpers:
+#     expected_s:
+#       full: 576
+#       quick: 180
 #     purpose: 'Calibration language as an axis: does calibrating a quantizer on the
 #       target language (or a mix) instead of English reduce that language''s damage?
 #       (issue 12)'

@@ -9,6 +9,9 @@
 #   language_info:
 #     name: python
 #   qhelpers:
+#     expected_s:
+#       full: 48
+#       quick: 234
 #     purpose: 'EXP-003 kurtosis: does activation-weighted weight kurtosis predict which
 #       languages NF4 hurts (H2), and does kurtosis-based clipping beat absmax?'
 #     source: notebooks/src/exp003_kurtosis.py

@@ -9,6 +9,9 @@
 #   language_info:
 #     name: python
 #   qhelpers:
+#     expected_s:
+#       full: 8
+#       quick: 78
 #     purpose: 'EXP-005 layer ablation: do the gateway layers (L0 + L_final) carry the
 #       low-resource disparity? (H5)'
 #     source: notebooks/src/exp005_layer_ablation.py

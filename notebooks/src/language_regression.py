@@ -9,6 +9,9 @@
 #   language_info:
 #     name: python
 #   qhelpers:
+#     expected_s:
+#       full: 24
+#       quick: 109
 #     purpose: 'Language as the unit: does INT4 damage grow with the model''s baseline
 #       difficulty for a language, or with its resource class, across up to 61 languages?
 #       (issue 11)'

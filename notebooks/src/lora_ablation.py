@@ -9,6 +9,9 @@
 #   language_info:
 #     name: python
 #   qhelpers:
+#     expected_s:
+#       full: 491
+#       quick: 45
 #     purpose: 'Seed 001 LoRA ablation: which adapted matrices reveal the language a
 #       LoRA adapter was trained on, and does the signal survive removing the best ones?'
 #     source: notebooks/src/lora_ablation.py

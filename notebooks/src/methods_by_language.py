@@ -9,6 +9,9 @@
 #   language_info:
 #     name: python
 #   qhelpers:
+#     expected_s:
+#       full: 253
+#       quick: 307
 #     purpose: 'The methods people deploy (GGUF k-quants, HQQ, AWQ, NF4, round-to-nearest),
 #       judged per language: damage card, disparity and ranking of methods (issue 12)'
 #     source: notebooks/src/methods_by_language.py

@@ -9,6 +9,9 @@
 #   language_info:
 #     name: python
 #   qhelpers:
+#     expected_s:
+#       full: 100
+#       quick: 307
 #     purpose: 'Seed 002 (experiment index) replication: which layers or components
 #       must stay in full precision so that low-resource languages do not lose more
 #       under quantization?'

@@ -9,6 +9,9 @@
 #   language_info:
 #     name: python
 #   qhelpers:
+#     expected_s:
+#       full: 82
+#       quick: 336
 #     purpose: 'T-001 information content: do high-variance layers carry more information
 #       (activation entropy, token decodability), and does information predict criticality?
 #       (seed 004 H1.1)'

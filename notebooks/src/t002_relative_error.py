@@ -9,6 +9,9 @@
 #   language_info:
 #     name: python
 #   qhelpers:
+#     expected_s:
+#       full: 37
+#       quick: 14
 #     purpose: 'T-002 (seed 004, H1.2): do high-variance layers have a smaller relative
 #       INT4 quantization error, and does that error predict layer criticality?'
 #     source: notebooks/src/t002_relative_error.py

@@ -9,6 +9,9 @@
 #   language_info:
 #     name: python
 #   qhelpers:
+#     expected_s:
+#       full: 41
+#       quick: 18
 #     purpose: 'T-003 (seed 004, H1.3): do the layers that are critical for low-resource
 #       languages show more cross-language activation variance?'
 #     source: notebooks/src/t003_language_activation_variance.py

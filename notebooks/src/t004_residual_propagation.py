@@ -9,6 +9,9 @@
 #   language_info:
 #     name: python
 #   qhelpers:
+#     expected_s:
+#       full: 46
+#       quick: 26
 #     purpose: 'T-004 residual stream theory: is L_last closer to full precision when
 #       L0 is protected too? (seed 004 H2.1)'
 #     source: notebooks/src/t004_residual_propagation.py

@@ -9,6 +9,9 @@
 #   language_info:
 #     name: python
 #   qhelpers:
+#     expected_s:
+#       full: 36
+#       quick: 29
 #     purpose: 'T-005 (seed 004, H2.2): do the first and last decoder layers have a
 #       weight structure (SVD spectrum) unlike the middle layers''?'
 #     source: notebooks/src/t005_gateway_structure.py

@@ -9,6 +9,9 @@
 #   language_info:
 #     name: python
 #   qhelpers:
+#     expected_s:
+#       full: 44
+#       quick: 26
 #     purpose: 'T-006 error cancellation: are the output errors of quantizing L0 and
 #       L_last negatively correlated? (seed 004 H2.3)'
 #     source: notebooks/src/t006_error_correlation.py

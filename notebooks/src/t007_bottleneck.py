@@ -9,6 +9,9 @@
 #   language_info:
 #     name: python
 #   qhelpers:
+#     expected_s:
+#       full: 243
+#       quick: 67
 #     purpose: 'T-007 (seed 004, H3.1): is the residual stream''s effective dimensionality
 #       lowest at ~75 % depth (an information bottleneck)?'
 #     source: notebooks/src/t007_bottleneck.py

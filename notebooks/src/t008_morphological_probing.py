@@ -9,6 +9,9 @@
 #   language_info:
 #     name: python
 #   qhelpers:
+#     expected_s:
+#       full: 10
+#       quick: 59
 #     purpose: 'T-008 morphological probing (seed 004 H3.2): where in depth do agreement
 #       minimal pairs get resolved, and does INT4 hurt agreement more for Hebrew/Arabic?'
 #     source: notebooks/src/t008_morphological_probing.py

@@ -9,6 +9,9 @@
 #   language_info:
 #     name: python
 #   qhelpers:
+#     expected_s:
+#       full: 76
+#       quick: 28
 #     purpose: 'T-009 (seed 004, H3.3): do parallel texts in different languages converge
 #       to similar representations at ~75 % depth, and do low-resource languages converge
 #       less?'

@@ -9,6 +9,9 @@
 #   language_info:
 #     name: python
 #   qhelpers:
+#     expected_s:
+#       full: 26
+#       quick: 159
 #     purpose: 'T-010 rate-distortion (seed 004 H4.1): does disparity follow a * 2^(-b*bits)
 #       * (1 - c*p) over bit width and protection?'
 #     source: notebooks/src/t010_rate_distortion.py

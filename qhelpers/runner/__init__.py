@@ -25,12 +25,13 @@ Modules, each importing only those above it in this list:
 - ``errors``: ``RunnerError`` (exit code 2) and the exit codes;
 - ``records``: run.json / results.json of a notebook folder, JSON written atomically, what makes a
   result completed, folders moved aside;
-- ``notebooks``: finding, selecting and reading the notebooks (purpose line, code hash);
+- ``notebooks``: finding, selecting and reading the notebooks (purpose line, expected run time, code hash);
 - ``params``: a notebook's parameters cell (parsed with ``ast``, never run), ``-p`` values
   (YAML, never eval), the parameters hash;
 - ``profiles``: ``notebooks/profiles.yaml`` (``_all`` and per-notebook values);
 - ``plan``: what each notebook gets injected (profile, then ``--model``/``--device``/``-p``), and grids
-  (``--models``, ``--grid``: one job per combination, each in its own folder);
+  (``--models``, ``--grid``: one job per combination, each in its own folder), and the order several
+  workers start them in (longest expected first);
 - ``checks``: the injected values checked before any work (kinds, language groups);
 - ``manifest``: run_config.json, the command it records and how ``--resume`` re-applies it;
 - ``fingerprints``: the qhelpers code hash, version and git commit, a model's files fingerprint;

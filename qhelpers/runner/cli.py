@@ -27,6 +27,7 @@ from qhelpers.runner.manifest import (
 )
 from qhelpers.runner.notebooks import (
     discover_notebooks,
+    notebook_expected_seconds,
     notebook_purpose,
     select_notebooks,
 )
@@ -383,6 +384,8 @@ def _main(argv: list[str]) -> int:
         plans, grid_notes = expand_grid(plans, axes)
         notes += grid_notes
     check_plans(plans)
+    for plan in plans:
+        plan.expected_s = notebook_expected_seconds(plan.path, resolved.profile)
     check_kernel(resolved.kernel)
 
     out_dir = _make_run_dir(out_dir)

@@ -1,5 +1,5 @@
 """The notebooks to run: finding and selecting them, and reading what the runner needs from one
-(its cells, its purpose line, the hash of its code, whether it names its language)."""
+(its cells, its purpose line, its expected run time, the hash of its code, whether it names its language)."""
 from __future__ import annotations
 
 import hashlib
@@ -48,6 +48,27 @@ def notebook_purpose(path: str | os.PathLike) -> str:
             if m and m.group(1):
                 return m.group(1)
     return "(no purpose: add metadata qhelpers.purpose or a markdown heading)"
+
+
+def notebook_expected_seconds(path: str | os.PathLike, profile: str) -> float | None:
+    """How long the notebook is expected to run under ``profile``, in seconds: its metadata
+    ``qhelpers.expected_s`` (``{profile: seconds}``, measured), the ``quick`` entry standing in for a
+    profile it does not list; None without one. Only the order in which notebooks start uses it.
+    A malformed entry raises RunnerError naming the notebook and the form expected."""
+    nb = read_notebook(Path(path))
+    meta = nb.get("metadata", {}).get("qhelpers") or {}
+    expected = meta.get("expected_s") if isinstance(meta, Mapping) else None
+    if expected is None:
+        return None
+    if not isinstance(expected, Mapping) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in expected.values()
+    ):
+        raise RunnerError(
+            f"{Path(path).name}: metadata qhelpers.expected_s must map profile names to seconds (numbers >= 0), "
+            f"e.g. {{quick: 120, full: 600}}; got {expected!r}. Fix or remove it"
+        )
+    value = expected.get(profile, expected.get("quick"))
+    return None if value is None else float(value)
 
 
 def notebook_code_hash(path: str | os.PathLike) -> str:

@@ -38,6 +38,7 @@ class Plan:
     parameters: dict[str, Any]  # injected, without OUTPUT_DIR
     notes: list[str] = field(default_factory=list)
     setting: dict[str, Any] = field(default_factory=dict)  # the grid values of this job ({} outside a grid)
+    expected_s: float | None = None  # the notebook's expected run time under this profile (its metadata)
 
     @property
     def notebook(self) -> str:
@@ -93,6 +94,18 @@ def plan_parameters(
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def costliest_first(plans: Sequence[Plan]) -> list[Plan]:
+    """``plans`` in the order several workers should start them: longest expected run time first
+    (longest-processing-time-first list scheduling, which keeps a long notebook from starting last
+    while the other workers idle), ties and plans without an estimate (given the mean of the known
+    ones) in their given order. A notebook that computes a cache others wait for (t001's criticality
+    sweep) should state the time it takes doing so: it then starts before its readers, which find the
+    cache filled instead of holding a worker while they wait."""
+    known = [p.expected_s for p in plans if p.expected_s is not None]
+    guess = sum(known) / len(known) if known else 0.0
+    return sorted(plans, key=lambda p: -(guess if p.expected_s is None else p.expected_s))
 
 
 def _slug(value: Any) -> str:

@@ -47,7 +47,7 @@ from qhelpers.runner.goldens import golden_cwd, golden_output_dir, write_goldens
 from qhelpers.runner.locks import FileLock
 from qhelpers.runner.notebooks import notebook_code_hash, notebook_has_language
 from qhelpers.runner.params import Param, parameters_hash
-from qhelpers.runner.plan import Plan
+from qhelpers.runner.plan import Plan, costliest_first
 from qhelpers.runner.records import (
     atomic_write_json,
     completion_problem,
@@ -551,6 +551,13 @@ class Runner:
             elif self.nb_dir(plan.stem).exists():
                 why = "run again with --out"
             queue.append((i, plan, why))
+        if self.workers > 1:  # one worker runs them all anyway: keep the name order
+            by_plan = {id(plan): (i, plan, why) for i, plan, why in queue}
+            ordered = [by_plan[id(plan)] for plan in costliest_first([plan for _, plan, _ in queue])]
+            if ordered != queue:
+                queue = ordered
+                self.say("start order, longest expected first (notebook metadata qhelpers.expected_s): "
+                         + ", ".join(plan.stem for _, plan, _ in queue))
         self.summary(f"running (run_all.py pid {os.getpid()})")
         if queue:
             self.backend.open(self.say, len(queue))
