@@ -174,7 +174,8 @@ def test_costliest_first_is_longest_first_with_the_mean_for_the_unknown_and_ties
 def test_shipped_notebooks_state_their_time_and_t001_computes_the_shared_sweep_before_its_readers():
     """Every notebook carries ``expected_s`` for the quick and full profiles, and under the quick profile
     t001 starts before the other notebooks that read the criticality sweep it computes and caches, so
-    none of them holds a worker while waiting for it (measured: t002 waited 259 s of a 1359 s suite)."""
+    none of them holds a worker while waiting for it (measured on 2 cores in name order: t002 waited about
+    350 s of a 1614 s suite; benchmarks/README.md)."""
     notebooks = sorted((REPO / "notebooks").glob("*.ipynb"))
     assert len(notebooks) >= 17
     plans = []
