@@ -384,8 +384,9 @@ def _main(argv: list[str]) -> int:
         plans, grid_notes = expand_grid(plans, axes)
         notes += grid_notes
     check_plans(plans)
+    expected = {p.stem: notebook_expected_seconds(p, resolved.profile) for p in selected}  # once per notebook
     for plan in plans:
-        plan.expected_s = notebook_expected_seconds(plan.path, resolved.profile)
+        plan.expected_s = expected[plan.notebook]
     check_kernel(resolved.kernel)
 
     out_dir = _make_run_dir(out_dir)

@@ -33,11 +33,16 @@ def find_parameters_cell(nb: Any) -> Any | None:
     return None
 
 
+def _qhelpers_metadata(nb: Any) -> Mapping[str, Any]:
+    """The notebook's ``qhelpers`` metadata block ({} when absent or not a mapping)."""
+    meta = nb.get("metadata", {}).get("qhelpers")
+    return meta if isinstance(meta, Mapping) else {}
+
+
 def notebook_purpose(path: str | os.PathLike) -> str:
     """One line: the notebook metadata ``qhelpers.purpose``, else its first markdown heading."""
     nb = read_notebook(Path(path))
-    meta = nb.get("metadata", {}).get("qhelpers") or {}
-    purpose = meta.get("purpose") if isinstance(meta, Mapping) else None
+    purpose = _qhelpers_metadata(nb).get("purpose")
     if purpose:
         return " ".join(str(purpose).split())
     for cell in nb.get("cells", []):
@@ -55,9 +60,7 @@ def notebook_expected_seconds(path: str | os.PathLike, profile: str) -> float | 
     ``qhelpers.expected_s`` (``{profile: seconds}``, measured), the ``quick`` entry standing in for a
     profile it does not list; None without one. Only the order in which notebooks start uses it.
     A malformed entry raises RunnerError naming the notebook and the form expected."""
-    nb = read_notebook(Path(path))
-    meta = nb.get("metadata", {}).get("qhelpers") or {}
-    expected = meta.get("expected_s") if isinstance(meta, Mapping) else None
+    expected = _qhelpers_metadata(read_notebook(Path(path))).get("expected_s")
     if expected is None:
         return None
     if not isinstance(expected, Mapping) or not all(

@@ -552,10 +552,9 @@ class Runner:
                 why = "run again with --out"
             queue.append((i, plan, why))
         if self.workers > 1:  # one worker runs them all anyway: keep the name order
-            by_plan = {id(plan): (i, plan, why) for i, plan, why in queue}
-            ordered = [by_plan[id(plan)] for plan in costliest_first([plan for _, plan, _ in queue])]
-            if ordered != queue:
-                queue = ordered
+            rank = {plan.stem: k for k, plan in enumerate(costliest_first([plan for _, plan, _ in queue]))}
+            if list(rank) != [plan.stem for _, plan, _ in queue]:  # job folders (stems) are unique
+                queue.sort(key=lambda item: rank[item[1].stem])
                 self.say("start order, longest expected first (notebook metadata qhelpers.expected_s): "
                          + ", ".join(plan.stem for _, plan, _ in queue))
         self.summary(f"running (run_all.py pid {os.getpid()})")
