@@ -198,7 +198,7 @@ def calibration_windows(tokenizer: Any, texts: Sequence[str], n_samples: int, se
     for i, text in enumerate(texts):
         if i:
             ids.extend(separator)
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
     body = seqlen - len(prefix)
     n_windows = len(ids) // body if body > 0 else 0
     if n_windows < n_samples:

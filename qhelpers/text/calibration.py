@@ -167,7 +167,7 @@ class _Units:
     def count(self, text: str) -> int:
         if self.tokenizer is None:
             return len(text.encode("utf-8"))
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def cut(self, text: str, n: int) -> str:
         """The longest prefix of ``text`` that holds ``n`` units (a character boundary for bytes,
@@ -175,12 +175,12 @@ class _Units:
         if self.tokenizer is None:
             return text.encode("utf-8")[:n].decode("utf-8", errors="ignore")
         try:
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
             offsets = enc["offset_mapping"]
             return text[: offsets[n - 1][1]] if n > 0 else ""
         except (NotImplementedError, TypeError, KeyError, ValueError):
             # slow (Python) tokenizers have no offsets: decode the first n tokens instead
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
             return self.tokenizer.decode(ids[:n])
 
 

@@ -21,7 +21,7 @@ def encode_text(tokenizer: Any, text: str, prepend_bos: bool | None = None) -> l
     """Token ids of ``text`` as qhelpers scores them (optionally with a leading BOS)."""
     if not isinstance(text, str) or not text.strip():
         raise MeasurementError(f"cannot score an empty or whitespace-only text ({text!r}); remove it from the corpus")
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
     bos = bos_id(tokenizer)
     adds_bos = bool(ids) and bos is not None and ids[0] == bos
     if prepend_bos is None:
