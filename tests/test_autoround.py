@@ -301,8 +301,12 @@ def test_awq_on_the_gpu_equals_direct_autoround_on_the_gpu(tiny_model):
 def test_model_device_on_a_gpu_model_is_the_gpu_run(tiny_model):
     """device='model' (the default) on a model loaded on the GPU computes there: the same weights as
     device='cuda' (a model on 'cuda:0' reaches auto-round as the index 0, not as the string)."""
-    on_gpu = tiny_model("llama", device="cuda")
+    # float32 on both: a model loaded on CUDA defaults to bfloat16, whose AWQ is another computation
+    on_gpu = tiny_model("llama", device="cuda", dtype="fp32")
     follow = dict(QuantEngine(on_gpu).quantized_weights(Variant("awq", AutoRoundMethod("awq", device="model", **TINY))))
-    cuda = dict(QuantEngine(tiny_model("llama")).quantized_weights(
-        Variant("awq", AutoRoundMethod("awq", device="cuda", **TINY))))
+    on_cpu = tiny_model("llama")
+    cuda = dict(QuantEngine(on_cpu).quantized_weights(Variant("awq", AutoRoundMethod("awq", device="cuda", **TINY))))
     assert follow.keys() == cuda.keys() and all(torch.equal(follow[n].cpu(), cuda[n].cpu()) for n in cuda)
+    # and the check can tell the devices apart: the CPU run of the same model picks other weights
+    cpu = dict(QuantEngine(on_cpu).quantized_weights(Variant("awq", AutoRoundMethod("awq", device="cpu", **TINY))))
+    assert not all(torch.equal(cpu[n], cuda[n].cpu()) for n in cuda)
