@@ -10,7 +10,7 @@
 #     name: python
 #   qhelpers:
 #     expected_s:
-#       full: 576
+#       full: 180
 #       quick: 180
 #     purpose: 'Calibration language as an axis: does calibrating a quantizer on the
 #       target language (or a mix) instead of English reduce that language''s damage?
