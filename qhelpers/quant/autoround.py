@@ -73,6 +73,7 @@ import torch
 from torch import nn
 
 from qhelpers.quant.methods import DenseEncoded, TensorRole, WeightMethod
+from qhelpers.text.encoding import tokenize
 from qhelpers.util.errors import ConfigError
 
 __all__ = ["AUTOROUND_ALGORITHMS", "AUTOROUND_BITS", "DEVICE_ENV", "AutoRoundMethod", "calibration_windows", "run_autoround"]
@@ -198,7 +199,7 @@ def calibration_windows(tokenizer: Any, texts: Sequence[str], n_samples: int, se
     for i, text in enumerate(texts):
         if i:
             ids.extend(separator)
-        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        ids.extend(tokenize(tokenizer, text, add_special_tokens=False)["input_ids"])
     body = seqlen - len(prefix)
     n_windows = len(ids) // body if body > 0 else 0
     if n_windows < n_samples:

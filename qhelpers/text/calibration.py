@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from qhelpers.text.corpora import LANGUAGES, SEED_LANGS, gpt2_tokenizer_dir
+from qhelpers.text.encoding import tokenize
 from qhelpers.util.errors import ConfigError
 
 __all__ = [
@@ -167,7 +168,7 @@ class _Units:
     def count(self, text: str) -> int:
         if self.tokenizer is None:
             return len(text.encode("utf-8"))
-        return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        return len(tokenize(self.tokenizer, text, add_special_tokens=False)["input_ids"])
 
     def cut(self, text: str, n: int) -> str:
         """The longest prefix of ``text`` that holds ``n`` units (a character boundary for bytes,
@@ -175,12 +176,12 @@ class _Units:
         if self.tokenizer is None:
             return text.encode("utf-8")[:n].decode("utf-8", errors="ignore")
         try:
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            enc = tokenize(self.tokenizer, text, add_special_tokens=False, return_offsets_mapping=True)
             offsets = enc["offset_mapping"]
             return text[: offsets[n - 1][1]] if n > 0 else ""
         except (NotImplementedError, TypeError, KeyError, ValueError):
             # slow (Python) tokenizers have no offsets: decode the first n tokens instead
-            ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            ids = tokenize(self.tokenizer, text, add_special_tokens=False)["input_ids"]
             return self.tokenizer.decode(ids[:n])
 
 

@@ -3,6 +3,7 @@ analysis uses to turn corpus texts into padded batches."""
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -17,11 +18,21 @@ CPU_BATCH_OVERHEAD = 64  # padded tokens one more forward call is worth on CPU (
 
 CPU_BATCH_TOKENS = 2048
 
+def tokenize(tokenizer: Any, text: str, **kwargs: Any) -> Any:
+    """``tokenizer(text, **kwargs)`` without transformers' warning that the text is longer than the
+    model's maximum length: qhelpers cuts whole texts into windows itself, so that is expected. Other
+    tokenizers (any callable returning ``input_ids``) are called as given."""
+    transformers = sys.modules.get("transformers")  # not imported: the tokenizer cannot be one of its
+    if transformers is not None and isinstance(tokenizer, transformers.PreTrainedTokenizerBase):
+        kwargs.setdefault("verbose", False)
+    return tokenizer(text, **kwargs)
+
+
 def encode_text(tokenizer: Any, text: str, prepend_bos: bool | None = None) -> list[int]:
     """Token ids of ``text`` as qhelpers scores them (optionally with a leading BOS)."""
     if not isinstance(text, str) or not text.strip():
         raise MeasurementError(f"cannot score an empty or whitespace-only text ({text!r}); remove it from the corpus")
-    ids = list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+    ids = list(tokenize(tokenizer, text, add_special_tokens=True)["input_ids"])
     bos = bos_id(tokenizer)
     adds_bos = bool(ids) and bos is not None and ids[0] == bos
     if prepend_bos is None:
