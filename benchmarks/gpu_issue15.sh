@@ -14,7 +14,8 @@
 #
 # Results go to $OUT (default ./gpu-results): the JSON files belong in benchmarks/results/, their
 # numbers in benchmarks/README.md. COMMIT is the git commit the working tree was copied from (the
-# device machine's copy has no history). Assumes qhelpers and the embedded model are importable.
+# device machine's copy has no history). Assumes qhelpers and the embedded model are importable: on the
+# device tool's machine, `scripts/device_payload.sh` brings the packages and the model there first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
