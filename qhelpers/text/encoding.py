@@ -18,6 +18,7 @@ CPU_BATCH_OVERHEAD = 64  # padded tokens one more forward call is worth on CPU (
 
 CPU_BATCH_TOKENS = 2048
 
+
 def tokenize(tokenizer: Any, text: str, **kwargs: Any) -> Any:
     """``tokenizer(text, **kwargs)`` without transformers' warning that the text is longer than the
     model's maximum length: qhelpers cuts whole texts into windows itself, so that is expected. Other
