@@ -24,7 +24,7 @@ pay=$HOME/qpay
 case "$cmd" in
 build)
     bundle=../shared/tools/device-bundle.sh
-    [ -x "$bundle" ] || [ -f "$bundle" ] || { echo "needs $bundle (the notebook stack's wheels)" >&2; exit 2; }
+    [ -f "$bundle" ] || { echo "needs $bundle (the notebook stack's wheels)" >&2; exit 2; }
     tmp=$(mktemp -d)
     bash "$bundle" wheels "$tmp/qpay" >/dev/null
     # what device-bundle.sh leaves out: the quantization libraries and auto-round's imports
